@@ -1,0 +1,41 @@
+"""The README's two fresh-machine commands are the ones CI runs, and what they name exists."""
+import os
+import re
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+
+
+def _readme_commands():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    quick = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.*?)\n```", quick, flags=re.S)
+
+
+def test_readme_has_exactly_two_commands_and_ci_runs_them():
+    commands = _readme_commands()
+    assert len(commands) == 2 and all("\n" not in c for c in commands)
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    for c in commands:
+        assert c in ci, f"CI does not run the README command: {c}"
+    assert "pytest" in commands[1] and "[test]" in commands[1]
+
+
+def test_main_job_entry_point_exists():
+    main_job = _readme_commands()[0]
+    script = re.search(r"python (\S+\.py)", main_job).group(1)
+    assert os.path.isfile(os.path.join(ROOT, script))
+
+
+def test_no_exact_torch_pin_in_install_requires():
+    setup = open(os.path.join(ROOT, "setup.py")).read()
+    assert '"torch>=2.11"' in setup and "torch==" not in setup.split("install_requires", 1)[1].split("]", 1)[0]
+
+
+def test_readme_python_example_runs():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    blocks = re.findall(r"```python\n(.*?)\n```", text, flags=re.S)
+    assert blocks
+    scope = {}
+    exec(compile(blocks[0], "README.md", "exec"), scope)
+    assert scope["mu"].grad is not None and scope["mu"].grad.shape == (25, 9)
+    assert scope["back"].shape == scope["x"].shape
