@@ -2,15 +2,24 @@
 
 Public ops live in ``dcgmm_fast.ops`` (``cgmm``, ``patches``, ``patch_average``, ``sample_components``,
 ``smoothing_matrix``); the pure-PyTorch oracle in ``dcgmm_fast.reference``; the shipped Fashion-MNIST subset
-in ``dcgmm_fast.data``.
+in ``dcgmm_fast.data``; the trainable stack in ``dcgmm_fast.model`` (``DCGMM``), its layers in
+``dcgmm_fast.layers``, its training in ``dcgmm_fast.train`` and the paper's architectures in
+``dcgmm_fast.presets``.
 """
-from . import data, ops, reference
+from . import data, ops, presets, reference
+from .layers import ConvGMM, LinearClassifier, MaxPool
+from .model import DCGMM
 from .ops import CGMMOut, cgmm, patch_average, patches, sample_components, smoothing_matrix
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CGMMOut",
+    "ConvGMM",
+    "DCGMM",
+    "LinearClassifier",
+    "MaxPool",
+    "presets",
     "cgmm",
     "data",
     "ops",

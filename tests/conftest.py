@@ -64,3 +64,11 @@ def assert_close(actual, expected, rtol, name=""):
 def fresh_seed(request):
     """A seed derived from the test id, so every test draws its own inputs reproducibly."""
     return zlib.crc32(request.node.nodeid.encode()) % (2**31)
+
+
+@pytest.fixture(scope="session")
+def shipped():
+    """The shipped Fashion-MNIST subset (5,000 train + 1,000 test images, float NHWC in [0, 1])."""
+    from dcgmm_fast import data
+
+    return data.load_shipped()

@@ -1,0 +1,290 @@
+"""torch.nn layers of a DCGMM stack: ``ConvGMM``, ``MaxPool``, ``LinearClassifier``.
+
+Layers own parameters and hyper-parameters and call ``dcgmm_fast.ops``, never a kernel. How they are trained
+(update rule, annealing, waits) lives in ``train.py``. All layers work on NHWC tensors and are built for a
+known input shape (H, W, C), so every parameter has its final shape at construction.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .ops import Backend, CGMMOut, Loss
+from .reference import out_hw, pair
+
+Mode = Literal["shared", "independent"]
+"""``"shared"``: one GMM for all patch positions (the paper's convMode); ``"independent"``: one per position."""
+
+PiNorm = Literal["position", "global"]
+"""How ``pi_logits`` become log weights in independent mode: ``"position"`` a softmax per position (clean);
+``"global"`` one softmax over all positions and components, the original's quirk (spec 1.1) the presets use."""
+
+Shape3 = Tuple[int, int, int]
+
+
+class ConvGMM(nn.Module):
+    """Convolutional GMM layer: every (kernel, stride) patch scored by a diagonal GMM with K components.
+
+    Output: responsibilities (N, H', W', K). The layer's own training objective is ``score`` (higher is
+    better), averaged over batch and positions.
+
+    Parameters:
+        mu: (K, D) shared or (P, K, D) independent; init U(-mu_init, mu_init).
+        sigma: like mu, inverse standard deviations; init sqrt(sigma_upper_bound), kept in
+            [sigma_min, sqrt(sigma_upper_bound)] by ``clip_``.
+        pi_logits: (K,) or (P, K) mixing-weight logits; init constant (uniform weights).
+    Buffers (saved and restored with the state dict):
+        eps: () float32 current learning rate of the original update rule (annealed by SingleExp).
+        som_sigma: () float32 current smoothing width of the "mc" loss (annealed by SingleExp).
+        anneal_state: (5,) float64 SingleExp's counters (iteration, window mean, first and last window means,
+            events), so training resumes exactly.
+    Not saved (derived from som_sigma): smoothing (K, K) matrix G.
+
+    Args:
+        in_shape: (H, W, C) of the input.
+        kernel, stride: int or (h, w); D = kh * kw * C, (H', W') the valid-convolution grid, P = H' * W'.
+        n_components: K (a perfect square for loss "mc": components sit on a sqrt(K) x sqrt(K) torus).
+        mode, loss, pi_norm: see ``Mode``, ``ops.Loss``, ``PiNorm``.
+        eps0, eps_inf, som_sigma0 (default 0.25 * sqrt(2K)), som_sigma_inf, gamma, delta, window
+            (default int(1 / eps_inf)): SingleExp annealing (spec 1.8).
+        lambda_mu, lambda_sigma, lambda_pi: per-parameter learning-rate factors (spec 1.7).
+        wait: fraction of training before the layer starts learning.
+        sigma_upper_bound: sigma is clipped to sqrt(sigma_upper_bound) (std >= 1 / sqrt(20) by default).
+        sigma_min: positive floor of sigma (the original clips only above).
+        top_s, divisor: sampling defaults (spec 3.1).
+        backend: ops backend for this layer.
+        generator: torch.Generator for the initialisation (None: torch's global RNG).
+    """
+
+    def __init__(
+        self,
+        in_shape: Shape3,
+        kernel,
+        stride,
+        n_components: int,
+        *,
+        mode: Mode = "shared",
+        loss: Loss = "mc",
+        pi_norm: PiNorm = "position",
+        mu_init: float = 0.1,
+        sigma_upper_bound: float = 20.0,
+        sigma_min: float = 1e-2,
+        eps0: float = 0.011,
+        eps_inf: float = 0.01,
+        som_sigma0: Optional[float] = None,
+        som_sigma_inf: float = 0.01,
+        gamma: float = 0.9,
+        delta: float = 0.05,
+        window: Optional[int] = None,
+        lambda_mu: float = 1.0,
+        lambda_sigma: float = 0.1,
+        lambda_pi: float = 0.2,
+        wait: float = 0.0,
+        top_s: int = 3,
+        divisor: float = 20.0,
+        backend: Backend = "auto",
+        dtype: torch.dtype = torch.float32,
+        generator: Optional[torch.Generator] = None,
+    ):
+        super().__init__()
+        H, W, C = _check_shape3("in_shape", in_shape)
+        self.kernel, self.stride = pair(kernel), pair(stride)
+        if min(self.kernel + self.stride) < 1:
+            raise ValueError(f"kernel, stride: expected positive ints, got {kernel}, {stride}")
+        if self.kernel[0] > H or self.kernel[1] > W:
+            raise ValueError(f"kernel: {self.kernel} is larger than the input (H, W) = {(H, W)}")
+        K = int(n_components)
+        if K < 1:
+            raise ValueError(f"n_components: expected >= 1, got {n_components}")
+        if mode not in ("shared", "independent"):
+            raise ValueError(f"mode: expected 'shared' or 'independent', got {mode!r}")
+        if loss not in ("mc", "loglik"):
+            raise ValueError(f"loss: expected 'mc' or 'loglik', got {loss!r}")
+        if loss == "mc" and math.isqrt(K) ** 2 != K:
+            raise ValueError(f"n_components: loss 'mc' needs a perfect square (sqrt(K) x sqrt(K) grid), got {K}")
+        if pi_norm not in ("position", "global"):
+            raise ValueError(f"pi_norm: expected 'position' or 'global', got {pi_norm!r}")
+        if not 0.0 <= wait <= 1.0:
+            raise ValueError(f"wait: expected a fraction in [0, 1], got {wait}")
+        if not 0 < sigma_min < math.sqrt(sigma_upper_bound):
+            raise ValueError(f"sigma_min: expected 0 < sigma_min < sqrt(sigma_upper_bound), got {sigma_min}")
+        if not (0 < eps_inf <= eps0):
+            raise ValueError(f"eps0, eps_inf: expected 0 < eps_inf <= eps0, got {eps0}, {eps_inf}")
+        som_sigma0 = 0.25 * math.sqrt(2 * K) if som_sigma0 is None else float(som_sigma0)
+        if not (0 < som_sigma_inf <= som_sigma0):
+            raise ValueError(f"som_sigma0, som_sigma_inf: expected 0 < inf <= 0, got {som_sigma0}, {som_sigma_inf}")
+        if not (0 < gamma < 1):
+            raise ValueError(f"gamma: expected 0 < gamma < 1, got {gamma}")
+        window = int(1.0 / eps_inf) if window is None else int(window)
+        if window < 2:
+            raise ValueError(f"window: expected >= 2 steps, got {window}")
+
+        self.in_shape: Shape3 = (H, W, C)
+        Ho, Wo = out_hw((H, W), self.kernel, self.stride)
+        self.out_shape: Shape3 = (Ho, Wo, K)
+        self.n_components, self.D, self.P = K, self.kernel[0] * self.kernel[1] * C, Ho * Wo
+        self.mode, self.loss, self.pi_norm = mode, loss, pi_norm
+        self.sigma_upper_bound, self.sigma_min = float(sigma_upper_bound), float(sigma_min)
+        self.eps0, self.eps_inf = float(eps0), float(eps_inf)
+        self.som_sigma0, self.som_sigma_inf = som_sigma0, float(som_sigma_inf)
+        self.gamma, self.delta, self.window = float(gamma), float(delta), window
+        self.lambda_mu, self.lambda_sigma, self.lambda_pi = float(lambda_mu), float(lambda_sigma), float(lambda_pi)
+        self.wait, self.top_s, self.divisor, self.backend = float(wait), int(top_s), float(divisor), backend
+        #: in independent mode the original multiplies the update by P (undoes the mean over positions)
+        self.loss_mult = float(self.P) if mode == "independent" else 1.0
+
+        lead = (self.P, K) if mode == "independent" else (K,)
+        mu = (torch.rand(*lead, self.D, generator=generator, dtype=dtype) * 2 - 1) * mu_init
+        self.mu = nn.Parameter(mu)
+        self.sigma = nn.Parameter(torch.full((*lead, self.D), math.sqrt(sigma_upper_bound), dtype=dtype))
+        self.pi_logits = nn.Parameter(torch.full(lead, 1.0 / K, dtype=dtype))
+        self.register_buffer("eps", torch.tensor(eps0, dtype=torch.float32))
+        self.register_buffer("som_sigma", torch.tensor(som_sigma0, dtype=torch.float32))
+        self.register_buffer("anneal_state", torch.zeros(5, dtype=torch.float64))
+        self.register_buffer("smoothing", torch.eye(K, dtype=dtype), persistent=False)
+        self.smoothing_is_identity = True
+        self.refresh_smoothing()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_smoothing())
+
+    # ---------------------------------------------------------------------------------------------- state
+    @property
+    def sigma_max(self) -> float:
+        """Upper clip of sigma, sqrt(sigma_upper_bound); also the sampling's noise-free ceiling."""
+        return math.sqrt(self.sigma_upper_bound)
+
+    def refresh_smoothing(self) -> None:
+        """Recompute G from ``som_sigma`` (call after changing it; outside any compiled region)."""
+        if self.loss != "mc":
+            return
+        G = ops.smoothing_matrix(self.n_components, float(self.som_sigma), dtype=self.smoothing.dtype)
+        self.smoothing.copy_(G.to(self.smoothing.device))
+        # a Python flag, not a tensor test inside forward: the identity takes the kernels' plain-max path
+        self.smoothing_is_identity = bool(torch.equal(G, torch.eye(self.n_components, dtype=G.dtype)))
+
+    def set_annealing(self, eps: float, som_sigma: float) -> None:
+        """Set the learning rate and smoothing width (float32 as the original keeps them); refresh G."""
+        self.eps.fill_(eps)
+        changed = float(self.som_sigma) != float(torch.tensor(som_sigma, dtype=torch.float32))
+        self.som_sigma.fill_(som_sigma)
+        if changed:
+            self.refresh_smoothing()
+
+    @torch.no_grad()
+    def clip_(self) -> None:
+        """Clip sigma to [sigma_min, sqrt(sigma_upper_bound)] in place."""
+        self.sigma.clamp_(self.sigma_min, self.sigma_max)
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def log_pi(self) -> torch.Tensor:
+        """Normalised log mixing weights (K,) or (P, K), by ``pi_norm``."""
+        if self.mode == "independent" and self.pi_norm == "global":
+            return torch.log_softmax(self.pi_logits.reshape(-1), 0).reshape(self.pi_logits.shape)
+        return torch.log_softmax(self.pi_logits, -1)
+
+    def cgmm(self, x: torch.Tensor, loss: Optional[Loss] = None) -> CGMMOut:
+        """The full op output for x (N, H, W, C): resp, score, lse, kstar.
+
+        Args:
+            loss: None for the layer's own loss (with the current smoothing), or "loglik" / "mc" to evaluate.
+        """
+        loss = self.loss if loss is None else loss
+        G = None if loss == "loglik" or self.smoothing_is_identity else self.smoothing
+        return ops.cgmm(
+            x, self.mu, self.sigma, self.log_pi(), kernel=self.kernel, stride=self.stride, loss=loss,
+            smoothing=G, backend=self.backend,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, C) -> responsibilities (N, H', W', K)."""
+        return self.cgmm(x).resp
+
+    def extra_repr(self) -> str:
+        return (f"in_shape={self.in_shape}, out_shape={self.out_shape}, kernel={self.kernel}, stride={self.stride}, "
+                f"K={self.n_components}, mode={self.mode}, loss={self.loss}, pi_norm={self.pi_norm}, wait={self.wait}")
+
+
+class MaxPool(nn.Module):
+    """Max-pooling over (kernel, stride) windows on NHWC, ceil mode, only in-range entries (design.md).
+
+    Output (N, H', W', C) with H' = ceil((H - k) / s) + 1.
+    """
+
+    def __init__(self, in_shape: Shape3, kernel=2, stride=2):
+        super().__init__()
+        H, W, C = _check_shape3("in_shape", in_shape)
+        self.kernel, self.stride = pair(kernel), pair(stride)
+        if min(self.kernel + self.stride) < 1 or self.kernel[0] > H or self.kernel[1] > W:
+            raise ValueError(f"kernel: expected positive and at most the input (H, W) = {(H, W)}, got {kernel}")
+        Ho = -(-(H - self.kernel[0]) // self.stride[0]) + 1
+        Wo = -(-(W - self.kernel[1]) // self.stride[1]) + 1
+        self.in_shape: Shape3 = (H, W, C)
+        self.out_shape: Shape3 = (Ho, Wo, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.max_pool2d(x.permute(0, 3, 1, 2), self.kernel, self.stride, ceil_mode=True)
+        return y.permute(0, 2, 3, 1)
+
+    def extra_repr(self) -> str:
+        return f"in_shape={self.in_shape}, out_shape={self.out_shape}, kernel={self.kernel}, stride={self.stride}"
+
+
+class LinearClassifier(nn.Module):
+    """Linear read-out (spec 2.3): logits = flatten(x) @ weight + bias, trained by SGD on softmax cross-entropy.
+
+    Parameters:
+        weight: (F, n_classes), init truncated normal with std 1 / sqrt(F) (cut at 2 std, as TF's).
+        bias: (n_classes,), init 0.
+
+    Args:
+        in_shape: shape of the layer it reads, (H, W, C); F = H * W * C.
+        reads: name of that layer (e.g. "pool1"); the stack resolves it.
+        lr: SGD learning rate.
+    """
+
+    def __init__(
+        self,
+        in_shape: Shape3,
+        n_classes: int,
+        *,
+        reads: str,
+        lr: float = 0.01,
+        dtype: torch.dtype = torch.float32,
+        generator: Optional[torch.Generator] = None,
+    ):
+        super().__init__()
+        H, W, C = _check_shape3("in_shape", in_shape)
+        if n_classes < 2:
+            raise ValueError(f"n_classes: expected >= 2, got {n_classes}")
+        if not lr > 0:
+            raise ValueError(f"lr: expected > 0, got {lr}")
+        self.in_shape: Shape3 = (H, W, C)
+        self.out_shape = (int(n_classes),)
+        self.reads, self.lr = reads, float(lr)
+        n_in = H * W * C
+        std = 1.0 / math.sqrt(n_in)
+        weight = torch.empty(n_in, n_classes, dtype=dtype)
+        nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std, generator=generator)
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(torch.zeros(n_classes, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, C) -> logits (N, n_classes)."""
+        return x.reshape(x.shape[0], -1) @ self.weight + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_shape={self.in_shape}, n_classes={self.out_shape[0]}, reads={self.reads!r}, lr={self.lr}"
+
+
+def _check_shape3(name: str, shape) -> Shape3:
+    try:
+        H, W, C = (int(v) for v in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected (H, W, C), got {shape!r}") from None
+    if min(H, W, C) < 1:
+        raise ValueError(f"{name}: expected positive (H, W, C), got {shape!r}")
+    return (H, W, C)

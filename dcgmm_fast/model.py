@@ -1,0 +1,184 @@
+"""The DCGMM stack: build from a preset or layer specs, forward, log_prob, classify, fit.
+
+    model = DCGMM("demo", input_shape=(28, 28, 1), n_classes=10, seed=0)
+    model.fit(x_train, y_train, epochs=1)            # uint8 or float images, (N, H, W) or (N, H, W, C)
+    model.log_prob(x_test)                            # {"gmm1": (N,), "gmm2": (N,)} mean score per image
+    model.classify(x_test)                            # (N,) predicted classes
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import data, presets
+from .layers import ConvGMM, LinearClassifier, MaxPool
+from .ops import Backend, Loss
+from .presets import Classifier, GMM, LayerSpec, Pool, Preset
+from .train import History, Trainer
+
+
+class DCGMM(nn.Module):
+    """A stack of ConvGMM / MaxPool layers with an optional linear classifier on top.
+
+    Layers are named gmm1, pool1, gmm2, ..., classifier (``names``); ``layers`` is an nn.ModuleList.
+
+    Args:
+        stack: a preset name (``presets.PRESETS``), a ``Preset``, or a sequence of layer specs
+            (``presets.GMM``, ``presets.Pool``, ``presets.Classifier``), bottom-up.
+        input_shape: (H, W, C); default the preset's, else (28, 28, 1).
+        n_classes: classes of the classifier (ignored when the stack has none).
+        backend: ops backend for every ConvGMM.
+        seed: seeds the initialisation (None: torch's global RNG).
+        dtype: parameter dtype (float32; float64 for tests).
+    """
+
+    def __init__(
+        self,
+        stack: Union[str, Preset, Sequence[LayerSpec]],
+        input_shape: Optional[Tuple[int, int, int]] = None,
+        n_classes: int = 10,
+        *,
+        backend: Backend = "auto",
+        seed: Optional[int] = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if isinstance(stack, (str, Preset)):
+            self.preset: Optional[Preset] = presets.get_preset(stack)
+            specs = self.preset.layers
+            input_shape = self.preset.input_shape if input_shape is None else input_shape
+        else:
+            self.preset, specs = None, tuple(stack)
+            input_shape = (28, 28, 1) if input_shape is None else input_shape
+        self.input_shape = tuple(int(v) for v in input_shape)
+        self.n_classes = int(n_classes)
+        self.specs = tuple(specs)
+        g = None if seed is None else torch.Generator().manual_seed(seed)
+        layers, names, shape, counts = [], [], self.input_shape, {"gmm": 0, "pool": 0}
+        for i, spec in enumerate(self.specs):
+            if isinstance(spec, GMM):
+                counts["gmm"] += 1
+                name = f"gmm{counts['gmm']}"
+                fields = {k: v for k, v in vars(spec).items() if k not in ("kernel", "stride", "n_components")}
+                layer = ConvGMM(shape, spec.kernel, spec.stride, spec.n_components, backend=backend, dtype=dtype,
+                                generator=g, **fields)
+            elif isinstance(spec, Pool):
+                counts["pool"] += 1
+                name = f"pool{counts['pool']}"
+                layer = MaxPool(shape, spec.kernel, spec.stride)
+            elif isinstance(spec, Classifier):
+                if i != len(self.specs) - 1:
+                    raise ValueError("stack: the Classifier must be the last layer spec")
+                reads = names[-1] if spec.reads is None else spec.reads
+                if reads not in names:
+                    raise ValueError(f"stack: the classifier reads {reads!r}, which is not one of {names}")
+                layer = LinearClassifier(layers[names.index(reads)].out_shape, n_classes, reads=reads, lr=spec.lr,
+                                         dtype=dtype, generator=g)
+                name = "classifier"
+            else:
+                raise TypeError(f"stack: expected GMM, Pool or Classifier specs, got {type(spec).__name__}")
+            layers.append(layer)
+            names.append(name)
+            shape = layer.out_shape
+        if not layers:
+            raise ValueError("stack: expected at least one layer")
+        self.layers = nn.ModuleList(layers)
+        self.names = names
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.int64))
+
+    # -------------------------------------------------------------------------------------------- access
+    def __getitem__(self, name: str) -> nn.Module:
+        return self.layers[self.names.index(name)]
+
+    @property
+    def classifier(self) -> Optional[LinearClassifier]:
+        last = self.layers[-1]
+        return last if isinstance(last, LinearClassifier) else None
+
+    def gmm_layers(self) -> Dict[str, ConvGMM]:
+        return OrderedDict((n, m) for n, m in zip(self.names, self.layers) if isinstance(m, ConvGMM))
+
+    def _images(self, x) -> torch.Tensor:
+        """Images to float (N, H, W, C) in [0, 1] on the model's device, shape-checked."""
+        t = data.to_images(x)
+        if tuple(t.shape[1:]) != self.input_shape:
+            raise ValueError(f"x: expected images of shape (N, {', '.join(map(str, self.input_shape))}), "
+                             f"got {tuple(t.shape)}")
+        p = next(self.parameters())
+        return t.to(device=p.device, dtype=p.dtype)
+
+    # -------------------------------------------------------------------------------------------- inference
+    def forward(self, x) -> Dict[str, torch.Tensor]:
+        """Every layer's output: responsibilities (N, H', W', K) for GMMs, pooled maps, logits (N, n_classes)."""
+        h = self._images(x)
+        outputs: Dict[str, torch.Tensor] = OrderedDict()
+        for name, layer in zip(self.names, self.layers):
+            if isinstance(layer, LinearClassifier):
+                h = layer(outputs[layer.reads])
+            else:
+                h = layer(h)
+            outputs[name] = h
+        return outputs
+
+    @torch.no_grad()
+    def log_prob(self, x, *, loss: Optional[Loss] = "loglik", batch_size: int = 500) -> Dict[str, torch.Tensor]:
+        """Per GMM layer, each image's mean score over positions, (N,) (higher is better).
+
+        Args:
+            loss: "loglik" (default: the mixture log-likelihood per patch), "mc" (max-component with the
+                current smoothing), or None (each layer's training loss).
+        """
+        x = self._images(x)
+        result: Dict[str, list] = OrderedDict((n, []) for n in self.gmm_layers())
+        for start in range(0, x.shape[0], batch_size):
+            h = x[start:start + batch_size]
+            for name, layer in zip(self.names, self.layers):
+                if isinstance(layer, ConvGMM):
+                    out = layer.cgmm(h, loss=loss)
+                    result[name].append(out.score.mean(dim=(1, 2)))
+                    h = out.resp
+                elif isinstance(layer, MaxPool):
+                    h = layer(h)
+        return OrderedDict((n, torch.cat(v)) for n, v in result.items())
+
+    @torch.no_grad()
+    def classify(self, x, *, batch_size: int = 500) -> torch.Tensor:
+        """Predicted classes (N,) int64 from the linear classifier."""
+        if self.classifier is None:
+            raise ValueError("classify: this stack has no classifier")
+        x = self._images(x)
+        preds = [self.forward(x[s:s + batch_size])["classifier"].argmax(1) for s in range(0, x.shape[0], batch_size)]
+        return torch.cat(preds)
+
+    # -------------------------------------------------------------------------------------------- training
+    def fit(self, x, y=None, *, epochs: Optional[float] = None, batch_size: Optional[int] = None, optimizer=None,
+            lr: Optional[float] = None, seed: Optional[int] = None, compile: bool = False,
+            callback=None) -> History:
+        """Train layer by layer (``train.Trainer``), as the original: bottom-up, no gradient between layers.
+
+        Args:
+            x: images (N, H, W) or (N, H, W, C), uint8 (divided by 255) or float in [0, 1].
+            y: (N,) integer labels for the classifier (None: the classifier is not trained).
+            epochs: default the preset's; batch_size: default the preset's (100).
+            optimizer: None (the original rule), "sgd", "adam" or a factory (see ``Trainer``).
+            seed: seeds the training order (None: torch's global RNG).
+            compile: compile each GMM step with torch.compile(fullgraph=True).
+        Returns:
+            train.History with per-step scores, som_sigma and classifier metrics.
+        """
+        epochs = (self.preset.epochs if self.preset else 10) if epochs is None else epochs
+        batch_size = (self.preset.batch_size if self.preset else 100) if batch_size is None else batch_size
+        x = self._images(x)
+        if y is not None:
+            y = torch.as_tensor(y).to(device=x.device, dtype=torch.int64)
+            if y.dim() != 1 or y.shape[0] != x.shape[0]:
+                raise ValueError(f"y: expected ({x.shape[0]},) labels, got {tuple(y.shape)}")
+            if bool((y < 0).any()) or bool((y >= self.n_classes).any()):
+                raise ValueError(f"y: labels must lie in [0, {self.n_classes}), got [{int(y.min())}, {int(y.max())}]")
+        trainer = Trainer(self.layers, self.names, optimizer=optimizer, lr=lr, compile=compile)
+        history = trainer.fit(x, y, epochs=epochs, batch_size=batch_size, seed=seed, callback=callback)
+        self.steps_done += history.steps
+        return history

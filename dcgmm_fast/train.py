@@ -1,0 +1,313 @@
+"""Training of a DCGMM stack, layer by layer (spec 1.7, 1.8, 2.4). Works on layers; never imports the model.
+
+One training step, for each mini-batch, bottom-up: every ConvGMM maximises the mean of its own ``score`` over
+batch and positions, on its input detached from the layers below (no gradient ever crosses layers); it passes
+up the responsibilities computed with its pre-update parameters. MaxPool just forwards. The classifier learns
+from step 0 on the detached output of the layer it reads. A layer whose ``wait`` fraction of training has not
+passed only forwards (the original sets its lambdas to 0 and does not feed its controller).
+
+Update rules:
+- original (default): gradient ascent ``theta += lambda_theta * eps * loss_mult * dJ/dtheta`` for mu, sigma and
+  pi_logits, then sigma clipped to [sigma_min, sqrt(sigma_upper_bound)]; loss_mult = P in independent mode.
+- any torch optimizer: minimises ``-loss_mult * J`` with per-group learning rates
+  ``lr * lambda_theta * eps / eps0`` (so SingleExp's eps annealing scales them), the same clipping.
+``SingleExp`` anneals eps and som_sigma per layer from the stream of its mean scores, outside the step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import ConvGMM, LinearClassifier, MaxPool
+
+OptimizerFactory = Callable[[List[dict]], torch.optim.Optimizer]
+
+
+def _f32(v: float) -> float:
+    """Round to float32, as the original keeps eps and som_sigma in float32 TF variables."""
+    return float(np.float32(v))
+
+
+class SingleExp:
+    """The original's annealing controller (``layer/regularizer/SingleExp.py``, spec 1.8).
+
+    Fed one loss per training step (the layer's mean score, smoothing included). Every ``window`` steps it
+    compares the mean of the window's first W-1 losses with the previous window's: when the improvement
+    ratio r = (avg - last) / (last - first) lies in (-2 delta, delta), eps and som_sigma shrink by gamma,
+    floored at eps_inf and som_sigma_inf.
+    """
+
+    def __init__(self, eps0: float, eps_inf: float, som_sigma0: float, som_sigma_inf: float, window: int,
+                 gamma: float = 0.9, delta: float = 0.05):
+        self.eps, self.som_sigma = _f32(eps0), _f32(som_sigma0)
+        self.eps_inf, self.som_sigma_inf = _f32(eps_inf), _f32(som_sigma_inf)
+        self.window, self.gamma, self.delta = int(window), _f32(gamma), float(delta)
+        self.it, self.avg, self.first, self.last, self.events = 0, 0.0, 0.0, 0.0, 0
+
+    def add(self, loss: float) -> None:
+        """Running mean of the current window."""
+        i = self.it % self.window
+        if i == 0:
+            self.avg = 0.0
+        self.avg = self.avg * i / (i + 1) + float(loss) / (i + 1)
+        self.it += 1
+
+    def check(self) -> bool:
+        """At the end of a window, compare with the last one; returns True when eps and som_sigma shrank."""
+        if self.it % self.window != self.window - 1:
+            return False
+        reduced = False
+        if self.events == 0:
+            self.first = self.last = self.avg
+        elif self.events == 1:
+            self.last = self.avg
+        else:
+            with np.errstate(divide="ignore", invalid="ignore"):  # numpy semantics: x/0 -> inf/nan -> no change
+                r = float(np.float64(self.avg - self.last) / np.float64(self.last - self.first))
+            if -2 * self.delta < r < self.delta:
+                self.eps = max(_f32(self.eps * self.gamma), self.eps_inf)
+                self.som_sigma = max(_f32(self.som_sigma * self.gamma), self.som_sigma_inf)
+                reduced = True
+            self.last = self.avg
+        self.events += 1
+        return reduced
+
+    def step(self, loss: float) -> bool:
+        """``add`` then ``check``: what the original does after every training step."""
+        self.add(loss)
+        return self.check()
+
+    def counters(self) -> List[float]:
+        """(it, avg, first, last, events), for ``ConvGMM.anneal_state``."""
+        return [float(self.it), self.avg, self.first, self.last, float(self.events)]
+
+    def load_counters(self, values: Sequence[float], eps: float, som_sigma: float) -> None:
+        it, self.avg, self.first, self.last, events = (float(v) for v in values)
+        self.it, self.events = int(it), int(events)
+        self.eps, self.som_sigma = _f32(eps), _f32(som_sigma)
+
+    @classmethod
+    def for_layer(cls, layer: ConvGMM) -> "SingleExp":
+        """A controller with the layer's hyper-parameters and its saved state."""
+        c = cls(layer.eps0, layer.eps_inf, layer.som_sigma0, layer.som_sigma_inf, layer.window,
+                layer.gamma, layer.delta)
+        c.load_counters(layer.anneal_state.tolist(), float(layer.eps), float(layer.som_sigma))
+        return c
+
+
+# -------------------------------------------------------------------------------------------------- steps
+def gmm_step(layer: ConvGMM, x: torch.Tensor):
+    """One step of the original update rule on x (N, H, W, C); returns (resp (N,H',W',K), mean score ()).
+
+    No Python branching on tensor values: ``torch.compile(fullgraph=True)`` compiles it (see ``compile_step``).
+    """
+    out = layer.cgmm(x)
+    score = out.score.mean()
+    g_mu, g_sigma, g_pi = torch.autograd.grad(score, (layer.mu, layer.sigma, layer.pi_logits))
+    scale = layer.eps.to(layer.mu.dtype) * layer.loss_mult  # eps is a float32 buffer; step in the params dtype
+    with torch.no_grad():
+        layer.mu.add_(g_mu * (scale * layer.lambda_mu))
+        layer.sigma.add_(g_sigma * (scale * layer.lambda_sigma)).clamp_(layer.sigma_min, layer.sigma_max)
+        layer.pi_logits.add_(g_pi * (scale * layer.lambda_pi))
+    return out.resp.detach(), score.detach()
+
+
+def gmm_step_optimizer(layer: ConvGMM, x: torch.Tensor, optimizer: torch.optim.Optimizer):
+    """One step of a torch optimizer minimising -loss_mult * mean score; returns (resp, mean score)."""
+    out = layer.cgmm(x)
+    score = out.score.mean()
+    optimizer.zero_grad(set_to_none=True)
+    (-layer.loss_mult * score).backward()
+    optimizer.step()
+    layer.clip_()
+    return out.resp.detach(), score.detach()
+
+
+def classifier_step(clf: LinearClassifier, features: torch.Tensor, y: torch.Tensor):
+    """One SGD step on softmax cross-entropy; returns (loss (), accuracy ())."""
+    logits = clf(features)
+    loss = F.cross_entropy(logits, y)
+    g_w, g_b = torch.autograd.grad(loss, (clf.weight, clf.bias))
+    with torch.no_grad():
+        clf.weight.sub_(g_w * clf.lr)
+        clf.bias.sub_(g_b * clf.lr)
+    return loss.detach(), (logits.argmax(1) == y).float().mean()
+
+
+def _dynamo_config():
+    """Settings the compiled step needs: autograd.grad inside the graph, one cache entry per layer and G state."""
+    cfg = torch._dynamo.config
+    patch = {}
+    if hasattr(cfg, "trace_autograd_ops"):
+        patch["trace_autograd_ops"] = True
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            patch[name] = max(getattr(cfg, name), 64)
+            break
+    return cfg.patch(**patch)
+
+
+def compile_step(step: Callable) -> Callable:
+    """``torch.compile(step, fullgraph=True, dynamic=False)`` run under the dynamo settings it needs."""
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+
+    def run(*args):
+        with _dynamo_config():
+            return compiled(*args)
+
+    return run
+
+
+# -------------------------------------------------------------------------------------------------- trainer
+@dataclass
+class History:
+    """Per-step records of a ``fit``: mean score and som_sigma per GMM layer, classifier loss and accuracy."""
+
+    steps: int = 0
+    score: Dict[str, List[float]] = field(default_factory=dict)
+    som_sigma: Dict[str, List[float]] = field(default_factory=dict)
+    classifier_loss: List[float] = field(default_factory=list)
+    classifier_accuracy: List[float] = field(default_factory=list)
+
+
+def optimizer_param_groups(layers: Sequence[nn.Module]) -> List[dict]:
+    """Param groups for a torch optimizer: one per ConvGMM parameter, carrying its lambda as ``lr_mult``."""
+    groups = []
+    for layer in layers:
+        if isinstance(layer, ConvGMM):
+            for p, lam in ((layer.mu, layer.lambda_mu), (layer.sigma, layer.lambda_sigma),
+                           (layer.pi_logits, layer.lambda_pi)):
+                groups.append({"params": [p], "lr_mult": lam, "layer": layer})
+    return groups
+
+
+class Trainer:
+    """Trains a stack of layers (ConvGMM / MaxPool / LinearClassifier), bottom-up, one step per mini-batch.
+
+    Args:
+        layers: the stack, bottom-up; at most one LinearClassifier, last.
+        names: a name per layer; the classifier's ``reads`` names one of them.
+        optimizer: None for the original update rule; "sgd" / "adam" (lr 0.01 / 0.001); or a factory called with
+            ``optimizer_param_groups(layers)`` (each group has an ``lr_mult`` key) returning a torch optimizer.
+        lr: base learning rate for the "sgd" / "adam" shortcuts.
+        compile: compile each GMM step with ``torch.compile(fullgraph=True)`` (original rule only).
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], names: Sequence[str], *,
+                 optimizer: Union[None, str, OptimizerFactory] = None, lr: Optional[float] = None,
+                 compile: bool = False):
+        self.layers, self.names = list(layers), list(names)
+        if len(self.layers) != len(self.names):
+            raise ValueError("names: expected one name per layer")
+        self.classifier_input = None
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, LinearClassifier):
+                if i != len(self.layers) - 1:
+                    raise ValueError("layers: the classifier must be the last layer")
+                if layer.reads not in self.names[:i]:
+                    raise ValueError(f"reads: classifier reads {layer.reads!r}, not one of {self.names[:i]}")
+                self.classifier_input = self.names.index(layer.reads)
+            elif not isinstance(layer, (ConvGMM, MaxPool)):
+                raise TypeError(f"layers: unsupported layer {type(layer).__name__}")
+        self.gmms = [i for i, layer in enumerate(self.layers) if isinstance(layer, ConvGMM)]
+        self.controllers = {i: SingleExp.for_layer(self.layers[i]) for i in self.gmms}
+        self.optimizer = self._make_optimizer(optimizer, lr)
+        if compile and self.optimizer is not None:
+            raise ValueError("compile: only the original update rule is compiled; use optimizer=None")
+        self._step = compile_step(gmm_step) if compile else gmm_step
+
+    def _make_optimizer(self, optimizer, lr):
+        if optimizer is None:
+            return None
+        groups = optimizer_param_groups(self.layers)
+        if optimizer == "sgd":
+            base = 0.01 if lr is None else lr
+            opt = torch.optim.SGD([{k: v for k, v in g.items() if k != "layer"} for g in groups], lr=base)
+        elif optimizer == "adam":
+            base = 1e-3 if lr is None else lr
+            opt = torch.optim.Adam([{k: v for k, v in g.items() if k != "layer"} for g in groups], lr=base)
+        elif callable(optimizer):
+            opt = optimizer([{k: v for k, v in g.items() if k != "layer"} for g in groups])
+        else:
+            raise ValueError(f"optimizer: expected None, 'sgd', 'adam' or a factory, got {optimizer!r}")
+        for group, spec in zip(opt.param_groups, groups):
+            group["base_lr"], group["layer"] = group["lr"], spec["layer"]
+        return opt
+
+    def _set_learning_rates(self) -> None:
+        """Optimizer path: lr = base_lr * lambda * eps / eps0 for each group (annealing and lambdas)."""
+        for group in self.optimizer.param_groups:
+            layer = group["layer"]
+            group["lr"] = group["base_lr"] * group["lr_mult"] * float(layer.eps) / layer.eps0
+
+    def train_step(self, x: torch.Tensor, y: Optional[torch.Tensor], progress: float, history: History) -> None:
+        """One mini-batch through every layer; ``progress`` = fraction of training done (for waits)."""
+        outputs = []
+        h = x
+        for i, (layer, name) in enumerate(zip(self.layers, self.names)):
+            if isinstance(layer, ConvGMM):
+                if progress < layer.wait:  # waiting: forward only, controller not fed
+                    with torch.no_grad():
+                        out = layer.cgmm(h)
+                    h, score = out.resp, out.score.mean()
+                else:
+                    if self.optimizer is None:
+                        h, score = self._step(layer, h)
+                    else:
+                        self._set_learning_rates()
+                        # every other layer's grads are None after zero_grad, so the step moves only this one
+                        h, score = gmm_step_optimizer(layer, h, self.optimizer)
+                    self._anneal(i, float(score))
+                history.score.setdefault(name, []).append(float(score))
+                history.som_sigma.setdefault(name, []).append(float(layer.som_sigma))
+            elif isinstance(layer, MaxPool):
+                with torch.no_grad():
+                    h = layer(h)
+            elif y is not None:  # classifier
+                loss, acc = classifier_step(layer, outputs[self.classifier_input].detach(), y)
+                history.classifier_loss.append(float(loss))
+                history.classifier_accuracy.append(float(acc))
+            outputs.append(h)
+
+    def _anneal(self, i: int, score: float) -> None:
+        layer, ctrl = self.layers[i], self.controllers[i]
+        ctrl.step(score)
+        layer.anneal_state.copy_(torch.tensor(ctrl.counters(), dtype=torch.float64))
+        layer.set_annealing(ctrl.eps, ctrl.som_sigma)
+
+    def fit(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, epochs: float, batch_size: int = 100,
+            seed: Optional[int] = None, start_step: int = 0,
+            callback: Optional[Callable[[int, int, History], None]] = None) -> History:
+        """Train on x (N, H, W, C) float in [0, 1] (and labels y (N,) for the classifier).
+
+        As the original: the training order is shuffled once (seeded) and the same order of full batches
+        (remainder dropped) repeats every epoch; steps = (N // batch_size) * epochs.
+
+        Args:
+            start_step: steps already done (resume): training continues at that step of the same schedule.
+            callback: called after every step with (step, total_steps, history).
+        Returns:
+            History of this call's steps.
+        """
+        n = x.shape[0]
+        per_epoch = n // batch_size
+        if per_epoch < 1:
+            raise ValueError(f"batch_size: {batch_size} is larger than the {n} training images")
+        if y is not None and y.shape[0] != n:
+            raise ValueError(f"y: expected {n} labels, got {y.shape[0]}")
+        total = int(round(per_epoch * epochs))
+        g = torch.Generator().manual_seed(seed if seed is not None else int(torch.initial_seed()) % 2**63)
+        order = torch.randperm(n, generator=g)[: per_epoch * batch_size].reshape(per_epoch, batch_size)
+        history = History()
+        for step in range(start_step, total):
+            idx = order[step % per_epoch].to(x.device)
+            self.train_step(x[idx], None if y is None else y[idx], step / (total + 1), history)
+            history.steps += 1
+            if callback is not None:
+                callback(step + 1, total, history)
+        return history

@@ -1,0 +1,75 @@
+"""dcgmm_fast.model: the DCGMM stack end to end on the shipped Fashion-MNIST subset."""
+import numpy as np
+import pytest
+import torch
+
+from dcgmm_fast import presets
+from dcgmm_fast.model import DCGMM
+
+
+@pytest.fixture(scope="module")
+def demo_one_epoch(shipped):
+    """The demo preset before and after one epoch on the 5,000 shipped training images (about 10 s)."""
+    model = DCGMM("demo", seed=0)
+    before = {k: v.mean().item() for k, v in model.log_prob(shipped.x_test, loss="loglik").items()}
+    history = model.fit(shipped.x_train, shipped.y_train, epochs=1, seed=0)
+    after = {k: v.mean().item() for k, v in model.log_prob(shipped.x_test, loss="loglik").items()}
+    return model, before, after, history
+
+
+def test_demo_epoch_raises_every_layers_test_loglik(demo_one_epoch):
+    model, before, after, _ = demo_one_epoch
+    assert set(before) == {"gmm1", "gmm2"}
+    for name in before:
+        assert after[name] > before[name], (name, before[name], after[name])
+
+
+def test_demo_epoch_anneals_and_classifies(demo_one_epoch, shipped):
+    model, _, _, history = demo_one_epoch
+    assert history.steps == 50 and int(model.steps_done) == 50
+    lowered = [n for n, g in model.gmm_layers().items() if float(g.som_sigma) < g.som_sigma0 * (1 - 1e-6)]
+    assert lowered, {n: float(g.som_sigma) for n, g in model.gmm_layers().items()}
+    accuracy = (model.classify(shipped.x_test) == shipped.y_test).float().mean().item()
+    assert accuracy >= 0.4, accuracy  # chance is 0.1
+
+
+def test_forward_gives_every_layers_output(shipped):
+    model = DCGMM("demo", seed=0)
+    out = model(shipped.x_test[:3])
+    assert list(out) == ["gmm1", "pool1", "gmm2", "classifier"]
+    assert out["gmm1"].shape == (3, 26, 26, 25) and out["pool1"].shape == (3, 13, 13, 25)
+    assert out["gmm2"].shape == (3, 5, 5, 25) and out["classifier"].shape == (3, 10)
+    assert torch.allclose(out["gmm1"].sum(-1), torch.ones(3, 26, 26))
+
+
+def test_log_prob_is_mean_score_per_image(shipped):
+    model = DCGMM("demo", seed=0)
+    x = shipped.x_test[:7]
+    lp = model.log_prob(x, loss="loglik", batch_size=3)
+    out1 = model["gmm1"].cgmm(x, loss="loglik")
+    assert torch.allclose(lp["gmm1"], out1.score.mean(dim=(1, 2)))
+    h = model["pool1"](out1.resp)
+    assert torch.allclose(lp["gmm2"], model["gmm2"].cgmm(h, loss="loglik").score.mean(dim=(1, 2)))
+    mc = model.log_prob(x, loss=None)["gmm1"]
+    assert torch.all(mc <= lp["gmm1"] + 1e-5)  # a smoothed max-component score never beats the mixture
+
+
+def test_images_in_any_common_form(shipped):
+    model = DCGMM("demo", seed=0)
+    u8 = (shipped.x_test[:4, ..., 0] * 255).round().to(torch.uint8)
+    a = model.log_prob(u8.numpy())["gmm1"]  # uint8 (N, H, W) numpy
+    b = model.log_prob(u8[..., None].float() / 255)["gmm1"]  # float (N, H, W, C)
+    assert torch.allclose(a, b)
+    with pytest.raises(ValueError, match="x"):
+        model.log_prob(torch.rand(2, 32, 32, 1))
+    with pytest.raises(ValueError, match="NaN"):
+        model.log_prob(torch.full((2, 28, 28), float("nan")))
+    with pytest.raises(ValueError, match="y"):
+        model.fit(u8, np.array([0, 1, 2, 10]), epochs=1, batch_size=2)
+
+
+def test_classify_needs_a_classifier():
+    model = DCGMM([presets.GMM(3, 1, 4)], input_shape=(6, 6, 1))
+    with pytest.raises(ValueError, match="classifier"):
+        model.classify(torch.rand(2, 6, 6, 1))
+    model.fit(torch.rand(20, 6, 6, 1), epochs=1, batch_size=10, seed=0)  # no labels, no classifier: fine

@@ -1,0 +1,188 @@
+"""dcgmm_fast.train: SingleExp against the original's recorded vectors, the update rule against design.md's
+closed forms, compiled vs eager steps, determinism, torch optimizers, waits."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from dcgmm_fast import ops, presets
+from dcgmm_fast.layers import ConvGMM
+from dcgmm_fast.model import DCGMM
+from dcgmm_fast.train import SingleExp, Trainer, gmm_step
+
+from conftest import assert_close
+
+VECTORS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "singleexp_vectors.json")
+
+
+# ------------------------------------------------------------------------------------------------ SingleExp
+@pytest.mark.skipif(not os.path.exists(VECTORS), reason="shared/data/singleexp_vectors.json not present")
+def test_singleexp_reproduces_the_original_vectors():
+    cases = json.load(open(VECTORS))["cases"]
+    assert cases
+    for name, c in cases.items():
+        ctrl = SingleExp(c["eps0"], c["epsInf"], c["somSigma0"], c["somSigmaInf"], c["W"], c["gamma"], c["delta"])
+        reductions = []
+        for t, loss in enumerate(c["losses"]):
+            if ctrl.step(loss):
+                reductions.append(t)
+            for got, want, what in ((ctrl.eps, c["eps_after_step"][t], "eps"),
+                                    (ctrl.som_sigma, c["som_sigma_after_step"][t], "som_sigma")):
+                assert abs(got - want) <= 1e-6 * abs(want), f"{name} step {t}: {what} {got} != {want}"
+        assert reductions == c["reduction_steps"], name
+
+
+def test_singleexp_schedule_by_hand():
+    # window 4: checks after steps 2, 6, 10, ... (it % W == W - 1); events 0 and 1 set the baselines
+    ctrl = SingleExp(0.05, 0.01, 2.0, 0.01, window=4, gamma=0.5, delta=0.05)
+    losses = [0, 1, 2, 99, 10, 11, 12, 99, 13, 13, 13]  # window means (first W-1): 1, 11, 13
+    fired = [t for t, loss in enumerate(losses) if ctrl.step(loss)]
+    # r at step 10 = (13 - 11) / (11 - 1) = 0.2 >= delta: no reduction
+    assert fired == [] and ctrl.eps == pytest.approx(0.05) and ctrl.som_sigma == 2.0
+    for loss in [99, 13.1, 13.1, 13.1]:  # window mean 13.1: r = 0.1 / 12 < delta -> reduce
+        ctrl.step(loss)
+    assert ctrl.som_sigma == 1.0 and ctrl.eps == pytest.approx(0.025)
+
+
+def test_singleexp_floors_and_flat_losses():
+    ctrl = SingleExp(0.011, 0.01, 0.02, 0.01, window=2, gamma=0.9)
+    for _ in range(200):
+        ctrl.step(-5.0)  # flat: last == first -> 0/0 -> nan -> no change (numpy semantics), never an error
+    assert ctrl.som_sigma == pytest.approx(0.02) and ctrl.eps == pytest.approx(0.011)
+    ctrl = SingleExp(0.011, 0.01, 0.02, 0.01, window=2, gamma=0.9)
+    for t in range(400):
+        ctrl.step(-5.0 + (1 - 0.5 ** (t / 4)))  # converging: many reductions, floored
+    assert ctrl.som_sigma == pytest.approx(0.01) and ctrl.eps == pytest.approx(0.01)
+
+
+# ------------------------------------------------------------------------------------------------ update rule
+def hand_update(layer, x):
+    """design.md's closed forms for J = mean score (g_score = 1/M), then the original rule and clipping."""
+    out = ops.cgmm(x, layer.mu, layer.sigma, layer.log_pi(), kernel=layer.kernel, stride=layer.stride,
+                   loss=layer.loss, smoothing=None if layer.smoothing_is_identity else layer.smoothing)
+    N = x.shape[0]
+    P, K = layer.P, layer.n_components
+    M = N * P
+    xp = ops.patches(x, layer.kernel, layer.stride).reshape(N, P, -1)  # (N, P, D)
+    if layer.loss == "mc":
+        G = layer.smoothing if not layer.smoothing_is_identity else torch.eye(K, dtype=x.dtype)
+        Wt = G[out.kstar.reshape(N, P).long()] / M
+    else:
+        Wt = out.resp.reshape(N, P, K) / M
+    mu, sigma = layer.mu.detach(), layer.sigma.detach()
+    if layer.mode == "shared":
+        mu, sigma = mu[None], sigma[None]
+    w = Wt.sum(0)  # (P, K)
+    A1 = torch.einsum("npk,npd->pkd", Wt, xp)
+    A2 = torch.einsum("npk,npd->pkd", Wt, xp * xp)
+    d_log_pi = w
+    d_mu = sigma**2 * (A1 - w[..., None] * mu)
+    d_sigma = w[..., None] / sigma - sigma * (A2 - 2 * mu * A1 + w[..., None] * mu**2)
+    if layer.mode == "shared":
+        d_log_pi, d_mu, d_sigma = d_log_pi.sum(0), d_mu.sum(0), d_sigma.sum(0)
+    logits = layer.pi_logits.detach()
+    if layer.mode == "independent" and layer.pi_norm == "global":
+        soft = torch.softmax(logits.reshape(-1), 0).reshape(logits.shape)
+        d_logits = d_log_pi - soft * d_log_pi.sum()
+    else:
+        soft = torch.softmax(logits, -1)
+        d_logits = d_log_pi - soft * d_log_pi.sum(-1, keepdim=True)
+    scale = float(layer.eps) * (P if layer.mode == "independent" else 1)
+    new_mu = layer.mu.detach() + layer.lambda_mu * scale * d_mu
+    new_sigma = (layer.sigma.detach() + layer.lambda_sigma * scale * d_sigma).clamp(layer.sigma_min, math.sqrt(20))
+    new_logits = logits + layer.lambda_pi * scale * d_logits
+    return new_mu, new_sigma, new_logits
+
+
+@pytest.mark.parametrize(
+    "mode,pi_norm,loss,som",
+    [("shared", "position", "mc", 1.1), ("shared", "position", "mc", 0.01), ("independent", "global", "mc", 1.1),
+     ("independent", "position", "loglik", 1.1), ("shared", "position", "loglik", 1.1)],
+)
+def test_one_step_equals_hand_written_update(mode, pi_norm, loss, som, fresh_seed):
+    g = torch.Generator().manual_seed(fresh_seed)
+    layer = ConvGMM((9, 8, 2), 3, 2, 9, mode=mode, pi_norm=pi_norm, loss=loss, som_sigma0=som, eps0=0.05,
+                    lambda_pi=0.3, lambda_sigma=0.7, mu_init=0.5, dtype=torch.float64, generator=g)
+    with torch.no_grad():  # start away from the uniform / clip-ceiling init so every term matters
+        layer.pi_logits.normal_(generator=g)
+        layer.sigma.mul_(0.6 + 0.5 * torch.rand(layer.sigma.shape, generator=g, dtype=torch.float64))
+    x = torch.rand(4, 9, 8, 2, generator=g, dtype=torch.float64)
+    want = hand_update(layer, x)
+    resp, score = gmm_step(layer, x)
+    assert resp.shape == (4, 4, 3, 9) and score.dim() == 0
+    for name, got, exp in zip(("mu", "sigma", "pi_logits"), (layer.mu, layer.sigma, layer.pi_logits), want):
+        assert_close(got, exp, 1e-12, name)
+    assert bool((layer.sigma == math.sqrt(20)).any()), "the clip ceiling should have been hit"
+
+
+# ------------------------------------------------------------------------------------------------ compile
+def _small_stack(seed):
+    specs = (presets.GMM(3, 1, 9, som_sigma0=1.0, eps0=0.05), presets.Pool(),
+             presets.GMM(2, 1, 4, mode="independent", pi_norm="global", loss="loglik"))
+    return DCGMM(specs, input_shape=(10, 10, 1), seed=seed, backend="reference")
+
+
+def test_compiled_step_equals_eager():
+    x = torch.rand(40, 10, 10, 1, generator=torch.Generator().manual_seed(5))
+    eager, compiled = _small_stack(3), _small_stack(3)
+    eager.fit(x, epochs=1, batch_size=8, seed=1)  # 5 steps
+    compiled.fit(x, epochs=1, batch_size=8, seed=1, compile=True)
+    moved = False
+    for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+        moved |= not torch.equal(a, _small_stack(3).get_parameter(name))
+    assert moved
+
+
+# ------------------------------------------------------------------------------------------------ determinism
+def test_same_seed_gives_bit_identical_parameters(shipped):
+    x, y = shipped.x_train[:400], shipped.y_train[:400]
+    a, b, c = DCGMM("demo", seed=7), DCGMM("demo", seed=7), DCGMM("demo", seed=8)
+    for m in (a, b):
+        m.fit(x, y, epochs=1, seed=3)
+    c.fit(x, y, epochs=1, seed=3)
+    for (name, p), (_, q), (_, r) in zip(a.state_dict().items(), b.state_dict().items(), c.state_dict().items()):
+        assert torch.equal(p, q), name
+    assert not torch.equal(a.state_dict()["layers.0.mu"], c.state_dict()["layers.0.mu"])
+
+
+# ------------------------------------------------------------------------------------------------ optimizers
+def test_adam_trains_the_demo_preset(shipped):
+    x, y = shipped.x_train[:2000], shipped.y_train[:2000]
+    model = DCGMM("demo", seed=0)
+    before = {k: v.mean().item() for k, v in model.log_prob(shipped.x_test[:300]).items()}
+    model.fit(x, y, epochs=1, seed=0, optimizer="adam", lr=0.01)
+    after = {k: v.mean().item() for k, v in model.log_prob(shipped.x_test[:300]).items()}
+    for name in before:
+        assert after[name] > before[name], (name, before[name], after[name])
+    for layer in model.gmm_layers().values():  # clipped to [sigma_min, sqrt(20)] (bounds rounded to float32)
+        ceiling = torch.tensor(math.sqrt(20), dtype=torch.float32)
+        floor = torch.tensor(layer.sigma_min, dtype=torch.float32)
+        assert bool((layer.sigma <= ceiling).all()) and bool((layer.sigma >= floor).all())
+
+
+def test_optimizer_lr_follows_lambdas_and_eps():
+    layers = [ConvGMM((6, 6, 1), 2, 1, 4, eps0=0.02, lambda_mu=1.0, lambda_sigma=0.5, lambda_pi=0.0)]
+    t = Trainer(layers, ["gmm1"], optimizer="sgd", lr=0.1)
+    layers[0].set_annealing(0.01, 1.0)
+    t._set_learning_rates()
+    assert [g["lr"] for g in t.optimizer.param_groups] == pytest.approx([0.05, 0.025, 0.0])
+
+
+# ------------------------------------------------------------------------------------------------ waits
+def test_waiting_layer_does_not_move(shipped):
+    model = DCGMM("demo", seed=0)  # gmm2 waits 10% of training
+    gmm2 = model["gmm2"]
+    start = [p.detach().clone() for p in gmm2.parameters()]
+    moved_at = []
+
+    def watch(step, total, history):
+        if not moved_at and any(not torch.equal(p, s) for p, s in zip(gmm2.parameters(), start)):
+            moved_at.append(step)
+
+    model.fit(shipped.x_train[:2000], shipped.y_train[:2000], epochs=1, seed=0, callback=watch)
+    # 20 steps: step t (0-based) learns once t / 21 >= 0.1, i.e. from t = 3 (the 4th step) on
+    assert moved_at == [4]
+    assert float(model["gmm2"].anneal_state[0]) == 20 - 3  # controller fed only while learning
