@@ -39,3 +39,17 @@ def test_readme_python_example_runs():
     exec(compile(blocks[0], "README.md", "exec"), scope)
     assert scope["mu"].grad is not None and scope["mu"].grad.shape == (25, 9)
     assert scope["back"].shape == scope["x"].shape
+
+
+def test_readme_model_example_runs(monkeypatch):
+    from dcgmm_fast import data
+
+    small = data.load_shipped()
+    small = small._replace(x_train=small.x_train[:200], y_train=small.y_train[:200], x_test=small.x_test[:20],
+                           y_test=small.y_test[:20])
+    monkeypatch.setattr(data, "load_shipped", lambda path=None: small)
+    text = open(os.path.join(ROOT, "README.md")).read()
+    block = re.findall(r"```python\n(.*?)\n```", text, flags=re.S)[1]
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["history"].steps == 2
