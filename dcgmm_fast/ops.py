@@ -65,14 +65,15 @@ class BackendNotAvailable(RuntimeError):
 @functools.lru_cache(maxsize=None)
 def _cpp_problem() -> Optional[str]:
     try:
-        from . import _C  # noqa: F401  (registers torch.ops.dcgmm.*_cpp)
-    except ImportError:
+        from . import _C  # noqa: F401  (loading the library registers torch.ops.dcgmm.*_cpp)
+    except ImportError as e:
         return (
-            "backend 'cpp' is not built: the C++ extension dcgmm_fast._C was not found. Build it from a source "
-            "checkout with a C++ compiler: `pip install --no-build-isolation -e .` (csrc/ must hold the kernels)"
+            "backend 'cpp' is not built: the C++ extension dcgmm_fast._C was not found "
+            f"({e}). Build it from a source checkout with a C++ compiler: `pip install --no-build-isolation -e .`"
         )
     if not hasattr(torch.ops.dcgmm, "cgmm_fwd_cpp"):
         return "backend 'cpp' is not built: dcgmm_fast._C does not register dcgmm::cgmm_fwd_cpp; rebuild it"
+    _register_cpp()
     return None
 
 
@@ -100,6 +101,103 @@ def _cuda_problem() -> Optional[str]:
         "backend 'cuda' is not built: the CUDA library (csrc/cuda, loaded through ctypes) is not part of this "
         "version; use backend='triton' or 'reference'"
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# cpp backend: fake (meta) functions and autograd of the C++ ops (schemas in csrc/ops.cpp)
+
+
+def _out_hw(x_shape, kernel, stride) -> Tuple[int, int]:
+    return (x_shape[1] - kernel[0]) // stride[0] + 1, (x_shape[2] - kernel[1]) // stride[1] + 1
+
+
+def _cgmm_fwd_fake(x, mu, sigma, log_pi, kernel, stride, loss, smoothing):
+    Ho, Wo = _out_hw(x.shape, kernel, stride)
+    N, K = x.shape[0], mu.shape[-2]
+    return (x.new_empty(N, Ho, Wo, K), x.new_empty(N, Ho, Wo), x.new_empty(N, Ho, Wo),
+            x.new_empty(N, Ho, Wo, dtype=torch.int32))
+
+
+def _cgmm_bwd_fake(g_resp, g_score, x, mu, sigma, log_pi, kernel, stride, loss, smoothing, resp, lse, kstar,
+                   need_x_grad):
+    dx = torch.empty_like(x) if need_x_grad else x.new_empty(0)
+    return dx, torch.empty_like(mu), torch.empty_like(sigma), torch.empty_like(log_pi)
+
+
+def _cgmm_setup_context(ctx, inputs, output):
+    x, mu, sigma, log_pi, kernel, stride, loss, smoothing = inputs
+    resp, _score, lse, kstar = output
+    ctx.save_for_backward(x, mu, sigma, log_pi, smoothing, resp, lse, kstar)
+    ctx.kernel, ctx.stride, ctx.loss = kernel, stride, loss
+
+
+def _make_cgmm_backward(bwd_op):
+    """Autograd of a forward op: one call of its backward op. lse and kstar carry no gradient (design.md),
+    nor does the smoothing matrix (a constant of the loss)."""
+
+    def backward(ctx, g_resp, g_score, _g_lse, _g_kstar):
+        x, mu, sigma, log_pi, smoothing, resp, lse, kstar = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        dx, d_mu, d_sigma, d_log_pi = bwd_op(g_resp, g_score, x, mu, sigma, log_pi, ctx.kernel, ctx.stride,
+                                             ctx.loss, smoothing, resp, lse, kstar, need_x)
+        return (dx if need_x else None), d_mu, d_sigma, d_log_pi, None, None, None, None
+
+    return backward
+
+
+def _patch_average_fake(v, image_hw, kernel, stride):
+    C = v.shape[3] // (kernel[0] * kernel[1])
+    return v.new_empty(v.shape[0], image_hw[0], image_hw[1], C)
+
+
+def _patch_average_setup_context(ctx, inputs, output):
+    _v, ctx.image_hw, ctx.kernel, ctx.stride = inputs
+
+
+def _patch_average_backward(ctx, g):
+    # d average / d v: each patch entry receives its pixel's gradient divided by the pixel's cover count
+    C = g.shape[3]
+    count = reference.cover_count((ctx.image_hw[0], ctx.image_hw[1], C), ctx.kernel, ctx.stride, g.device)
+    scaled = torch.where(count > 0, g / count.clamp_min(1).to(g.dtype), torch.zeros((), dtype=g.dtype, device=g.device))
+    return reference.patches(scaled, ctx.kernel, ctx.stride), None, None, None
+
+
+def _sample_components_fake(topdown, mu, sigma, top_s, divisor, u, eps, sigma_ceiling):
+    return mu.new_empty(*topdown.shape[:3], mu.shape[-1])
+
+
+def _register_cpp() -> None:
+    """Fakes and autograd of the C++ ops, once, right after dcgmm_fast._C is loaded."""
+    lib = torch.ops.dcgmm
+    torch.library.register_fake("dcgmm::cgmm_fwd_cpp")(_cgmm_fwd_fake)
+    torch.library.register_fake("dcgmm::cgmm_bwd_cpp")(_cgmm_bwd_fake)
+    torch.library.register_fake("dcgmm::patch_average_cpp")(_patch_average_fake)
+    torch.library.register_fake("dcgmm::sample_components_cpp")(_sample_components_fake)
+    torch.library.register_autograd(
+        "dcgmm::cgmm_fwd_cpp", _make_cgmm_backward(lib.cgmm_bwd_cpp), setup_context=_cgmm_setup_context
+    )
+    torch.library.register_autograd(
+        "dcgmm::patch_average_cpp", _patch_average_backward, setup_context=_patch_average_setup_context
+    )
+
+
+class _CppBackend:
+    """The ops on the C++ CPU kernels (torch.ops.dcgmm.*_cpp)."""
+
+    @staticmethod
+    def cgmm(x, mu, sigma, log_pi, *, kernel, stride, loss, smoothing):
+        out = torch.ops.dcgmm.cgmm_fwd_cpp(x, mu, sigma, log_pi, list(kernel), list(stride), loss, smoothing)
+        return CGMMOut(*out)
+
+    @staticmethod
+    def patch_average(v, image_hw, kernel, stride):
+        return torch.ops.dcgmm.patch_average_cpp(v, list(image_hw), list(kernel), list(stride))
+
+    @staticmethod
+    def sample_components(topdown, mu, sigma, *, top_s, divisor, u, eps, sigma_ceiling):
+        return torch.ops.dcgmm.sample_components_cpp(
+            topdown, mu, sigma, int(top_s), float(divisor), u, eps, float(sigma_ceiling)
+        )
 
 
 _PROBLEM = {"reference": lambda: None, "cpp": _cpp_problem, "triton": _triton_problem, "cuda": _cuda_problem}
@@ -139,6 +237,8 @@ def _impl(backend: str):
     """The module that implements the ops for a resolved backend."""
     if backend == "reference":
         return reference
+    if backend == "cpp":
+        return _CppBackend
     raise BackendNotAvailable(_PROBLEM[backend]() or f"backend {backend!r} has no implementation of this op")
 
 

@@ -97,6 +97,14 @@ def patches(x: torch.Tensor, kernel: IntPair, stride: IntPair) -> torch.Tensor:
     return x.reshape(N, H * W * C)[:, pos[:, None] + tap[None, :]].reshape(N, Ho, Wo, -1)
 
 
+def cover_count(image_shape: Tuple[int, int, int], kernel: IntPair, stride: IntPair, device=None) -> torch.Tensor:
+    """Number of patches covering each pixel, (H, W, C) int64."""
+    pos, tap = patch_offsets(image_shape, kernel, stride, device)
+    index = (pos[:, None] + tap[None, :]).reshape(-1)
+    count = torch.zeros(math.prod(image_shape), dtype=torch.int64, device=device)
+    return count.index_add(0, index, torch.ones_like(index)).reshape(image_shape)
+
+
 def patch_average(v: torch.Tensor, image_hw: Tuple[int, int], kernel: IntPair, stride: IntPair) -> torch.Tensor:
     """Inverse of ``patches`` for sampling: scatter-add patch values to their pixels, divide by cover counts.
 

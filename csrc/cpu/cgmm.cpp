@@ -1,0 +1,460 @@
+// Fused C++ CPU kernels of the cGMM op and its helpers (design.md "The cGMM op", "Helper ops").
+//
+// cgmm_fwd_cpu: per block of patch rows, gather the rows straight from the NHWC input (implicit im2col, never the
+//   patch matrix), compute every component's log score by the direct form (cgmm_math.h quad_rows), then per row the
+//   softmax / logsumexp, the optional K x K smoothing and the argmax; write resp, score, lse and kstar once.
+// cgmm_bwd_cpu: W (rows x K) from the saved resp and kstar, then parameter gradients as sums over fixed blocks of
+//   ROW_BLOCK rows (float partial sums per block, added in block order to double totals: deterministic and
+//   independent of the thread count), and the x gradient folded back to pixels one image per task (no races).
+// patch_average_cpu, sample_components_cpu: the sampling helpers.
+// Includes ATen and torch/library.h only (torch/extension.h costs ~23 s per file).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "../cgmm_math.h"
+
+namespace dcgmm {
+namespace {
+
+constexpr int RB = 4;               // rows per forward block (parameters loaded once per RB rows)
+constexpr int64_t ROW_BLOCK = 256;  // rows per partial sum of the parameter gradients (fixed: determinism)
+
+struct Geometry {
+  int64_t N, H, W, C, kh, kw, sh, sw, Ho, Wo, P, M, D, D_pad, K, G;
+  bool independent;
+};
+
+Geometry make_geometry(const at::Tensor& x, const at::Tensor& mu, at::IntArrayRef kernel, at::IntArrayRef stride) {
+  TORCH_CHECK(x.dim() == 4, "x: expected (N, H, W, C), got ", x.sizes());
+  TORCH_CHECK(kernel.size() == 2 && stride.size() == 2, "kernel, stride: expected 2 ints each");
+  Geometry g{};
+  g.N = x.size(0), g.H = x.size(1), g.W = x.size(2), g.C = x.size(3);
+  g.kh = kernel[0], g.kw = kernel[1], g.sh = stride[0], g.sw = stride[1];
+  TORCH_CHECK(g.kh >= 1 && g.kw >= 1 && g.sh >= 1 && g.sw >= 1, "kernel, stride: expected positive ints");
+  TORCH_CHECK(g.kh <= g.H && g.kw <= g.W, "kernel: ", kernel, " is larger than the input (H, W) = (", g.H, ", ",
+              g.W, ")");
+  g.Ho = (g.H - g.kh) / g.sh + 1, g.Wo = (g.W - g.kw) / g.sw + 1;
+  g.P = g.Ho * g.Wo, g.M = g.N * g.P, g.D = g.kh * g.kw * g.C, g.D_pad = round_up(g.D, LANES);
+  TORCH_CHECK(mu.dim() == 2 || mu.dim() == 3, "mu: expected (K, D) or (P, K, D), got ", mu.sizes());
+  g.independent = mu.dim() == 3;
+  g.K = mu.size(-2), g.G = g.independent ? g.P : 1;
+  TORCH_CHECK(mu.size(-1) == g.D, "mu: expected D = kh*kw*C = ", g.D, ", got ", mu.sizes());
+  TORCH_CHECK(!g.independent || mu.size(0) == g.P, "mu: independent mode needs P = ", g.P, " GMMs, got ",
+              mu.sizes());
+  return g;
+}
+
+void check_params(const at::Tensor& x, const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& log_pi) {
+  TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "x: expected float32 or float64, got ",
+              x.scalar_type());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"mu", mu}, {"sigma", sigma},
+                                {"log_pi", log_pi}}) {
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, ": expected dtype ", x.scalar_type(), ", got ",
+                t.scalar_type());
+    TORCH_CHECK(t.device() == x.device(), name, ": expected device ", x.device(), ", got ", t.device());
+  }
+  TORCH_CHECK(sigma.sizes() == mu.sizes(), "sigma: expected the shape of mu ", mu.sizes(), ", got ", sigma.sizes());
+  TORCH_CHECK(log_pi.sizes() == mu.sizes().slice(0, mu.dim() - 1), "log_pi: expected ",
+              mu.sizes().slice(0, mu.dim() - 1), ", got ", log_pi.sizes());
+}
+
+// Copy (rows, D) into zero-padded (rows, D_pad) after applying f elementwise.
+template <typename T, typename F>
+std::vector<T> padded(const T* src, int64_t rows, int64_t D, int64_t D_pad, F f) {
+  std::vector<T> out(rows * D_pad, T(0));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = 0; d < D; ++d) out[r * D_pad + d] = f(r * D + d);
+  return out;
+}
+
+// Patch row (n, p) of the NHWC input into buf[0:D]; buf[D:D_pad] stays zero. kh contiguous segments of kw*C values.
+template <typename T>
+inline void gather_row(const T* x, const Geometry& g, int64_t n, int64_t p, T* buf) {
+  const int64_t oy = p / g.Wo, ox = p % g.Wo, seg = g.kw * g.C;
+  const T* base = x + ((n * g.H + oy * g.sh) * g.W + ox * g.sw) * g.C;
+  for (int64_t ky = 0; ky < g.kh; ++ky) std::memcpy(buf + ky * seg, base + ky * g.W * g.C, seg * sizeof(T));
+}
+
+// Rows of GMM gi, in the order every kernel walks them: all rows (shared) or n = 0..N-1 at position gi (independent).
+inline int64_t rows_per_gmm(const Geometry& g) { return g.independent ? g.N : g.M; }
+inline int64_t row_of(const Geometry& g, int64_t gi, int64_t j) { return g.independent ? j * g.P + gi : j; }
+
+// ---------------------------------------------------------------------------------------------------- forward
+// The hot loop, compiled for AVX2+FMA and for baseline x86-64 (GCC function multi-versioning picks at load time).
+template <typename T>
+inline __attribute__((always_inline)) void scores_block_impl(const T* xb, const T* mu, const T* sig, const T* c,
+                                                             int64_t K, int64_t D_pad, T* ls) {
+  T q[RB];
+  for (int64_t k = 0; k < K; ++k) {
+    quad_rows<T, RB>(xb, D_pad, mu + k * D_pad, sig + k * D_pad, D_pad, q);
+    for (int i = 0; i < RB; ++i) ls[i * K + k] = c[k] - T(0.5) * q[i];
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DCGMM_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define DCGMM_MULTIVERSION
+#endif
+
+DCGMM_MULTIVERSION void scores_block(const float* xb, const float* mu, const float* sig, const float* c, int64_t K,
+                                     int64_t D_pad, float* ls) {
+  scores_block_impl<float>(xb, mu, sig, c, K, D_pad, ls);
+}
+DCGMM_MULTIVERSION void scores_block(const double* xb, const double* mu, const double* sig, const double* c,
+                                     int64_t K, int64_t D_pad, double* ls) {
+  scores_block_impl<double>(xb, mu, sig, c, K, D_pad, ls);
+}
+
+template <typename T>
+void cgmm_fwd_impl(const Geometry& g, const T* x, const T* mu_p, const T* sig_p, const T* c, const T* Gm, bool is_mc,
+                   T* resp, T* score, T* lse, int32_t* kstar) {
+  const T cst = T(0.5 * double(g.D) * std::log(2.0 * M_PI));
+  const int64_t rows = rows_per_gmm(g), blocks = (rows + RB - 1) / RB, K = g.K, D_pad = g.D_pad;
+  at::parallel_for(0, blocks * g.G, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> xb(RB * D_pad, T(0)), ls(RB * K), sm(K);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t gi = t / blocks, j0 = (t % blocks) * RB, nvalid = std::min<int64_t>(RB, rows - j0);
+      for (int i = 0; i < RB; ++i) {
+        T* buf = xb.data() + i * D_pad;
+        if (i < nvalid) {
+          const int64_t r = row_of(g, gi, j0 + i);
+          gather_row(x, g, r / g.P, r % g.P, buf);
+        } else {
+          std::fill(buf, buf + g.D, T(0));
+        }
+      }
+      scores_block(xb.data(), mu_p + gi * K * D_pad, sig_p + gi * K * D_pad, c + gi * K, K, D_pad, ls.data());
+      for (int i = 0; i < nvalid; ++i) {
+        const int64_t r = row_of(g, gi, j0 + i);
+        const T* l = ls.data() + i * K;
+        lse[r] = softmax_lse(l, K, resp + r * K);
+        if (!is_mc) {
+          score[r] = lse[r] - cst;
+          kstar[r] = int32_t(argmax_first(l, K));
+        } else if (Gm == nullptr) {
+          const int64_t k = argmax_first(l, K);
+          kstar[r] = int32_t(k), score[r] = l[k] - cst;
+        } else {
+          smooth_row(Gm, l, K, sm.data());
+          const int64_t k = argmax_first(sm.data(), K);
+          kstar[r] = int32_t(k), score[r] = sm[k] - cst;
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_fwd_cpu(
+    const at::Tensor& x_, const at::Tensor& mu_, const at::Tensor& sigma_, const at::Tensor& log_pi_,
+    at::IntArrayRef kernel, at::IntArrayRef stride, c10::string_view loss, const std::optional<at::Tensor>& smoothing) {
+  check_params(x_, mu_, sigma_, log_pi_);
+  const Geometry g = make_geometry(x_, mu_, kernel, stride);
+  TORCH_CHECK(loss == "mc" || loss == "loglik", "loss: expected 'mc' or 'loglik', got ", loss);
+  const bool is_mc = loss == "mc";
+  TORCH_CHECK(!(smoothing.has_value() && !is_mc), "smoothing: must be None for loss 'loglik'");
+  auto x = x_.contiguous(), mu = mu_.contiguous(), sigma = sigma_.contiguous(), log_pi = log_pi_.contiguous();
+  at::Tensor G;
+  if (smoothing.has_value()) {
+    G = smoothing->contiguous();
+    TORCH_CHECK(G.scalar_type() == x.scalar_type() && G.dim() == 2 && G.size(0) == g.K && G.size(1) == g.K,
+                "smoothing: expected (K, K) = (", g.K, ", ", g.K, ") of dtype ", x.scalar_type(), ", got ", G.sizes(),
+                " ", G.scalar_type());
+  }
+  auto opts = x.options();
+  auto resp = at::empty({g.N, g.Ho, g.Wo, g.K}, opts);
+  auto score = at::empty({g.N, g.Ho, g.Wo}, opts);
+  auto lse = at::empty({g.N, g.Ho, g.Wo}, opts);
+  auto kstar = at::empty({g.N, g.Ho, g.Wo}, opts.dtype(at::kInt));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cgmm_fwd_cpu", [&] {
+    using T = scalar_t;
+    const T* s = sigma.data_ptr<T>();
+    const T* m = mu.data_ptr<T>();
+    auto mu_p = padded<T>(m, g.G * g.K, g.D, g.D_pad, [&](int64_t i) { return m[i]; });
+    auto sig_p = padded<T>(s, g.G * g.K, g.D, g.D_pad, [&](int64_t i) { return s[i]; });
+    std::vector<T> c(g.G * g.K);  // log_pi + sum_d log sigma, the sum in double
+    const T* lp = log_pi.data_ptr<T>();
+    for (int64_t i = 0; i < g.G * g.K; ++i) {
+      double acc = 0;
+      for (int64_t d = 0; d < g.D; ++d) acc += std::log(double(s[i * g.D + d]));
+      c[i] = T(double(lp[i]) + acc);
+    }
+    cgmm_fwd_impl<T>(g, x.data_ptr<T>(), mu_p.data(), sig_p.data(), c.data(), G.defined() ? G.data_ptr<T>() : nullptr,
+                     is_mc, resp.data_ptr<T>(), score.data_ptr<T>(), lse.data_ptr<T>(), kstar.data_ptr<int32_t>());
+  });
+  return {resp, score, lse, kstar};
+}
+
+// ---------------------------------------------------------------------------------------------------- backward
+template <typename T>
+void weights(const Geometry& g, const T* resp, const T* g_resp, const T* g_score, bool is_mc, const T* Gm,
+             const int32_t* kstar, T* W) {
+  at::parallel_for(0, g.M, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      backward_weights_row(resp + r * g.K, g_resp ? g_resp + r * g.K : nullptr, g_score ? g_score[r] : T(0), is_mc,
+                           Gm, int64_t(kstar[r]), g.K, W + r * g.K);
+  });
+}
+
+// Parameter gradients. Tasks are (GMM, range of components); each walks its GMM's rows in fixed blocks of ROW_BLOCK,
+// sums w, W^T x, W^T x^2 per block in T and adds the block to double totals. The per-(k, d) order of additions is
+// the same for any split into tasks, so the result does not depend on the thread count.
+template <typename T>
+void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, const T* W, T* d_mu, T* d_sigma,
+                 T* d_log_pi) {
+  const int64_t K = g.K, D = g.D, D_pad = g.D_pad, rows = rows_per_gmm(g);
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(K, (threads + g.G - 1) / g.G));
+  const int64_t per = (K + chunks - 1) / chunks;
+  at::parallel_for(0, g.G * chunks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> xb(D_pad, T(0)), x2(D_pad), a1(per * D_pad), a2(per * D_pad), w(per);
+    std::vector<double> A1(per * D_pad), A2(per * D_pad), wt(per);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t gi = t / chunks, k0 = (t % chunks) * per, k1 = std::min(K, k0 + per), nk = k1 - k0;
+      if (nk <= 0) continue;
+      std::fill(A1.begin(), A1.end(), 0.0), std::fill(A2.begin(), A2.end(), 0.0), std::fill(wt.begin(), wt.end(), 0.0);
+      for (int64_t j0 = 0; j0 < rows; j0 += ROW_BLOCK) {
+        std::fill(a1.begin(), a1.end(), T(0)), std::fill(a2.begin(), a2.end(), T(0)), std::fill(w.begin(), w.end(), T(0));
+        for (int64_t j = j0; j < std::min(rows, j0 + ROW_BLOCK); ++j) {
+          const int64_t r = row_of(g, gi, j);
+          const T* Wr = W + r * K;
+          bool any = false;
+          for (int64_t k = k0; k < k1; ++k) any |= Wr[k] != T(0);
+          if (!any) continue;
+          gather_row(x, g, r / g.P, r % g.P, xb.data());
+          for (int64_t d = 0; d < D_pad; ++d) x2[d] = xb[d] * xb[d];
+          for (int64_t k = k0; k < k1; ++k) {
+            const T wk = Wr[k];
+            if (wk == T(0)) continue;
+            T* p1 = a1.data() + (k - k0) * D_pad;
+            T* p2 = a2.data() + (k - k0) * D_pad;
+            for (int64_t d = 0; d < D_pad; ++d) {
+              p1[d] += wk * xb[d];
+              p2[d] += wk * x2[d];
+            }
+            w[k - k0] += wk;
+          }
+        }
+        for (int64_t i = 0; i < nk * D_pad; ++i) A1[i] += double(a1[i]), A2[i] += double(a2[i]);
+        for (int64_t i = 0; i < nk; ++i) wt[i] += double(w[i]);
+      }
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t o = (gi * K + k);
+        const double wk = wt[k - k0];
+        d_log_pi[o] = T(wk);
+        for (int64_t d = 0; d < D; ++d) {
+          const double m = mu[o * D + d], s = sigma[o * D + d];
+          const double a1d = A1[(k - k0) * D_pad + d], a2d = A2[(k - k0) * D_pad + d];
+          d_mu[o * D + d] = T(s * s * (a1d - wk * m));
+          d_sigma[o * D + d] = T(wk / s - s * (a2d - 2.0 * m * a1d + wk * m * m));
+        }
+      }
+    }
+  });
+}
+
+// dx: per image, every patch's dpatch[d] = sum_k W[k] sigma^2 (mu - x) folded onto its pixels (one task per image).
+template <typename T>
+void x_grad(const Geometry& g, const T* x, const T* s2mu_p, const T* s2_p, const T* W, T* dx) {
+  const int64_t K = g.K, D_pad = g.D_pad, seg = g.kw * g.C;
+  at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<T> xb(D_pad, T(0)), b1(D_pad), b2(D_pad);
+    for (int64_t n = n0; n < n1; ++n) {
+      T* img = dx + n * g.H * g.W * g.C;
+      std::fill(img, img + g.H * g.W * g.C, T(0));
+      for (int64_t p = 0; p < g.P; ++p) {
+        const int64_t r = n * g.P + p, gi = g.independent ? p : 0;
+        const T* Wr = W + r * K;
+        std::fill(b1.begin(), b1.end(), T(0)), std::fill(b2.begin(), b2.end(), T(0));
+        for (int64_t k = 0; k < K; ++k) {
+          const T wk = Wr[k];
+          if (wk == T(0)) continue;
+          const T* sm = s2mu_p + (gi * K + k) * D_pad;
+          const T* s2 = s2_p + (gi * K + k) * D_pad;
+          for (int64_t d = 0; d < D_pad; ++d) {
+            b1[d] += wk * sm[d];
+            b2[d] += wk * s2[d];
+          }
+        }
+        gather_row(x, g, n, p, xb.data());
+        const int64_t oy = p / g.Wo, ox = p % g.Wo;
+        T* base = img + ((oy * g.sh) * g.W + ox * g.sw) * g.C;
+        for (int64_t ky = 0; ky < g.kh; ++ky) {
+          T* dst = base + ky * g.W * g.C;
+          for (int64_t i = 0; i < seg; ++i) {
+            const int64_t d = ky * seg + i;
+            dst[i] += b1[d] - xb[d] * b2[d];
+          }
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_bwd_cpu(
+    const std::optional<at::Tensor>& g_resp_, const std::optional<at::Tensor>& g_score_, const at::Tensor& x_,
+    const at::Tensor& mu_, const at::Tensor& sigma_, const at::Tensor& log_pi_, at::IntArrayRef kernel,
+    at::IntArrayRef stride, c10::string_view loss, const std::optional<at::Tensor>& smoothing, const at::Tensor& resp_,
+    const at::Tensor& lse, const at::Tensor& kstar_, bool need_x_grad) {
+  check_params(x_, mu_, sigma_, log_pi_);
+  const Geometry g = make_geometry(x_, mu_, kernel, stride);
+  TORCH_CHECK(loss == "mc" || loss == "loglik", "loss: expected 'mc' or 'loglik', got ", loss);
+  const bool is_mc = loss == "mc";
+  auto x = x_.contiguous(), mu = mu_.contiguous(), sigma = sigma_.contiguous();
+  auto resp = resp_.contiguous(), kstar = kstar_.contiguous();
+  TORCH_CHECK(resp.numel() == g.M * g.K && resp.scalar_type() == x.scalar_type(), "resp: expected (N, H', W', K) = (",
+              g.N, ", ", g.Ho, ", ", g.Wo, ", ", g.K, "), got ", resp.sizes());
+  TORCH_CHECK(kstar.numel() == g.M && kstar.scalar_type() == at::kInt, "kstar: expected (N, H', W') int32, got ",
+              kstar.sizes(), " ", kstar.scalar_type());
+  at::Tensor g_resp, g_score, G;
+  if (g_resp_.has_value() && g_resp_->defined()) {
+    g_resp = g_resp_->contiguous().to(x.scalar_type());
+    TORCH_CHECK(g_resp.numel() == g.M * g.K, "g_resp: expected the shape of resp, got ", g_resp.sizes());
+  }
+  if (g_score_.has_value() && g_score_->defined()) {
+    g_score = g_score_->contiguous().to(x.scalar_type());
+    TORCH_CHECK(g_score.numel() == g.M, "g_score: expected (N, H', W'), got ", g_score.sizes());
+  }
+  if (smoothing.has_value() && smoothing->defined()) G = smoothing->contiguous();
+  auto d_mu = at::empty_like(mu), d_sigma = at::empty_like(sigma), d_log_pi = at::empty_like(log_pi_.contiguous());
+  auto dx = need_x_grad ? at::empty_like(x) : at::empty({0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cgmm_bwd_cpu", [&] {
+    using T = scalar_t;
+    std::vector<T> W(g.M * g.K);
+    weights<T>(g, resp.data_ptr<T>(), g_resp.defined() ? g_resp.data_ptr<T>() : nullptr,
+               g_score.defined() ? g_score.data_ptr<T>() : nullptr, is_mc, G.defined() ? G.data_ptr<T>() : nullptr,
+               kstar.data_ptr<int32_t>(), W.data());
+    param_grads<T>(g, x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), W.data(), d_mu.data_ptr<T>(),
+                   d_sigma.data_ptr<T>(), d_log_pi.data_ptr<T>());
+    if (need_x_grad) {
+      const T* m = mu.data_ptr<T>();
+      const T* s = sigma.data_ptr<T>();
+      auto s2mu = padded<T>(m, g.G * g.K, g.D, g.D_pad, [&](int64_t i) { return s[i] * s[i] * m[i]; });
+      auto s2 = padded<T>(s, g.G * g.K, g.D, g.D_pad, [&](int64_t i) { return s[i] * s[i]; });
+      x_grad<T>(g, x.data_ptr<T>(), s2mu.data(), s2.data(), W.data(), dx.data_ptr<T>());
+    }
+  });
+  return {dx, d_mu, d_sigma, d_log_pi};
+}
+
+// ---------------------------------------------------------------------------------------------------- helpers
+at::Tensor patch_average_cpu(const at::Tensor& v_, at::IntArrayRef image_hw, at::IntArrayRef kernel,
+                             at::IntArrayRef stride) {
+  TORCH_CHECK(v_.dim() == 4, "v: expected (N, H', W', D), got ", v_.sizes());
+  TORCH_CHECK(v_.scalar_type() == at::kFloat || v_.scalar_type() == at::kDouble, "v: expected float32 or float64");
+  TORCH_CHECK(image_hw.size() == 2 && kernel.size() == 2 && stride.size() == 2, "image_hw, kernel, stride: 2 ints");
+  const int64_t N = v_.size(0), Ho = v_.size(1), Wo = v_.size(2), D = v_.size(3);
+  const int64_t H = image_hw[0], W = image_hw[1], kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1];
+  TORCH_CHECK(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && kh <= H && kw <= W, "kernel, stride: bad for image_hw");
+  TORCH_CHECK(D % (kh * kw) == 0, "v: D = ", D, " is not a multiple of kh*kw = ", kh * kw);
+  TORCH_CHECK(Ho == (H - kh) / sh + 1 && Wo == (W - kw) / sw + 1, "v: (H', W') = (", Ho, ", ", Wo,
+              ") does not match image_hw, kernel and stride");
+  const int64_t C = D / (kh * kw), seg = kw * C;
+  auto v = v_.contiguous();
+  auto out = at::empty({N, H, W, C}, v.options());
+  std::vector<int32_t> count(H * W * C, 0);
+  for (int64_t oy = 0; oy < Ho; ++oy)
+    for (int64_t ox = 0; ox < Wo; ++ox)
+      for (int64_t ky = 0; ky < kh; ++ky)
+        for (int64_t i = 0; i < seg; ++i) ++count[((oy * sh + ky) * W + ox * sw) * C + i];
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "patch_average_cpu", [&] {
+    using T = scalar_t;
+    const T* vp = v.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+      std::vector<double> acc(H * W * C);  // double sums: float32 rounds once (exact round trip of patches(x))
+      for (int64_t n = n0; n < n1; ++n) {
+        std::fill(acc.begin(), acc.end(), 0.0);
+        for (int64_t p = 0; p < Ho * Wo; ++p) {
+          const T* src = vp + (n * Ho * Wo + p) * D;
+          const int64_t base = ((p / Wo) * sh * W + (p % Wo) * sw) * C;
+          for (int64_t ky = 0; ky < kh; ++ky)
+            for (int64_t i = 0; i < seg; ++i) acc[base + ky * W * C + i] += double(src[ky * seg + i]);
+        }
+        for (int64_t i = 0; i < H * W * C; ++i) op[n * H * W * C + i] = count[i] ? T(acc[i] / count[i]) : T(0);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor sample_components_cpu(const at::Tensor& topdown_, const at::Tensor& mu_, const at::Tensor& sigma_,
+                                 int64_t top_s, double divisor, const at::Tensor& u_, const at::Tensor& eps_,
+                                 double sigma_ceiling) {
+  TORCH_CHECK(topdown_.dim() == 4, "topdown: expected (N, H', W', K), got ", topdown_.sizes());
+  const int64_t N = topdown_.size(0), Ho = topdown_.size(1), Wo = topdown_.size(2), K = topdown_.size(3);
+  TORCH_CHECK(mu_.dim() == 2 || mu_.dim() == 3, "mu: expected (K, D) or (P, K, D), got ", mu_.sizes());
+  TORCH_CHECK(mu_.size(-2) == K, "mu: expected K = ", K, " components, got ", mu_.sizes());
+  const bool indep = mu_.dim() == 3;
+  TORCH_CHECK(!indep || mu_.size(0) == Ho * Wo, "mu: independent mode needs P = ", Ho * Wo, " GMMs");
+  TORCH_CHECK(sigma_.sizes() == mu_.sizes() && sigma_.scalar_type() == mu_.scalar_type(), "sigma: expected mu's shape");
+  const int64_t D = mu_.size(-1), rows = N * Ho * Wo;
+  TORCH_CHECK(u_.numel() == rows, "u: expected (N, H', W'), got ", u_.sizes());
+  TORCH_CHECK(eps_.numel() == rows * D, "eps: expected (N, H', W', D), got ", eps_.sizes());
+  auto mu = mu_.contiguous(), sigma = sigma_.contiguous();
+  auto topdown = topdown_.contiguous().to(mu.scalar_type());
+  auto u = u_.contiguous().to(mu.scalar_type()), eps = eps_.contiguous().to(mu.scalar_type());
+  auto out = at::empty({N, Ho, Wo, D}, mu.options());
+  AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_components_cpu", [&] {
+    using T = scalar_t;
+    const T *td = topdown.data_ptr<T>(), *m = mu.data_ptr<T>(), *s = sigma.data_ptr<T>();
+    const T *up = u.data_ptr<T>(), *ep = eps.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    const T ceil_ = T(sigma_ceiling), div = T(divisor);
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+      std::vector<T> a(K), sorted(K);
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* t = td + r * K;
+        T* o = op + r * D;
+        T total = T(0);
+        for (int64_t k = 0; k < K; ++k) total += t[k];
+        if (!(total > T(0))) {  // dead position (e.g. flagged by sparse un-pooling)
+          std::fill(o, o + D, T(0));
+          continue;
+        }
+        for (int64_t k = 0; k < K; ++k) a[k] = std::min(std::max(t[k], T(1e-6)), T(11000));
+        if (top_s > 0 && top_s < K) {
+          sorted = a;
+          std::nth_element(sorted.begin(), sorted.begin() + (top_s - 1), sorted.end(), std::greater<T>());
+          const T kth = sorted[top_s - 1];
+          for (int64_t k = 0; k < K; ++k) a[k] = a[k] >= kth ? a[k] : T(0);
+        }
+        double run = 0.0;  // cumulative sums as torch.cumsum does on CPU: a double accumulator, rounded per entry
+        for (int64_t k = 0; k < K; ++k) {
+          run += double(a[k]);
+          a[k] = T(run);
+        }
+        const T last = a[K - 1];
+        int64_t k = 0;  // first k with cdf[k] > u: the number of cdf entries <= u
+        while (k < K && a[k] / last <= up[r]) ++k;
+        k = std::min(k, K - 1);
+        const int64_t o_k = ((indep ? r % (Ho * Wo) : 0) * K + k) * D;
+        for (int64_t d = 0; d < D; ++d) {
+          const T sd = s[o_k + d];
+          const T noisy = sd < ceil_ ? T(1) : T(0);
+          o[d] = m[o_k + d] + ep[r * D + d] * noisy / (sd * div);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dcgmm, CPU, m) {
+  m.impl("cgmm_fwd_cpp", &cgmm_fwd_cpu);
+  m.impl("cgmm_bwd_cpp", &cgmm_bwd_cpu);
+  m.impl("patch_average_cpp", &patch_average_cpu);
+  m.impl("sample_components_cpp", &sample_components_cpu);
+}
+
+}  // namespace dcgmm

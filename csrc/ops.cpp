@@ -1,0 +1,27 @@
+// The one TORCH_LIBRARY(dcgmm) of the project: schemas of the C++ ops (design.md "Registration").
+// CPU kernels attach in csrc/cpu/ with TORCH_LIBRARY_IMPL(dcgmm, CPU, m); Triton and CUDA ops are Python custom ops
+// in the same namespace (the CPU torch build cannot link a C++ CUDA implementation).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import dcgmm_fast._C` loads this library, which registers the ops; the module itself is empty.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(dcgmm, m) {
+  m.def(
+      "cgmm_fwd_cpp(Tensor x, Tensor mu, Tensor sigma, Tensor log_pi, int[2] kernel, int[2] stride, str loss, "
+      "Tensor? smoothing) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cgmm_bwd_cpp(Tensor? g_resp, Tensor? g_score, Tensor x, Tensor mu, Tensor sigma, Tensor log_pi, int[2] kernel, "
+      "int[2] stride, str loss, Tensor? smoothing, Tensor resp, Tensor lse, Tensor kstar, bool need_x_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("patch_average_cpp(Tensor v, int[2] image_hw, int[2] kernel, int[2] stride) -> Tensor");
+  m.def(
+      "sample_components_cpp(Tensor topdown, Tensor mu, Tensor sigma, int top_s, float divisor, Tensor u, "
+      "Tensor eps, float sigma_ceiling) -> Tensor");
+}
