@@ -24,7 +24,7 @@ from typing import Literal, Optional, Tuple
 import torch
 
 from . import reference
-from .reference import CGMMOut, IntPair, out_hw, smoothing_matrix
+from .reference import CGMMOut, IntPair, out_hw, pair, smoothing_matrix
 
 __all__ = [
     "CGMMOut",
@@ -203,9 +203,16 @@ class _CppBackend:
 _PROBLEM = {"reference": lambda: None, "cpp": _cpp_problem, "triton": _triton_problem, "cuda": _cuda_problem}
 
 
+@torch.compiler.assume_constant_result
+def _problem(name: str) -> Optional[str]:
+    """Why backend ``name`` cannot run here (None if it can). Cached per backend; under torch.compile it runs at
+    trace time and its result is a constant (loading a library must not be traced)."""
+    return _PROBLEM[name]()
+
+
 def available_backends() -> Tuple[str, ...]:
     """Names of the backends that are built and importable here (device permitting)."""
-    return tuple(name for name in BACKENDS if _PROBLEM[name]() is None)
+    return tuple(name for name in BACKENDS if _problem(name) is None)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -224,10 +231,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"{source}: expected one of {('auto',) + BACKENDS}, got {backend!r}")
     if backend == "auto":
         for name in _AUTO_ORDER.get(device.type, ("reference",)):
-            if _PROBLEM[name]() is None:
+            if _problem(name) is None:
                 return name
         return "reference"
-    problem = _PROBLEM[backend]()
+    problem = _problem(backend)
     if problem is not None:
         raise BackendNotAvailable(problem)
     return backend
@@ -239,7 +246,7 @@ def _impl(backend: str):
         return reference
     if backend == "cpp":
         return _CppBackend
-    raise BackendNotAvailable(_PROBLEM[backend]() or f"backend {backend!r} has no implementation of this op")
+    raise BackendNotAvailable(_problem(backend) or f"backend {backend!r} has no implementation of this op")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -410,6 +417,7 @@ def cgmm(
         if loss == "mc" and math.isqrt(K) ** 2 != K:
             raise ValueError(f"mu: loss 'mc' puts components on a sqrt(K) x sqrt(K) grid; K={K} is not a square")
         _check_smoothing(smoothing, loss, K, x)
+    kernel, stride = pair(kernel), pair(stride)
     impl = _impl(resolve_backend(backend, x.device))
     return impl.cgmm(x, mu, sigma, log_pi, kernel=kernel, stride=stride, loss=loss, smoothing=smoothing)
 
@@ -418,8 +426,8 @@ def patches(x: torch.Tensor, kernel: IntPair, stride: IntPair) -> torch.Tensor:
     """im2col in (ky, kx, c) order: (N, H, W, C) -> (N, H', W', kh*kw*C). Reference only (tests, debugging)."""
     if not _skip_checks():
         _check_tensor("x", x, (4,), "(N, H, W, C) NHWC images")
-        kernel, stride = _check_window(x, kernel, stride)
-    return reference.patches(x, kernel, stride)
+        _check_window(x, kernel, stride)
+    return reference.patches(x, pair(kernel), pair(stride))
 
 
 def patch_average(
@@ -452,9 +460,8 @@ def patch_average(
                 f"v: expected (H', W') = {out_hw((H, W), k, s)} for image_hw {(H, W)}, kernel {k}, stride {s}; "
                 f"got {tuple(v.shape[1:3])}"
             )
-        kernel, stride, image_hw = k, s, (H, W)
     impl = _impl(resolve_backend(backend, v.device))
-    return impl.patch_average(v, image_hw, kernel, stride)
+    return impl.patch_average(v, pair(image_hw), pair(kernel), pair(stride))
 
 
 def sample_components(

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -81,6 +82,24 @@ inline void gather_row(const T* x, const Geometry& g, int64_t n, int64_t p, T* b
   const int64_t oy = p / g.Wo, ox = p % g.Wo, seg = g.kw * g.C;
   const T* base = x + ((n * g.H + oy * g.sh) * g.W + ox * g.sw) * g.C;
   for (int64_t ky = 0; ky < g.kh; ++ky) std::memcpy(buf + ky * seg, base + ky * g.W * g.C, seg * sizeof(T));
+}
+
+// Tests set DCGMM_POISON=1: outputs are then filled with NaN (-1 for kstar) before a kernel writes them, so a
+// test can check that every element was written.
+bool poison() {
+  const char* v = std::getenv("DCGMM_POISON");
+  return v != nullptr && v[0] == '1';
+}
+
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  auto t = at::empty(sizes, opts);
+  if (poison()) {
+    if (opts.dtype() == at::kInt)
+      t.fill_(-1);
+    else
+      t.fill_(NAN);
+  }
+  return t;
 }
 
 // Rows of GMM gi, in the order every kernel walks them: all rows (shared) or n = 0..N-1 at position gi (independent).
@@ -170,10 +189,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_fwd_cpu(
                 " ", G.scalar_type());
   }
   auto opts = x.options();
-  auto resp = at::empty({g.N, g.Ho, g.Wo, g.K}, opts);
-  auto score = at::empty({g.N, g.Ho, g.Wo}, opts);
-  auto lse = at::empty({g.N, g.Ho, g.Wo}, opts);
-  auto kstar = at::empty({g.N, g.Ho, g.Wo}, opts.dtype(at::kInt));
+  auto resp = new_output({g.N, g.Ho, g.Wo, g.K}, opts);
+  auto score = new_output({g.N, g.Ho, g.Wo}, opts);
+  auto lse = new_output({g.N, g.Ho, g.Wo}, opts);
+  auto kstar = new_output({g.N, g.Ho, g.Wo}, opts.dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cgmm_fwd_cpu", [&] {
     using T = scalar_t;
     const T* s = sigma.data_ptr<T>();
@@ -324,8 +343,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_bwd_cpu(
     TORCH_CHECK(g_score.numel() == g.M, "g_score: expected (N, H', W'), got ", g_score.sizes());
   }
   if (smoothing.has_value() && smoothing->defined()) G = smoothing->contiguous();
-  auto d_mu = at::empty_like(mu), d_sigma = at::empty_like(sigma), d_log_pi = at::empty_like(log_pi_.contiguous());
-  auto dx = need_x_grad ? at::empty_like(x) : at::empty({0}, x.options());
+  auto d_mu = new_output(mu.sizes(), mu.options()), d_sigma = new_output(sigma.sizes(), sigma.options());
+  auto d_log_pi = new_output(log_pi_.sizes(), log_pi_.options());
+  auto dx = need_x_grad ? new_output(x.sizes(), x.options()) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cgmm_bwd_cpu", [&] {
     using T = scalar_t;
     std::vector<T> W(g.M * g.K);
@@ -359,7 +379,7 @@ at::Tensor patch_average_cpu(const at::Tensor& v_, at::IntArrayRef image_hw, at:
               ") does not match image_hw, kernel and stride");
   const int64_t C = D / (kh * kw), seg = kw * C;
   auto v = v_.contiguous();
-  auto out = at::empty({N, H, W, C}, v.options());
+  auto out = new_output({N, H, W, C}, v.options());
   std::vector<int32_t> count(H * W * C, 0);
   for (int64_t oy = 0; oy < Ho; ++oy)
     for (int64_t ox = 0; ox < Wo; ++ox)
@@ -402,7 +422,7 @@ at::Tensor sample_components_cpu(const at::Tensor& topdown_, const at::Tensor& m
   auto mu = mu_.contiguous(), sigma = sigma_.contiguous();
   auto topdown = topdown_.contiguous().to(mu.scalar_type());
   auto u = u_.contiguous().to(mu.scalar_type()), eps = eps_.contiguous().to(mu.scalar_type());
-  auto out = at::empty({N, Ho, Wo, D}, mu.options());
+  auto out = new_output({N, Ho, Wo, D}, mu.options());
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "sample_components_cpu", [&] {
     using T = scalar_t;
     const T *td = topdown.data_ptr<T>(), *m = mu.data_ptr<T>(), *s = sigma.data_ptr<T>();

@@ -1,0 +1,276 @@
+"""Every fused backend that is built here against the reference, under design.md's rules.
+
+float64: every output and gradient to 1e-10 relative. float32: error against the float64 reference (max-abs /
+max|ref| per tensor) at most 4x the float32 reference's own error plus 1e-6. kstar equal to the float64 argmax
+wherever the float64 top-2 margin of the smoothed scores exceeds 1e-3 (1 + |score|); gradients always compared
+with the reference's backward given the kernel's own kstar. Outputs are NaN-poisoned (DCGMM_POISON=1) before the
+kernels write them.
+"""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from dcgmm_fast import ops, reference
+
+from conftest import assert_close, make_inputs, rel_err
+
+FUSED = [b for b in ("cpp", "triton", "cuda") if b in ops.available_backends()]
+pytestmark = pytest.mark.skipif(not FUSED, reason="no fused backend is built")
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setenv("DCGMM_POISON", "1")
+
+
+SHAPES = [  # (N, H, W, C, kernel, stride, K, independent, loss, som_sigma)
+    (2, 7, 6, 2, 3, 1, 9, False, "mc", 1.0),
+    (1, 9, 8, 1, (3, 2), (2, 3), 25, True, "mc", None),
+    (3, 5, 5, 3, 5, 1, 16, False, "mc", 0.7),  # H' = W' = 1
+    (2, 6, 7, 1, 1, 1, 7, True, "loglik", None),  # D = 1, K odd and not a square
+    (2, 12, 12, 25, 12, 1, 49, False, "mc", 2.0),  # D = 3600
+    (2, 13, 13, 25, 4, 2, 25, True, "mc", 1.5),  # D = 400, independent
+    (4, 28, 28, 1, 3, 1, 25, False, "loglik", None),
+    (2, 10, 10, 4, 3, 3, 36, False, "mc", None),  # stride 3
+    (1, 6, 6, 2, 2, 2, 1, False, "loglik", None),  # K = 1
+]
+IDS = [f"N{s[0]}-{s[1]}x{s[2]}x{s[3]}-k{s[4]}-s{s[5]}-K{s[6]}-{'I' if s[7] else 'S'}-{s[8]}-{s[9]}" for s in SHAPES]
+
+
+def _inputs(shape, dtype, seed, requires_grad=True):
+    N, H, W, C, kernel, stride, K, indep, loss, som = shape
+    x, mu, sigma, log_pi = make_inputs(N, H, W, C, kernel, stride, K, indep, seed=seed)
+    G = None if som is None else reference.smoothing_matrix(K, som, dtype=torch.float64)
+    cast = [t.to(dtype).requires_grad_(requires_grad) for t in (x, mu, sigma, log_pi)]
+    return cast, (None if G is None else G.to(dtype)), dict(kernel=kernel, stride=stride, loss=loss)
+
+
+def _upstream(out, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(out.resp.shape, generator=g, dtype=torch.float64),
+            torch.randn(out.score.shape, generator=g, dtype=torch.float64))
+
+
+def _grads(out, inputs, g_resp, g_score):
+    dtype = out.resp.dtype
+    objective = (out.resp * g_resp.to(dtype)).sum() + (out.score * g_score.to(dtype)).sum()
+    return torch.autograd.grad(objective, inputs)
+
+
+def _top2_margin(inputs64, G, kw):
+    """float64 smoothed scores' top-2 margin and the scale 1 + |score| per row, by explicit broadcasting."""
+    x, mu, sigma, log_pi = (t.detach() for t in inputs64)
+    xp = ops.patches(x, kw["kernel"], kw["stride"]).reshape(x.shape[0], -1, mu.shape[-1])  # (N, P, D)
+    if mu.dim() == 2:
+        mu, sigma, log_pi = mu[None], sigma[None], log_pi[None]
+    ls = log_pi + sigma.log().sum(-1) - 0.5 * ((sigma * (xp[:, :, None, :] - mu)) ** 2).sum(-1)  # (N, P, K)
+    sm = ls if (kw["loss"] == "loglik" or G is None) else ls @ G.double().T
+    if sm.shape[-1] == 1:
+        return torch.full(sm.shape[:2], math.inf, dtype=torch.float64), sm[..., 0].abs() + 1
+    top = sm.topk(2, dim=-1).values
+    return top[..., 0] - top[..., 1], 1 + top[..., 0].abs()
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_float64_matches_reference(backend, shape, fresh_seed):
+    inputs, G, kw = _inputs(shape, torch.float64, fresh_seed)
+    out = ops.cgmm(*inputs, smoothing=G, backend=backend, **kw)
+    ref = reference.cgmm(*inputs, smoothing=G, **kw)
+    for name in ("resp", "score", "lse"):
+        got = getattr(out, name)
+        assert not torch.isnan(got).any(), f"{name}: unwritten (NaN-poisoned) elements"
+        assert_close(got, getattr(ref, name), 1e-10, name)
+    assert torch.equal(out.kstar, ref.kstar)
+    g_resp, g_score = _upstream(ref, fresh_seed + 1)
+    for name, a, b in zip(("dx", "d_mu", "d_sigma", "d_log_pi"), _grads(out, inputs, g_resp, g_score),
+                          _grads(ref, inputs, g_resp, g_score)):
+        assert not torch.isnan(a).any(), name
+        assert_close(a, b, 1e-10, name)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_float32_within_design_rule(backend, shape, fresh_seed):
+    inputs64, G64, kw = _inputs(shape, torch.float64, fresh_seed)
+    inputs32, G32, _ = _inputs(shape, torch.float32, fresh_seed)
+    out = ops.cgmm(*inputs32, smoothing=G32, backend=backend, **kw)
+    ref64 = reference.cgmm(*inputs64, smoothing=G64, **kw)
+    ref32 = reference.cgmm(*inputs32, smoothing=G32, **kw)
+    for name in ("resp", "score", "lse"):
+        got = getattr(out, name)
+        assert got.dtype == torch.float32 and not torch.isnan(got).any(), name
+        err, own = rel_err(got, getattr(ref64, name)), rel_err(getattr(ref32, name), getattr(ref64, name))
+        assert err <= 4 * own + 1e-6, f"{name}: error {err:.2e} > 4 x reference's own {own:.2e} + 1e-6"
+    margin, scale = _top2_margin(inputs64, G64, kw)
+    clear = (margin > 1e-3 * scale).reshape(out.kstar.shape)
+    assert torch.equal(out.kstar[clear], ref64.kstar[clear]), "kstar differs on a row with a clear winner"
+    # gradients given the kernel's own winners
+    kstar = out.kstar if kw["loss"] == "mc" else None
+    ref64 = reference.cgmm(*inputs64, smoothing=G64, kstar=kstar, **kw)
+    ref32 = reference.cgmm(*inputs32, smoothing=G32, kstar=kstar, **kw)
+    g_resp, g_score = _upstream(ref64, fresh_seed + 1)
+    got = _grads(out, inputs32, g_resp, g_score)
+    want = _grads(ref64, inputs64, g_resp, g_score)
+    own = _grads(ref32, inputs32, g_resp, g_score)
+    for name, a, b, c in zip(("dx", "d_mu", "d_sigma", "d_log_pi"), got, want, own):
+        err, own_err = rel_err(a, b), rel_err(c, b)
+        assert err <= 4 * own_err + 1e-6, f"{name}: error {err:.2e} > 4 x reference's own {own_err:.2e} + 1e-6"
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("independent,loss,som", [(False, "mc", 1.0), (True, "mc", None), (False, "loglik", None),
+                                                  (True, "loglik", None)])
+def test_gradcheck_tiny(backend, independent, loss, som):
+    if backend not in ("cpp",):
+        pytest.skip("float64 gradcheck runs on the float64-capable backends")
+    x, mu, sigma, log_pi = make_inputs(1, 3, 3, 1, (1, 2), 2, 4, independent, seed=3, requires_grad=True)
+    G = None if som is None else reference.smoothing_matrix(4, som, dtype=torch.float64)
+
+    def f(x, mu, sigma, log_pi):
+        out = ops.cgmm(x, mu, sigma, log_pi, kernel=(1, 2), stride=2, loss=loss, smoothing=G, backend=backend)
+        return out.resp, out.score
+
+    assert torch.autograd.gradcheck(f, (x, mu, sigma, log_pi), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+def _cpp_only(backend):
+    if backend != "cpp":
+        pytest.skip("C++ op registration")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[3]], ids=[IDS[0], IDS[1], IDS[3]])
+def test_opcheck(backend, shape):
+    _cpp_only(backend)
+    inputs, G, kw = _inputs(shape, torch.float64, 11)
+    k, s = list(reference.pair(kw["kernel"])), list(reference.pair(kw["stride"]))
+    fwd = torch.ops.dcgmm.cgmm_fwd_cpp
+    torch.library.opcheck(fwd, (*inputs, k, s, kw["loss"], G))
+    resp, score, lse, kstar = fwd(*(t.detach() for t in inputs), k, s, kw["loss"], G)
+    bwd_args = (torch.randn_like(resp), torch.randn_like(score), *(t.detach() for t in inputs), k, s, kw["loss"], G,
+                resp, lse, kstar, True)
+    torch.library.opcheck(torch.ops.dcgmm.cgmm_bwd_cpp, bwd_args)
+    torch.library.opcheck(torch.ops.dcgmm.cgmm_bwd_cpp, (None, *bwd_args[1:-1], False))
+    v = torch.rand(2, *reference.out_hw((7, 6), 3, 2), 9 * 2, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.dcgmm.patch_average_cpp, (v, [7, 6], [3, 3], [2, 2]))
+    td = torch.rand(2, 3, 2, 9, dtype=torch.float64)
+    mu, sigma = torch.rand(9, 4, dtype=torch.float64), torch.rand(9, 4, dtype=torch.float64) + 0.5
+    u, eps = torch.rand(2, 3, 2, dtype=torch.float64), torch.randn(2, 3, 2, 4, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.dcgmm.sample_components_cpp, (td, mu, sigma, 3, 20.0, u, eps, 4.47))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_parameter_gradients_bit_identical_across_runs_and_threads(backend):
+    _cpp_only(backend)
+    shape = (8, 13, 13, 25, 4, 2, 25, False, "mc", 1.5)  # 200 rows... and more in the independent case
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2, 2, 1):
+            torch.set_num_threads(n_threads)
+            for indep in (False, True):
+                inputs, G, kw = _inputs(shape[:7] + (indep,) + shape[8:], torch.float32, 5)
+                out = ops.cgmm(*inputs, smoothing=G, backend=backend, **kw)
+                grads = torch.autograd.grad(out.score.sum() + out.resp[..., :3].sum(), inputs)
+                results.append((indep, [g.clone() for g in grads]))
+    finally:
+        torch.set_num_threads(threads)
+    for indep in (False, True):
+        runs = [g for i, g in results if i == indep]
+        for other in runs[1:]:
+            for a, b in zip(runs[0], other):
+                assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_peak_memory_is_outputs_plus_input(backend):
+    """(rows, K, D) = (28800, 100, 400) float32 would be 4.6 GB; fwd + parameter bwd must stay near O(N*P*K + input)."""
+    _cpp_only(backend)
+    code = textwrap.dedent(
+        f"""
+        import resource, torch
+        from dcgmm_fast import ops
+        torch.manual_seed(0)
+        x = torch.rand(200, 26, 26, 25)
+        K, D = 100, 400
+        mu = torch.rand(K, D, requires_grad=True)
+        sigma = (1 + torch.rand(K, D)).requires_grad_(True)
+        log_pi = torch.log_softmax(torch.zeros(K), 0).requires_grad_(True)
+        G = ops.smoothing_matrix(K, 3.5)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out = ops.cgmm(x, mu, sigma, log_pi, kernel=4, stride=2, smoothing=G, backend="{backend}")
+        (out.score.mean() + out.resp[..., 0].mean()).backward()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        assert torch.isfinite(mu.grad).all()
+        print((peak - base) * 1024, out.resp.numel() * 4, x.numel() * 4)
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="2"), timeout=600)
+    assert res.returncode == 0, res.stderr
+    growth, resp_bytes, x_bytes = map(int, res.stdout.split())
+    # resp, its gradient, W and the input each count once; allow 8 such tensors in all
+    assert growth < 8 * max(resp_bytes, x_bytes), f"peak RSS grew {growth / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_patch_average_matches_reference(backend, dtype, fresh_seed):
+    g = torch.Generator().manual_seed(fresh_seed)
+    for (H, W), kernel, stride, C in [((7, 6), 3, 2, 2), ((12, 12), 4, 2, 3), ((7, 7), 2, 2, 1), ((5, 9), (2, 3), 1, 2)]:
+        Ho, Wo = reference.out_hw((H, W), kernel, stride)
+        kh, kw = reference.pair(kernel)
+        v = torch.randn(3, Ho, Wo, kh * kw * C, generator=g, dtype=dtype, requires_grad=True)
+        out = ops.patch_average(v, (H, W), kernel, stride, backend=backend)
+        ref = reference.patch_average(v, (H, W), kernel, stride)
+        assert not torch.isnan(out).any()
+        assert torch.equal(out, ref)  # both sum in float64 and round once
+        gout = torch.randn(out.shape, generator=g, dtype=dtype)
+        (a,) = torch.autograd.grad((out * gout).sum(), v)
+        (b,) = torch.autograd.grad((ref * gout).sum(), v)
+        assert_close(a, b, 1e-6 if dtype == torch.float32 else 1e-14, "d v")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("independent", [False, True])
+@pytest.mark.parametrize("top_s", [0, 1, 3])
+def test_sample_components_matches_reference(backend, independent, top_s, fresh_seed):
+    g = torch.Generator().manual_seed(fresh_seed)
+    N, Ho, Wo, K, D = 4, 5, 3, 9, 7
+    lead = (Ho * Wo, K) if independent else (K,)
+    mu = torch.randn(*lead, D, generator=g)
+    sigma = 0.5 + 4 * torch.rand(*lead, D, generator=g)
+    topdown = torch.rand(N, Ho, Wo, K, generator=g) ** 3
+    topdown[0, 0, 0] = 0.0
+    topdown[1, 2, 1, :4] = topdown[1, 2, 1, 4]  # ties
+    u, eps = torch.rand(N, Ho, Wo, generator=g), torch.randn(N, Ho, Wo, D, generator=g)
+    kw = dict(top_s=top_s, divisor=20.0, u=u, eps=eps, sigma_ceiling=4.0)
+    out = ops.sample_components(topdown, mu, sigma, backend=backend, **kw)
+    ref = reference.sample_components(topdown, mu, sigma, **kw)
+    assert not torch.isnan(out).any()
+    # same components: with a huge divisor the sample is the chosen mean
+    huge = dict(kw, divisor=1e30)
+    assert torch.equal(ops.sample_components(topdown, mu, sigma, backend=backend, **huge),
+                       reference.sample_components(topdown, mu, sigma, **huge))
+    assert_close(out, ref, 1e-6, "sample")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_compiles_fullgraph_with_backward(backend):
+    inputs, G, kw = _inputs(SHAPES[0], torch.float32, 2)
+
+    def f(x, mu, sigma, log_pi):
+        out = ops.cgmm(x, mu, sigma, log_pi, smoothing=G, backend=backend, **kw)
+        return out.score.mean() + out.resp[..., 0].mean()
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=False)
+    got = torch.autograd.grad(compiled(*inputs), inputs)
+    want = torch.autograd.grad(f(*inputs), inputs)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
