@@ -1,4 +1,5 @@
-// Per-element math of the cGMM op, shared by the C++ CPU kernels and (later) the CUDA kernels.
+// Per-element math of the cGMM op, shared by the C++ CPU kernels and (later) the CUDA kernels: the lane layout of
+// the quadratic-form sums and the backward weight of a row.
 //
 // Row r = (n, p) of patch entries x[r, d], d in (ky, kx, c) order; component k of a diagonal GMM with mean mu[k, :],
 // inverse standard deviation sigma[k, :] and log weight log_pi[k]:
@@ -10,6 +11,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #if defined(__CUDACC__)
 #define DCGMM_HD __host__ __device__ __forceinline__
@@ -19,67 +21,41 @@
 
 namespace dcgmm {
 
-// Lanes of the quadratic-form accumulators. Patch vectors are zero-padded to a multiple of LANES (padded
-// sigma = 0 adds exact zeros), so every row's sum has the same fixed association on every ISA and thread count.
-constexpr int LANES = 8;
+// Lanes of the quadratic-form accumulators: 64 bytes (one AVX-512 register) of T. Patch vectors are zero-padded
+// to a multiple of PAD_LANES (padded sigma = 0 adds exact zeros), so every row's sum has the same fixed association
+// on every ISA and thread count.
+template <typename T>
+struct Lanes {
+  static constexpr int value = int(64 / sizeof(T));
+};
+constexpr int PAD_LANES = 16;  // a multiple of every Lanes<T>::value
 
 DCGMM_HD int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// Fixed-order tree sum of LANES partial sums.
-template <typename T>
+// Fixed-order tree sum of L partial sums (L a power of two).
+template <typename T, int L>
 DCGMM_HD T lane_sum(const T* acc) {
-  T s4[4];
-  for (int l = 0; l < 4; ++l) s4[l] = acc[l] + acc[l + 4];
-  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+  T buf[L];
+  for (int l = 0; l < L; ++l) buf[l] = acc[l];
+  for (int width = L / 2; width >= 1; width /= 2)
+    for (int l = 0; l < width; ++l) buf[l] = buf[l] + buf[l + width];
+  return buf[0];
 }
 
-// sum_d (s[d] (x[d] - m[d]))^2 for RB rows of x (row stride ld) at once, D_pad a multiple of LANES.
-// The parameters are loaded once per RB rows; each row keeps LANES independent accumulators.
-template <typename T, int RB>
-DCGMM_HD void quad_rows(const T* __restrict__ x, int64_t ld, const T* __restrict__ m, const T* __restrict__ s,
-                        int64_t D_pad, T* __restrict__ out) {
-  T acc[RB][LANES];
-  for (int r = 0; r < RB; ++r)
-    for (int l = 0; l < LANES; ++l) acc[r][l] = T(0);
-  for (int64_t d = 0; d < D_pad; d += LANES) {
-    T mv[LANES], sv[LANES];
-    for (int l = 0; l < LANES; ++l) {
-      mv[l] = m[d + l];
-      sv[l] = s[d + l];
-    }
-    for (int r = 0; r < RB; ++r) {
-      const T* xr = x + r * ld + d;
-      for (int l = 0; l < LANES; ++l) {
-        T t = sv[l] * (xr[l] - mv[l]);
-        acc[r][l] += t * t;
-      }
-    }
-  }
-  for (int r = 0; r < RB; ++r) out[r] = lane_sum(acc[r]);
-}
-
-// Index of the largest entry, ties to the lowest index (NaN never wins).
+// Index of the largest entry, ties to the lowest index.
 template <typename T>
 DCGMM_HD int64_t argmax_first(const T* v, int64_t K) {
   int64_t best = 0;
-  T bv = v[0];
   for (int64_t k = 1; k < K; ++k)
-    if (v[k] > bv) {
-      bv = v[k];
-      best = k;
-    }
+    if (v[k] > v[best]) best = k;
   return best;
 }
 
-// lse = logsumexp(ls), resp = exp(ls - lse) (the softmax, max-subtracted).
+// resp = softmax(ls) (max-subtracted); returns lse = logsumexp(ls).
 template <typename T>
 DCGMM_HD T softmax_lse(const T* ls, int64_t K, T* resp) {
   T mx = ls[0];
   for (int64_t k = 1; k < K; ++k) mx = ls[k] > mx ? ls[k] : mx;
-  if (!(mx > -INFINITY)) {  // every component has weight 0: uniform responsibilities, lse = -inf
-    for (int64_t k = 0; k < K; ++k) resp[k] = T(1) / T(K);
-    return mx;
-  }
   T sum = T(0);
   for (int64_t k = 0; k < K; ++k) {
     resp[k] = std::exp(ls[k] - mx);
@@ -88,17 +64,6 @@ DCGMM_HD T softmax_lse(const T* ls, int64_t K, T* resp) {
   const T inv = T(1) / sum;
   for (int64_t k = 0; k < K; ++k) resp[k] *= inv;
   return mx + std::log(sum);
-}
-
-// smoothed[k] = sum_j G[k, j] ls[j]
-template <typename T>
-DCGMM_HD void smooth_row(const T* G, const T* ls, int64_t K, T* smoothed) {
-  for (int64_t k = 0; k < K; ++k) {
-    const T* g = G + k * K;
-    T acc = T(0);
-    for (int64_t j = 0; j < K; ++j) acc += g[j] * ls[j];
-    smoothed[k] = acc;
-  }
 }
 
 // W[k] for one row (see file header). g_resp / G may be null (absent / identity); g_score is a scalar (0 if absent).
@@ -114,7 +79,10 @@ DCGMM_HD void backward_weights_row(const T* resp, const T* g_resp, T g_score, bo
       first = G != nullptr ? g_score * G[kstar * K + k] : (k == kstar ? g_score : T(0));
     else
       first = g_score * resp[k];
-    W[k] = g_resp != nullptr ? first + resp[k] * (g_resp[k] - dot) : first;
+    T v = g_resp != nullptr ? first + resp[k] * (g_resp[k] - dot) : first;
+    // weights below the smallest normal contribute nothing measurable; flushing them keeps the parameter sums off
+    // the (100x slower) denormal path and lets the kernels skip zero weights
+    W[k] = (v < std::numeric_limits<T>::min() && v > -std::numeric_limits<T>::min()) ? T(0) : v;
   }
 }
 

@@ -1,8 +1,9 @@
 // Fused C++ CPU kernels of the cGMM op and its helpers (design.md "The cGMM op", "Helper ops").
 //
 // cgmm_fwd_cpu: per block of patch rows, gather the rows straight from the NHWC input (implicit im2col, never the
-//   patch matrix), compute every component's log score by the direct form (cgmm_math.h quad_rows), then per row the
-//   softmax / logsumexp, the optional K x K smoothing and the argmax; write resp, score, lse and kstar once.
+//   patch matrix) and compute every component's log score by the direct form (scores_block) into an (M, K)
+//   buffer; the optional K x K smoothing is one GEMM over it; then per row softmax / logsumexp and max / argmax
+//   (cgmm_math.h), written once into resp, score, lse and kstar.
 // cgmm_bwd_cpu: W (rows x K) from the saved resp and kstar, then parameter gradients as sums over fixed blocks of
 //   ROW_BLOCK rows (float partial sums per block, added in block order to double totals: deterministic and
 //   independent of the thread count), and the x gradient folded back to pixels one image per task (no races).
@@ -24,7 +25,7 @@
 namespace dcgmm {
 namespace {
 
-constexpr int RB = 4;               // rows per forward block (parameters loaded once per RB rows)
+constexpr int RB = 8;               // rows per forward block (parameters loaded once per RB rows)
 constexpr int64_t ROW_BLOCK = 256;  // rows per partial sum of the parameter gradients (fixed: determinism)
 
 struct Geometry {
@@ -42,7 +43,7 @@ Geometry make_geometry(const at::Tensor& x, const at::Tensor& mu, at::IntArrayRe
   TORCH_CHECK(g.kh <= g.H && g.kw <= g.W, "kernel: ", kernel, " is larger than the input (H, W) = (", g.H, ", ",
               g.W, ")");
   g.Ho = (g.H - g.kh) / g.sh + 1, g.Wo = (g.W - g.kw) / g.sw + 1;
-  g.P = g.Ho * g.Wo, g.M = g.N * g.P, g.D = g.kh * g.kw * g.C, g.D_pad = round_up(g.D, LANES);
+  g.P = g.Ho * g.Wo, g.M = g.N * g.P, g.D = g.kh * g.kw * g.C, g.D_pad = round_up(g.D, PAD_LANES);
   TORCH_CHECK(mu.dim() == 2 || mu.dim() == 3, "mu: expected (K, D) or (P, K, D), got ", mu.sizes());
   g.independent = mu.dim() == 3;
   g.K = mu.size(-2), g.G = g.independent ? g.P : 1;
@@ -107,19 +108,46 @@ inline int64_t rows_per_gmm(const Geometry& g) { return g.independent ? g.N : g.
 inline int64_t row_of(const Geometry& g, int64_t gi, int64_t j) { return g.independent ? j * g.P + gi : j; }
 
 // ---------------------------------------------------------------------------------------------------- forward
-// The hot loop, compiled for AVX2+FMA and for baseline x86-64 (GCC function multi-versioning picks at load time).
+// The hot loop: log scores of RB rows against all K components, the direct form with one 64-byte vector (GCC vector
+// extension: one AVX-512 register, two AVX2 or four SSE registers) of LANES partial sums per row, in the same lane
+// order as cgmm_math.h quad_rows (so results do not depend on the ISA). Compiled for AVX-512, AVX2+FMA and
+// baseline x86-64; GCC's function multi-versioning picks one when the library loads.
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(64)));
+};
+
 template <typename T>
 inline __attribute__((always_inline)) void scores_block_impl(const T* xb, const T* mu, const T* sig, const T* c,
                                                              int64_t K, int64_t D_pad, T* ls) {
-  T q[RB];
+  using V = typename Vec<T>::type;
+  constexpr int L = Lanes<T>::value;
   for (int64_t k = 0; k < K; ++k) {
-    quad_rows<T, RB>(xb, D_pad, mu + k * D_pad, sig + k * D_pad, D_pad, q);
-    for (int i = 0; i < RB; ++i) ls[i * K + k] = c[k] - T(0.5) * q[i];
+    const T* m = mu + k * D_pad;
+    const T* s = sig + k * D_pad;
+    V acc[RB];
+    for (int i = 0; i < RB; ++i) acc[i] = V{} * T(0);
+    for (int64_t d = 0; d < D_pad; d += L) {
+      V mv, sv;
+      __builtin_memcpy(&mv, m + d, sizeof(V));
+      __builtin_memcpy(&sv, s + d, sizeof(V));
+      for (int i = 0; i < RB; ++i) {
+        V xv;
+        __builtin_memcpy(&xv, xb + i * D_pad + d, sizeof(V));
+        const V t = sv * (xv - mv);
+        acc[i] += t * t;
+      }
+    }
+    for (int i = 0; i < RB; ++i) {
+      T lanes[L];
+      __builtin_memcpy(lanes, &acc[i], sizeof(V));
+      ls[i * K + k] = c[k] - T(0.5) * lane_sum<T, L>(lanes);
+    }
   }
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DCGMM_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define DCGMM_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define DCGMM_MULTIVERSION
 #endif
@@ -133,13 +161,12 @@ DCGMM_MULTIVERSION void scores_block(const double* xb, const double* mu, const d
   scores_block_impl<double>(xb, mu, sig, c, K, D_pad, ls);
 }
 
+// Pass 1: log scores (M, K) of every row, blocks of RB rows in parallel (rows of one GMM per block).
 template <typename T>
-void cgmm_fwd_impl(const Geometry& g, const T* x, const T* mu_p, const T* sig_p, const T* c, const T* Gm, bool is_mc,
-                   T* resp, T* score, T* lse, int32_t* kstar) {
-  const T cst = T(0.5 * double(g.D) * std::log(2.0 * M_PI));
+void log_scores(const Geometry& g, const T* x, const T* mu_p, const T* sig_p, const T* c, T* ls) {
   const int64_t rows = rows_per_gmm(g), blocks = (rows + RB - 1) / RB, K = g.K, D_pad = g.D_pad;
   at::parallel_for(0, blocks * g.G, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> xb(RB * D_pad, T(0)), ls(RB * K), sm(K);
+    std::vector<T> xb(RB * D_pad, T(0)), lb(RB * K);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t gi = t / blocks, j0 = (t % blocks) * RB, nvalid = std::min<int64_t>(RB, rows - j0);
       for (int i = 0; i < RB; ++i) {
@@ -151,23 +178,9 @@ void cgmm_fwd_impl(const Geometry& g, const T* x, const T* mu_p, const T* sig_p,
           std::fill(buf, buf + g.D, T(0));
         }
       }
-      scores_block(xb.data(), mu_p + gi * K * D_pad, sig_p + gi * K * D_pad, c + gi * K, K, D_pad, ls.data());
-      for (int i = 0; i < nvalid; ++i) {
-        const int64_t r = row_of(g, gi, j0 + i);
-        const T* l = ls.data() + i * K;
-        lse[r] = softmax_lse(l, K, resp + r * K);
-        if (!is_mc) {
-          score[r] = lse[r] - cst;
-          kstar[r] = int32_t(argmax_first(l, K));
-        } else if (Gm == nullptr) {
-          const int64_t k = argmax_first(l, K);
-          kstar[r] = int32_t(k), score[r] = l[k] - cst;
-        } else {
-          smooth_row(Gm, l, K, sm.data());
-          const int64_t k = argmax_first(sm.data(), K);
-          kstar[r] = int32_t(k), score[r] = sm[k] - cst;
-        }
-      }
+      scores_block(xb.data(), mu_p + gi * K * D_pad, sig_p + gi * K * D_pad, c + gi * K, K, D_pad, lb.data());
+      for (int i = 0; i < nvalid; ++i)
+        std::memcpy(ls + row_of(g, gi, j0 + i) * K, lb.data() + i * K, K * sizeof(T));
     }
   });
 }
@@ -193,26 +206,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_fwd_cpu(
   auto score = new_output({g.N, g.Ho, g.Wo}, opts);
   auto lse = new_output({g.N, g.Ho, g.Wo}, opts);
   auto kstar = new_output({g.N, g.Ho, g.Wo}, opts.dtype(at::kInt));
+  auto ls = at::empty({g.M, g.K}, opts);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cgmm_fwd_cpu", [&] {
     using T = scalar_t;
     const T* s = sigma.data_ptr<T>();
     const T* m = mu.data_ptr<T>();
     auto mu_p = padded<T>(m, g.G * g.K, g.D, g.D_pad, [&](int64_t i) { return m[i]; });
     auto sig_p = padded<T>(s, g.G * g.K, g.D, g.D_pad, [&](int64_t i) { return s[i]; });
-    std::vector<T> c(g.G * g.K);  // log_pi + sum_d log sigma, the sum in double
-    const T* lp = log_pi.data_ptr<T>();
-    for (int64_t i = 0; i < g.G * g.K; ++i) {
-      double acc = 0;
-      for (int64_t d = 0; d < g.D; ++d) acc += std::log(double(s[i * g.D + d]));
-      c[i] = T(double(lp[i]) + acc);
-    }
-    cgmm_fwd_impl<T>(g, x.data_ptr<T>(), mu_p.data(), sig_p.data(), c.data(), G.defined() ? G.data_ptr<T>() : nullptr,
-                     is_mc, resp.data_ptr<T>(), score.data_ptr<T>(), lse.data_ptr<T>(), kstar.data_ptr<int32_t>());
+    // c = log_pi + sum_d log sigma (vectorised logs, summed in double)
+    auto c = (log_pi.to(at::kDouble) + sigma.log().to(at::kDouble).sum(-1)).to(x.scalar_type()).contiguous();
+    log_scores<T>(g, x.data_ptr<T>(), mu_p.data(), sig_p.data(), c.data_ptr<T>(), ls.data_ptr<T>());
+  });
+  // Smoothing as one GEMM over all rows, then pass 2 per row: softmax / logsumexp and max / argmax (ties -> lowest).
+  const at::Tensor ranked = (is_mc && G.defined()) ? at::mm(ls, G.t()) : ls;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cgmm_fwd_cpu_rows", [&] {
+    using T = scalar_t;
+    const T cst = T(0.5 * double(g.D) * std::log(2.0 * M_PI));
+    const T *l = ls.data_ptr<T>(), *rk = ranked.data_ptr<T>();
+    T *rp = resp.data_ptr<T>(), *sp = score.data_ptr<T>(), *lp = lse.data_ptr<T>();
+    int32_t* kp = kstar.data_ptr<int32_t>();
+    const int64_t K = g.K;
+    at::parallel_for(0, g.M, 512, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        lp[r] = softmax_lse(l + r * K, K, rp + r * K);
+        const int64_t k = argmax_first(rk + r * K, K);
+        kp[r] = int32_t(k);
+        sp[r] = (is_mc ? rk[r * K + k] : lp[r]) - cst;
+      }
+    });
   });
   return {resp, score, lse, kstar};
 }
 
 // ---------------------------------------------------------------------------------------------------- backward
+// a += w u, b += w v over n entries: the inner loop of every backward sum, multi-versioned like scores_block.
+template <typename T>
+inline __attribute__((always_inline)) void accumulate2_impl(T w, const T* __restrict__ u, const T* __restrict__ v,
+                                                            T* __restrict__ a, T* __restrict__ b, int64_t n) {
+  for (int64_t d = 0; d < n; ++d) {
+    a[d] += w * u[d];
+    b[d] += w * v[d];
+  }
+}
+DCGMM_MULTIVERSION void accumulate2(float w, const float* u, const float* v, float* a, float* b, int64_t n) {
+  accumulate2_impl<float>(w, u, v, a, b, n);
+}
+DCGMM_MULTIVERSION void accumulate2(double w, const double* u, const double* v, double* a, double* b, int64_t n) {
+  accumulate2_impl<double>(w, u, v, a, b, n);
+}
+
 template <typename T>
 void weights(const Geometry& g, const T* resp, const T* g_resp, const T* g_score, bool is_mc, const T* Gm,
              const int32_t* kstar, T* W) {
@@ -253,12 +295,7 @@ void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, con
           for (int64_t k = k0; k < k1; ++k) {
             const T wk = Wr[k];
             if (wk == T(0)) continue;
-            T* p1 = a1.data() + (k - k0) * D_pad;
-            T* p2 = a2.data() + (k - k0) * D_pad;
-            for (int64_t d = 0; d < D_pad; ++d) {
-              p1[d] += wk * xb[d];
-              p2[d] += wk * x2[d];
-            }
+            accumulate2(wk, xb.data(), x2.data(), a1.data() + (k - k0) * D_pad, a2.data() + (k - k0) * D_pad, D_pad);
             w[k - k0] += wk;
           }
         }
@@ -296,12 +333,7 @@ void x_grad(const Geometry& g, const T* x, const T* s2mu_p, const T* s2_p, const
         for (int64_t k = 0; k < K; ++k) {
           const T wk = Wr[k];
           if (wk == T(0)) continue;
-          const T* sm = s2mu_p + (gi * K + k) * D_pad;
-          const T* s2 = s2_p + (gi * K + k) * D_pad;
-          for (int64_t d = 0; d < D_pad; ++d) {
-            b1[d] += wk * sm[d];
-            b2[d] += wk * s2[d];
-          }
+          accumulate2(wk, s2mu_p + (gi * K + k) * D_pad, s2_p + (gi * K + k) * D_pad, b1.data(), b2.data(), D_pad);
         }
         gather_row(x, g, n, p, xb.data());
         const int64_t oy = p / g.Wo, ox = p % g.Wo;
