@@ -146,6 +146,34 @@ inline __attribute__((always_inline)) void scores_block_impl(const T* xb, const 
   }
 }
 
+// Small D (<= SMALL_D, e.g. 3x3 patches of one channel): vectorise over components instead of patch entries, so no
+// horizontal sums: acc[k] += (sigma[d, k] (x[d] - mu[d, k]))^2 over d in order, parameters transposed to (D, K_pad).
+constexpr int64_t SMALL_D = 16;
+
+template <typename T>
+inline __attribute__((always_inline)) void scores_block_kvec_impl(const T* xb, int64_t ldx, int64_t D, const T* muT,
+                                                                  const T* sigT, const T* c, int64_t K, int64_t K_pad,
+                                                                  T* ls) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Lanes<T>::value;
+  for (int i = 0; i < RB; ++i) {
+    const T* xr = xb + i * ldx;
+    for (int64_t k0 = 0; k0 < K_pad; k0 += L) {
+      V acc = V{} * T(0);
+      for (int64_t d = 0; d < D; ++d) {
+        V mv, sv;
+        __builtin_memcpy(&mv, muT + d * K_pad + k0, sizeof(V));
+        __builtin_memcpy(&sv, sigT + d * K_pad + k0, sizeof(V));
+        const V t = sv * (xr[d] - mv);
+        acc += t * t;
+      }
+      T lanes[L];
+      __builtin_memcpy(lanes, &acc, sizeof(V));
+      for (int l = 0; l < L && k0 + l < K; ++l) ls[i * K + k0 + l] = c[k0 + l] - T(0.5) * lanes[l];
+    }
+  }
+}
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define DCGMM_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -160,11 +188,32 @@ DCGMM_MULTIVERSION void scores_block(const double* xb, const double* mu, const d
                                      int64_t K, int64_t D_pad, double* ls) {
   scores_block_impl<double>(xb, mu, sig, c, K, D_pad, ls);
 }
+DCGMM_MULTIVERSION void scores_block_kvec(const float* xb, int64_t ldx, int64_t D, const float* muT, const float* sigT,
+                                          const float* c, int64_t K, int64_t K_pad, float* ls) {
+  scores_block_kvec_impl<float>(xb, ldx, D, muT, sigT, c, K, K_pad, ls);
+}
+DCGMM_MULTIVERSION void scores_block_kvec(const double* xb, int64_t ldx, int64_t D, const double* muT,
+                                          const double* sigT, const double* c, int64_t K, int64_t K_pad, double* ls) {
+  scores_block_kvec_impl<double>(xb, ldx, D, muT, sigT, c, K, K_pad, ls);
+}
+
+// (G, K, D) parameters transposed to (G, D, K_pad), zero-padded (sigma = 0: padded components add exact zeros).
+template <typename T>
+std::vector<T> transposed(const T* src, int64_t G, int64_t K, int64_t D, int64_t K_pad) {
+  std::vector<T> out(G * D * K_pad, T(0));
+  for (int64_t gi = 0; gi < G; ++gi)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t d = 0; d < D; ++d) out[(gi * D + d) * K_pad + k] = src[(gi * K + k) * D + d];
+  return out;
+}
 
 // Pass 1: log scores (M, K) of every row, blocks of RB rows in parallel (rows of one GMM per block).
+// mu_p, sig_p: (G, K, D_pad) for large D, or (G, D, K_pad) transposed for D <= SMALL_D.
 template <typename T>
 void log_scores(const Geometry& g, const T* x, const T* mu_p, const T* sig_p, const T* c, T* ls) {
   const int64_t rows = rows_per_gmm(g), blocks = (rows + RB - 1) / RB, K = g.K, D_pad = g.D_pad;
+  const bool small = g.D <= SMALL_D;
+  const int64_t K_pad = round_up(K, PAD_LANES);
   at::parallel_for(0, blocks * g.G, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> xb(RB * D_pad, T(0)), lb(RB * K);
     for (int64_t t = t0; t < t1; ++t) {
@@ -178,7 +227,11 @@ void log_scores(const Geometry& g, const T* x, const T* mu_p, const T* sig_p, co
           std::fill(buf, buf + g.D, T(0));
         }
       }
-      scores_block(xb.data(), mu_p + gi * K * D_pad, sig_p + gi * K * D_pad, c + gi * K, K, D_pad, lb.data());
+      if (small)
+        scores_block_kvec(xb.data(), D_pad, g.D, mu_p + gi * g.D * K_pad, sig_p + gi * g.D * K_pad, c + gi * K, K,
+                          K_pad, lb.data());
+      else
+        scores_block(xb.data(), mu_p + gi * K * D_pad, sig_p + gi * K * D_pad, c + gi * K, K, D_pad, lb.data());
       for (int i = 0; i < nvalid; ++i)
         std::memcpy(ls + row_of(g, gi, j0 + i) * K, lb.data() + i * K, K * sizeof(T));
     }
@@ -211,8 +264,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_fwd_cpu(
     using T = scalar_t;
     const T* s = sigma.data_ptr<T>();
     const T* m = mu.data_ptr<T>();
-    auto mu_p = padded<T>(m, g.G * g.K, g.D, g.D_pad, [&](int64_t i) { return m[i]; });
-    auto sig_p = padded<T>(s, g.G * g.K, g.D, g.D_pad, [&](int64_t i) { return s[i]; });
+    const bool small = g.D <= SMALL_D;
+    const int64_t K_pad = round_up(g.K, PAD_LANES);
+    auto mu_p = small ? transposed<T>(m, g.G, g.K, g.D, K_pad)
+                      : padded<T>(m, g.G * g.K, g.D, g.D_pad, [&](int64_t i) { return m[i]; });
+    auto sig_p = small ? transposed<T>(s, g.G, g.K, g.D, K_pad)
+                       : padded<T>(s, g.G * g.K, g.D, g.D_pad, [&](int64_t i) { return s[i]; });
     // c = log_pi + sum_d log sigma (vectorised logs, summed in double)
     auto c = (log_pi.to(at::kDouble) + sigma.log().to(at::kDouble).sum(-1)).to(x.scalar_type()).contiguous();
     log_scores<T>(g, x.data_ptr<T>(), mu_p.data(), sig_p.data(), c.data_ptr<T>(), ls.data_ptr<T>());
