@@ -17,6 +17,7 @@ from . import data, presets
 from .layers import ConvGMM, LinearClassifier, MaxPool
 from .ops import Backend, Loss
 from .presets import Classifier, GMM, LayerSpec, Pool, Preset
+from .sampling import Sharpening, classifier_topdown, sample_down
 from .train import History, Trainer
 
 
@@ -152,6 +153,97 @@ class DCGMM(nn.Module):
         x = self._images(x)
         preds = [self.forward(x[s:s + batch_size])["classifier"].argmax(1) for s in range(0, x.shape[0], batch_size)]
         return torch.cat(preds)
+
+    # -------------------------------------------------------------------------------------------- generation
+    def _top_gmm(self) -> str:
+        return list(self.gmm_layers())[-1]
+
+    @torch.no_grad()
+    def sample(self, n: int, *, layer: Optional[str] = None, classes=None, top_s=None, divisor=None,
+               sharpening: Union[None, Sharpening, Dict[str, Sharpening]] = None,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Draw n images top-down (spec 3.1), each layer's sample the prior of the layer below.
+
+        Args:
+            layer: start at this GMM or pool (default: the top GMM) with a uniform prior.
+            classes: class-conditional sampling through the classifier's backward (spec 3.2): a list of n classes
+                (one per sample), or of any other length (each sample draws one of them uniformly).
+            top_s, divisor: per-GMM sampling settings (an int/float for all, or a dict by layer name; default
+                each layer's own, e.g. top_s 3 and divisor 20 in the presets).
+            sharpening: a ``Sharpening`` for every GMM or a dict by GMM name (spec 3.3); None: off.
+            generator: torch.Generator for every random draw (the same seed gives the same samples).
+        Returns:
+            (n, H, W, C) images clipped to [0, 1].
+        """
+        p = next(self.parameters())
+        if classes is not None:
+            clf = self.classifier
+            if clf is None:
+                raise ValueError("classes: class-conditional sampling needs a classifier")
+            choice = torch.as_tensor(classes, dtype=torch.int64).reshape(-1)
+            if choice.numel() == 0 or bool((choice < 0).any()) or bool((choice >= self.n_classes).any()):
+                raise ValueError(f"classes: expected class ids in [0, {self.n_classes}), got {classes!r}")
+            if choice.numel() != n:
+                choice = choice[torch.randint(0, choice.numel(), (n,), generator=generator)]
+            start, topdown = clf.reads, classifier_topdown(clf, choice.to(p.device))
+        else:
+            start = self._top_gmm() if layer is None else layer
+            if start not in self.names or isinstance(self[start], LinearClassifier):
+                raise ValueError(f"layer: expected a GMM or pool layer of {self.names[:-1]}, got {start!r}")
+            topdown = torch.ones(n, *self[start].out_shape, dtype=p.dtype, device=p.device)
+        x = sample_down(self.layers, self.names, start, topdown, generator=generator, top_s=top_s, divisor=divisor,
+                        sharpening=sharpening)
+        return x.clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def variants(self, x, *, root: Optional[str] = None, top_s=None, divisor=None, sharpening=None,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Variants of real images (spec 3.4): the responsibilities of GMM ``root`` (default: the top GMM) for x
+        are the prior of sampling from ``root`` down. Returns (N, H, W, C) in [0, 1]."""
+        root = self._top_gmm() if root is None else root
+        if root not in self.gmm_layers():
+            raise ValueError(f"root: expected one of the GMM layers {list(self.gmm_layers())}, got {root!r}")
+        topdown = self.forward(x)[root]
+        h = sample_down(self.layers, self.names, root, topdown, generator=generator, top_s=top_s, divisor=divisor,
+                        sharpening=sharpening)
+        return h.clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def inpaint(self, x, mask, *, root: Optional[str] = None, top_s=None, divisor=None, sharpening=None,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Complete the pixels where ``mask`` is False from variants of the masked images (spec 3.4).
+
+        Args:
+            x: images (N, H, W[, C]).
+            mask: bool, True = known pixel; (H, W), (N, H, W) or (N, H, W, C), any pattern.
+        Returns:
+            (N, H, W, C): known pixels bit-identical to x, the others from the model.
+        """
+        x = self._images(x)
+        m = torch.as_tensor(mask, device=x.device)
+        if m.dtype != torch.bool:
+            raise TypeError(f"mask: expected a bool tensor (True = known pixel), got {m.dtype}")
+        if m.dim() == 2:
+            m = m[None]
+        if m.dim() == 3:
+            m = m[..., None]
+        try:
+            m = m.expand_as(x)
+        except RuntimeError:
+            raise ValueError(f"mask: shape {tuple(torch.as_tensor(mask).shape)} does not fit images "
+                             f"{tuple(x.shape)}") from None
+        v = self.variants(torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)), root=root,
+                          top_s=top_s, divisor=divisor, sharpening=sharpening, generator=generator)
+        return torch.where(m, x, v)
+
+    @torch.no_grad()
+    def outlier_scores(self, x, *, layer: Optional[str] = None, loss: Optional[Loss] = None) -> torch.Tensor:
+        """Per-image outlier score (spec 3.5): the mean over positions of GMM ``layer``'s score (default: the top
+        GMM, with its training loss, i.e. "mc" with the current smoothing). Higher = more typical. (N,)"""
+        layer = self._top_gmm() if layer is None else layer
+        if layer not in self.gmm_layers():
+            raise ValueError(f"layer: expected one of the GMM layers {list(self.gmm_layers())}, got {layer!r}")
+        return self.log_prob(x, loss=loss)[layer]
 
     # -------------------------------------------------------------------------------------------- training
     def fit(self, x, y=None, *, epochs: Optional[float] = None, batch_size: Optional[int] = None, optimizer=None,

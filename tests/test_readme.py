@@ -53,3 +53,18 @@ def test_readme_model_example_runs(monkeypatch):
     scope = {}
     exec(compile(block, "README.md", "exec"), scope)
     assert scope["history"].steps == 2
+
+
+def test_readme_sampling_example_runs(monkeypatch):
+    from dcgmm_fast import data
+
+    small = data.load_shipped()
+    small = small._replace(x_train=small.x_train[:200], y_train=small.y_train[:200], x_test=small.x_test[:20],
+                           y_test=small.y_test[:20])
+    monkeypatch.setattr(data, "load_shipped", lambda path=None: small)
+    text = open(os.path.join(ROOT, "README.md")).read()
+    blocks = re.findall(r"```python\n(.*?)\n```", text, flags=re.S)
+    scope = {}
+    exec(compile(blocks[1], "README.md", "exec"), scope)  # builds `model` and `ds`
+    exec(compile(blocks[2], "README.md", "exec"), scope)
+    assert scope["completed"].shape == (8, 28, 28, 1) and scope["shirts"].shape == (16, 28, 28, 1)

@@ -1,0 +1,141 @@
+"""Top-down sampling, sharpening, variants and in-painting on a stack of layers (spec 3.1-3.4).
+
+Works on layers (ConvGMM / MaxPool / LinearClassifier) and names; never imports the model. Sampling runs from a
+start layer down to the image: a ConvGMM draws one component per position from its top-down prior
+(``ops.sample_components``) and back-projects the patch samples onto its input grid (``ops.patch_average``),
+which is the prior of the layer below; a MaxPool un-pools (nearest-neighbour upsampling, cropped); optional
+sharpening ascends a GMM's score of its back-projected sample (the overlap of patches reconciled by gradient).
+Every random draw comes from the given torch.Generator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+
+from . import ops
+from .layers import ConvGMM, LinearClassifier, MaxPool
+
+
+@dataclass(frozen=True)
+class Sharpening:
+    """Gradient ascent on a GMM's mean score of its own back-projected sample X (spec 3.3):
+    J = mean score(X) - reconstruction_weight * mean((X - X0)^2), X += rate * dJ/dX, ``iterations`` times."""
+
+    rate: float = 0.1
+    iterations: int = 100
+    reconstruction_weight: float = 0.1
+
+
+def unpool(topdown: torch.Tensor, pool: MaxPool) -> torch.Tensor:
+    """Nearest-neighbour un-pooling: input pixel (y, x) gets topdown[y // ky, x // kx], cropped to the input size.
+
+    Args:
+        topdown: (N, H', W', C) at the pool's output.
+    Returns:
+        (N, H, W, C) at the pool's input.
+    """
+    ky, kx = pool.kernel
+    H, W, _ = pool.in_shape
+    up = topdown.repeat_interleave(ky, dim=1).repeat_interleave(kx, dim=2)
+    return up[:, :H, :W, :]
+
+
+def sharpen(layer: ConvGMM, x0: torch.Tensor, spec: Sharpening, history: Optional[list] = None) -> torch.Tensor:
+    """Sharpen a back-projected sample x0 (N, H, W, C) at the input of ``layer`` (spec 3.3).
+
+    Args:
+        history: if a list, the mean score of each iteration's X is appended (before its update).
+    Returns:
+        (N, H, W, C), detached.
+    """
+    x0 = x0.detach()
+    x = x0.clone()
+    for _ in range(spec.iterations):
+        x.requires_grad_(True)
+        with torch.enable_grad():
+            score = layer.cgmm(x).score.mean()
+            objective = score - spec.reconstruction_weight * (x - x0).square().mean()
+            (grad,) = torch.autograd.grad(objective, x)
+        if history is not None:
+            history.append(float(score.detach()))
+        x = (x + spec.rate * grad).detach()
+    return x
+
+
+def sample_down(
+    layers: Sequence,
+    names: Sequence[str],
+    start: str,
+    topdown: torch.Tensor,
+    *,
+    generator: Optional[torch.Generator] = None,
+    top_s: Optional[Union[int, Dict[str, int]]] = None,
+    divisor: Optional[Union[float, Dict[str, float]]] = None,
+    sharpening: Optional[Union[Sharpening, Dict[str, Sharpening]]] = None,
+) -> torch.Tensor:
+    """Sample from layer ``start`` down to the input, given that layer's top-down prior.
+
+    Args:
+        topdown: prior at ``start``'s output: (N, H', W', K) for a GMM (unnormalised weights over components),
+            (N, H', W', C) for a pool.
+        top_s, divisor: one value for every GMM or a dict by layer name (default: each layer's own).
+        sharpening: a Sharpening for every GMM, or a dict by layer name (GMMs not named are not sharpened).
+    Returns:
+        (N, H, W, C) sample in the input space, not clipped.
+    """
+    i = list(names).index(start)
+    h = topdown
+    for layer, name in zip(reversed(layers[: i + 1]), reversed(names[: i + 1])):
+        if isinstance(layer, ConvGMM):
+            h = _sample_gmm(layer, name, h, generator, top_s, divisor, sharpening)
+        elif isinstance(layer, MaxPool):
+            h = unpool(h, layer)
+        else:
+            raise TypeError(f"start: cannot sample through {type(layer).__name__} {name!r}")
+    return h
+
+
+def _pick(value, name, default):
+    if isinstance(value, dict):
+        return value.get(name, default)
+    return default if value is None else value
+
+
+def _sample_gmm(layer: ConvGMM, name, topdown, generator, top_s, divisor, sharpening) -> torch.Tensor:
+    N, Ho, Wo, K = topdown.shape
+    if (Ho, Wo, K) != layer.out_shape:
+        raise ValueError(f"topdown: expected (N, {Ho}, {Wo}, {K}) == (N, *{layer.out_shape}) for layer {name!r}")
+    mu, sigma = layer.mu.detach(), layer.sigma.detach()
+    u = torch.rand(N, Ho, Wo, generator=generator, dtype=mu.dtype).to(mu.device)
+    eps = torch.randn(N, Ho, Wo, layer.D, generator=generator, dtype=mu.dtype).to(mu.device)
+    patches = ops.sample_components(
+        topdown.to(mu.dtype), mu, sigma, top_s=int(_pick(top_s, name, layer.top_s)),
+        divisor=float(_pick(divisor, name, layer.divisor)), u=u, eps=eps, sigma_ceiling=layer.sigma_max,
+        backend=layer.backend,
+    )
+    H, W, _ = layer.in_shape
+    x0 = ops.patch_average(patches, (H, W), layer.kernel, layer.stride, backend=layer.backend)
+    spec = sharpening.get(name) if isinstance(sharpening, dict) else sharpening
+    return sharpen(layer, x0, spec) if spec is not None and spec.iterations > 0 else x0
+
+
+def classifier_topdown(clf: LinearClassifier, classes: torch.Tensor, confidence: float = 0.95) -> torch.Tensor:
+    """Top-down prior at the classifier's input for target classes (spec 3.2).
+
+    T = confidence at the class and (1 - confidence) / (C - 1) elsewhere; X = (log T - b) W^T minus its row
+    minimum (so X >= 0), shaped as the layer the classifier reads.
+
+    Args:
+        classes: (N,) int64.
+    Returns:
+        (N, *clf.in_shape).
+    """
+    C = clf.out_shape[0]
+    T = torch.full((classes.shape[0], C), (1 - confidence) / (C - 1), dtype=clf.weight.dtype,
+                   device=clf.weight.device)
+    T.scatter_(1, classes.to(T.device)[:, None], confidence)
+    X = (T.log() - clf.bias.detach()) @ clf.weight.detach().T
+    X = X - X.min(dim=1, keepdim=True).values
+    return X.reshape(classes.shape[0], *clf.in_shape)

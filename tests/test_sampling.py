@@ -1,0 +1,184 @@
+"""Sampling, sharpening, class-conditional sampling, variants / in-painting and outlier scores (spec 3.1-3.5),
+on small models trained inside the tests on the shipped images (a few seconds in all)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dcgmm_fast import presets, sampling
+from dcgmm_fast.metrics import auroc, roc_curve
+from dcgmm_fast.model import DCGMM
+from dcgmm_fast.sampling import Sharpening
+
+
+def _full_image_model(shipped, exclude=None):
+    """One GMM over whole images (kernel 28: 1x1 output, D = 784, K = 49) and a classifier on its
+    responsibilities; 10 epochs (~1 s). ``exclude``: a class left out of training."""
+    x, y = shipped.x_train, shipped.y_train
+    if exclude is not None:
+        keep = y != exclude
+        x, y = x[keep], y[keep]
+    model = DCGMM([presets.GMM(28, 1, 49, lambda_pi=0.5, lambda_sigma=0.5, window=10),
+                   presets.Classifier("gmm1", 1.0)], seed=0)
+    model.fit(x, y, epochs=10, seed=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def full_image(shipped):
+    return _full_image_model(shipped)
+
+
+@pytest.fixture(scope="module")
+def demo(shipped):
+    model = DCGMM("demo", seed=0)
+    model.fit(shipped.x_train, shipped.y_train, epochs=2, seed=0)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+def test_samples_are_images_and_reproducible(demo):
+    a = demo.sample(6, generator=torch.Generator().manual_seed(3))
+    b = demo.sample(6, generator=torch.Generator().manual_seed(3))
+    c = demo.sample(6, generator=torch.Generator().manual_seed(4))
+    assert a.shape == (6, 28, 28, 1) and torch.isfinite(a).all()
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0 and float(a.max()) > 0.05
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    from_pool = demo.sample(2, layer="pool1", generator=torch.Generator().manual_seed(0))
+    assert from_pool.shape == (2, 28, 28, 1)
+
+
+def test_huge_divisor_top1_gives_prototypes(full_image):
+    mu = full_image["gmm1"].mu.detach().clamp(0, 1)  # (49, 784)
+    s = full_image.sample(30, top_s=1, divisor=1e12, generator=torch.Generator().manual_seed(0)).reshape(30, -1)
+    dist = (s[:, None, :] - mu[None]).abs().amax(-1)  # (30, 49)
+    assert torch.all(dist.min(1).values < 1e-6)  # every sample is one of the prototypes
+    assert dist.argmin(1).unique().numel() > 5  # uniform prior, all tied: many different components drawn
+
+
+def test_unpool_is_nearest_neighbour_cropped():
+    pool = DCGMM([presets.GMM(3, 1, 4), presets.Pool()], input_shape=(7, 7, 1))["pool1"]  # 5x5 -> 3x3
+    t = torch.arange(9.0).reshape(1, 3, 3, 1)
+    up = sampling.unpool(t, pool)
+    assert up.shape == (1, 5, 5, 1)
+    assert up[0, :, :, 0].tolist()[4] == [6.0, 6.0, 7.0, 7.0, 8.0]
+
+
+# ------------------------------------------------------------------------------------------------ sharpening
+def test_sharpening_raises_the_target_score(demo):
+    x0 = demo.sample(4, generator=torch.Generator().manual_seed(1))
+    history = []
+    sharp = sampling.sharpen(demo["gmm1"], x0, Sharpening(rate=0.5, iterations=30, reconstruction_weight=0.0),
+                             history)
+    steps = torch.tensor(history).diff()
+    assert history[-1] > history[0] and float(steps.mean()) > 0 and float((steps > 0).float().mean()) > 0.8
+    with torch.no_grad():
+        assert float(demo["gmm1"].cgmm(sharp).score.mean()) > history[0]
+
+
+def test_sharpening_stays_close_with_a_large_reconstruction_weight(demo):
+    x0 = demo.sample(4, generator=torch.Generator().manual_seed(2))
+    free = sampling.sharpen(demo["gmm1"], x0, Sharpening(rate=0.5, iterations=30, reconstruction_weight=0.0))
+    held = sampling.sharpen(demo["gmm1"], x0, Sharpening(rate=0.5, iterations=30, reconstruction_weight=1000.0))
+    assert (held - x0).norm() < 0.2 * (free - x0).norm()
+
+
+def test_sample_with_sharpening_per_layer(demo):
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    plain = demo.sample(3, generator=g())
+    sharp = demo.sample(3, generator=g(), sharpening={"gmm1": Sharpening(rate=0.5, iterations=10)})
+    assert sharp.shape == plain.shape and not torch.equal(sharp, plain)
+    with torch.no_grad():
+        assert demo["gmm1"].cgmm(sharp).score.mean() > demo["gmm1"].cgmm(plain).score.mean()
+
+
+# ------------------------------------------------------------------------------------------------ class-conditional
+def test_class_conditional_samples_are_recognised(full_image, shipped):
+    # an independent judge: logistic regression on raw pixels of the real training images
+    X, Y = shipped.x_train.reshape(len(shipped.x_train), -1), shipped.y_train
+    W = torch.zeros(784, 10, requires_grad=True)
+    b = torch.zeros(10, requires_grad=True)
+    opt = torch.optim.Adam([W, b], lr=0.01)
+    for _ in range(300):
+        opt.zero_grad()
+        F.cross_entropy(X @ W + b, Y).backward()
+        opt.step()
+    judge_acc = float(((shipped.x_test.reshape(1000, -1) @ W + b).argmax(1) == shipped.y_test).float().mean())
+    assert judge_acc > 0.75
+    wanted = torch.arange(10).repeat(20)
+    samples = full_image.sample(200, classes=wanted.tolist(), generator=torch.Generator().manual_seed(0))
+    rate = float(((samples.reshape(200, -1) @ W + b).argmax(1) == wanted).float().mean())
+    print(f"class-conditional samples recognised as the requested class: {rate:.3f} (chance 0.1)")
+    assert rate >= 0.2
+    with pytest.raises(ValueError, match="classes"):
+        full_image.sample(2, classes=[10])
+
+
+# ------------------------------------------------------------------------------------------------ in-painting
+def _masks():
+    right = torch.ones(28, 28, dtype=torch.bool)
+    right[:, 14:] = False
+    centre = torch.ones(28, 28, dtype=torch.bool)
+    centre[9:19, 9:19] = False
+    pixels = torch.rand(5, 28, 28, generator=torch.Generator().manual_seed(0)) > 0.3
+    return {"right-half": right, "centre": centre, "random-pixels": pixels}
+
+
+@pytest.mark.parametrize("kind", ["right-half", "centre", "random-pixels"])
+def test_inpainting_keeps_known_pixels_and_fills_the_rest(demo, shipped, kind):
+    x = shipped.x_test[:5]
+    mask = _masks()[kind]
+    out = demo.inpaint(x, mask, generator=torch.Generator().manual_seed(0))
+    m = mask.expand(5, 28, 28)[..., None].expand_as(x) if mask.dim() == 2 else mask[..., None].expand_as(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert torch.equal(out[m], x[m])  # bit-identical where known
+    variants = demo.variants(torch.where(m, x, torch.zeros(())), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[~m], variants[~m])  # every masked pixel comes from the model
+    assert float(out[~m].max()) > 0.05
+
+
+def test_inpaint_rejects_bad_masks(demo, shipped):
+    with pytest.raises(TypeError, match="mask"):
+        demo.inpaint(shipped.x_test[:2], torch.ones(28, 28))
+    with pytest.raises(ValueError, match="mask"):
+        demo.inpaint(shipped.x_test[:2], torch.ones(20, 28, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------------------------------------ outliers
+def test_outlier_scores_by_hand(demo, shipped):
+    x = shipped.x_test[:6]
+    h = demo["pool1"](demo["gmm1"](x))
+    by_hand = demo["gmm2"].cgmm(h).score.mean(dim=(1, 2))  # mean over positions of the layer's own loss
+    assert torch.allclose(demo.outlier_scores(x), by_hand)
+    by_hand1 = demo["gmm1"].cgmm(x, loss="loglik").score.mean(dim=(1, 2))
+    assert torch.allclose(demo.outlier_scores(x, layer="gmm1", loss="loglik"), by_hand1)
+
+
+def test_outliers_separate_noise_and_inverted_images(full_image, shipped):
+    inliers = full_image.outlier_scores(shipped.x_test)
+    noise = full_image.outlier_scores(torch.rand(500, 28, 28, 1, generator=torch.Generator().manual_seed(1)))
+    inverted = full_image.outlier_scores(1 - shipped.x_test)
+    assert auroc(inliers, noise) >= 0.95
+    assert auroc(inliers, inverted) >= 0.95
+
+
+def test_auroc_hand_example():
+    # pairs (in, out): (3,0) (3,2) (2,0) (2,2)=1/2 (1,0) (1,2)=0 -> 4.5 / 6
+    assert auroc(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([0.0, 2.0])) == pytest.approx(0.75)
+    assert auroc(torch.tensor([5.0, 6.0]), torch.tensor([1.0])) == 1.0
+    assert auroc(torch.tensor([1.0]), torch.tensor([5.0, 6.0])) == 0.0
+    thr, kept, rejected = roc_curve(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([0.0, 2.0]), n_thresholds=4)
+    assert thr.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert kept.tolist() == [1.0, 2 / 3, 1 / 3, 0.0] and rejected.tolist() == [0.0, 0.5, 0.5, 1.0]
+
+
+def test_held_out_class_auroc_is_measured(shipped):
+    model = _full_image_model(shipped, exclude=0)
+    scores = model.outlier_scores(shipped.x_test)
+    inl, outl = scores[shipped.y_test != 0], scores[shipped.y_test == 0]
+    value = auroc(inl, outl)
+    thr, kept, rejected = roc_curve(inl, outl)
+    print(f"held-out class 0 (T-shirt/top) AUROC: {value:.3f}")
+    print("ROC (inliers kept, outliers rejected) every 10th threshold:",
+          [(round(float(k), 3), round(float(r), 3)) for k, r in zip(kept[::10], rejected[::10])])
+    assert 0.0 <= value <= 1.0
+    assert torch.all(kept.diff() <= 0) and torch.all(rejected.diff() >= 0)  # a proper curve
