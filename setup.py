@@ -47,7 +47,8 @@ setup(
     package_dir={"dcgmm_fast": "dcgmm_fast", "dcgmm_fast.triton_kernels": "triton_kernels"},
     package_data={"dcgmm_fast": ["_shipped/*.npz", "_shipped/*.txt"]},
     # A range, never an exact pin: a user's CUDA torch (e.g. 2.11 on the GPU box) must stay as it is.
-    install_requires=["torch>=2.11", "numpy>=1.24"],
+    install_requires=["torch>=2.11", "numpy>=1.24", "pillow>=9", "tqdm>=4.60"],
+    entry_points={"console_scripts": ["dcgmm = dcgmm_fast.cli:main"]},
     extras_require={
         # triton runs the kernels on CPU under TRITON_INTERPRET=1 in tests; CUDA torch brings its own.
         "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.6"],

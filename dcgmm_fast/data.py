@@ -5,6 +5,7 @@ licence in ``_shipped/LICENSE-fashion-mnist.txt``), so examples and tests run wi
 """
 from __future__ import annotations
 
+import gzip
 import os
 from typing import NamedTuple, Optional
 
@@ -70,3 +71,177 @@ def load_shipped(path: Optional[str] = None) -> Dataset:
         torch.as_tensor(arrays["y_test"].astype(np.int64)),
         n_classes=10,
     )
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file and what is wrong."""
+
+
+def _labels(y, path: str, n_images: int, n_classes: Optional[int], name: str) -> torch.Tensor:
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise DataError(f"{path}: {name} must be 1-D labels, got shape {y.shape}")
+    if y.shape[0] != n_images:
+        raise DataError(f"{path}: {name} has {y.shape[0]} labels for {n_images} images (shape mismatch)")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{path}: {name} must be integer labels, got {y.dtype}")
+    hi = n_classes if n_classes is not None else 256
+    if y.size and (int(y.min()) < 0 or int(y.max()) >= hi):
+        raise DataError(f"{path}: {name} labels out of range [0, {hi}): min {int(y.min())}, max {int(y.max())}")
+    return torch.as_tensor(y.astype(np.int64))
+
+
+def _images(x, path: str, name: str) -> torch.Tensor:
+    try:
+        return to_images(x, name=f"{path}: {name}")
+    except (ValueError, TypeError) as e:
+        raise DataError(str(e)) from None
+
+
+def _dataset(path, x_train, y_train, x_test, y_test, n_classes=None) -> Dataset:
+    xt, xs = _images(x_train, path, "x_train"), _images(x_test, path, "x_test")
+    if xt.shape[1:] != xs.shape[1:]:
+        raise DataError(f"{path}: x_train images {tuple(xt.shape[1:])} and x_test images {tuple(xs.shape[1:])} differ")
+    yt = _labels(y_train, path, xt.shape[0], n_classes, "y_train")
+    ys = _labels(y_test, path, xs.shape[0], n_classes, "y_test")
+    k = n_classes if n_classes is not None else int(max(yt.max(), ys.max())) + 1
+    return Dataset(xt, yt, xs, ys, n_classes=k)
+
+
+# ---------------------------------------------------------------------------------------------------- npz
+def load_npz(path: str, *, test_fraction: Optional[float] = None, n_classes: Optional[int] = None) -> Dataset:
+    """An .npz with x_train / y_train / x_test / y_test (Keras' layout, and the shipped file), or x / y split
+    into train and test by ``test_fraction`` (the last fraction of the file is the test set).
+
+    Raises:
+        DataError: naming the file: missing, unreadable or truncated, missing keys, shape mismatch, labels out
+            of range, NaN / Inf or out-of-range float images.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:  # zipfile.BadZipFile, EOFError, ValueError, ... all mean the same to the user
+        raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    if {"x_train", "y_train", "x_test", "y_test"} <= set(arrays):
+        return _dataset(path, arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], n_classes)
+    if {"x", "y"} <= set(arrays):
+        if test_fraction is None or not 0 < test_fraction < 1:
+            raise DataError(f"{path}: holds x / y; give a test_fraction in (0, 1) to split it, got {test_fraction}")
+        n = len(arrays["x"])
+        if len(arrays["y"]) != n:
+            raise DataError(f"{path}: y has {len(arrays['y'])} labels for {n} images (shape mismatch)")
+        cut = n - max(1, int(round(n * test_fraction)))
+        x, y = arrays["x"], arrays["y"]
+        return _dataset(path, x[:cut], y[:cut], x[cut:], y[cut:], n_classes)
+    raise DataError(f"{path}: expected keys x_train, y_train, x_test, y_test (or x, y), got {sorted(arrays)}")
+
+
+# ---------------------------------------------------------------------------------------------------- IDX
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def _open(path: str, mode: str):
+    """Open plain or gzip (by the gzip magic bytes on read, by the .gz suffix on write)."""
+    if "r" in mode:
+        with open(path, "rb") as f:
+            gz = f.read(2) == b"\x1f\x8b"
+        return gzip.open(path, mode) if gz else open(path, mode)
+    return gzip.open(path, mode) if path.endswith(".gz") else open(path, mode)
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read an MNIST-format IDX file (plain or gzip), as MNIST, Fashion-MNIST and EMNIST ship them.
+
+    Raises:
+        DataError: naming the file: missing, wrong magic number, truncated, trailing bytes.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    try:
+        with _open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise DataError(f"{path}: wrong magic number {raw[:4].hex() or '(empty)'}: not an IDX file")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated header ({len(raw)} bytes)")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(raw) - header < need:
+        raise DataError(f"{path}: truncated: {len(raw) - header} data bytes for shape {shape} ({need} needed)")
+    if len(raw) - header > need:
+        raise DataError(f"{path}: {len(raw) - header - need} unexpected trailing bytes after shape {shape}")
+    values = np.frombuffer(raw, dtype=dtype, count=need // dtype.itemsize, offset=header).reshape(shape)
+    return values.astype(dtype.newbyteorder("="))  # native byte order, a copy
+
+
+_IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(np.int16): 0x0B,
+              np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D, np.dtype(np.float64): 0x0E}
+
+
+def write_idx(path: str, array) -> None:
+    """Write an array as an IDX file (gzip when ``path`` ends in .gz), big-endian as the format says."""
+    a = np.asarray(array)
+    code = _IDX_CODES.get(a.dtype.newbyteorder("="))
+    if code is None:
+        raise ValueError(f"array: IDX stores uint8, int8, int16, int32, float32 or float64, got {a.dtype}")
+    with _open(path, "wb") as f:
+        f.write(bytes([0, 0, code, a.ndim]))
+        for n in a.shape:
+            f.write(int(n).to_bytes(4, "big"))
+        f.write(a.astype(_IDX_TYPES[code]).tobytes())
+
+
+def _find(directory: str, stem: str) -> str:
+    for name in (stem, stem + ".gz"):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    raise DataError(f"{os.path.join(directory, stem)}(.gz): no such file")
+
+
+def load_idx(directory: str, *, n_classes: Optional[int] = None) -> Dataset:
+    """The four MNIST-format files in ``directory`` (train-images-idx3-ubyte, train-labels-idx1-ubyte,
+    t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, each plain or .gz)."""
+    parts = {k: read_idx(_find(directory, stem)) for k, stem in (
+        ("x_train", "train-images-idx3-ubyte"), ("y_train", "train-labels-idx1-ubyte"),
+        ("x_test", "t10k-images-idx3-ubyte"), ("y_test", "t10k-labels-idx1-ubyte"))}
+    return _dataset(directory, parts["x_train"], parts["y_train"], parts["x_test"], parts["y_test"], n_classes)
+
+
+# ---------------------------------------------------------------------------------------------------- any
+def load_torchvision(name: str, root: str) -> Dataset:
+    """A torchvision dataset already downloaded under ``root`` (e.g. "MNIST", "FashionMNIST")."""
+    try:
+        import torchvision.datasets as tvd
+    except ImportError:
+        raise DataError(f"torchvision:{name}: torchvision is not installed (pip install torchvision)") from None
+    cls = getattr(tvd, name, None)
+    if cls is None:
+        raise DataError(f"torchvision:{name}: no such torchvision dataset")
+    splits = [cls(root, train=t, download=False) for t in (True, False)]
+    arrays = [(np.asarray(s.data), np.asarray(s.targets)) for s in splits]
+    return _dataset(f"torchvision:{name}", arrays[0][0], arrays[0][1], arrays[1][0], arrays[1][1])
+
+
+def load_dataset(spec: str = "shipped", *, test_fraction: Optional[float] = None) -> Dataset:
+    """``"shipped"`` (default), a path to an .npz, a directory of IDX files, or ``torchvision:NAME[:ROOT]``."""
+    if spec in ("shipped", "fashion_mnist_5k", ""):
+        return load_shipped()
+    if spec.startswith("torchvision:"):
+        _, name, *root = spec.split(":", 2)
+        return load_torchvision(name, root[0] if root else "data")
+    if os.path.isdir(spec):
+        return load_idx(spec)
+    if spec.endswith(".npz") or os.path.isfile(spec):
+        return load_npz(spec, test_fraction=test_fraction)
+    raise DataError(f"{spec}: no such file or directory (expected 'shipped', an .npz, an IDX directory or "
+                    f"torchvision:NAME)")

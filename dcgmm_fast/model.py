@@ -248,7 +248,7 @@ class DCGMM(nn.Module):
     # -------------------------------------------------------------------------------------------- training
     def fit(self, x, y=None, *, epochs: Optional[float] = None, batch_size: Optional[int] = None, optimizer=None,
             lr: Optional[float] = None, seed: Optional[int] = None, compile: bool = False,
-            callback=None) -> History:
+            resume: bool = False, stop_step: Optional[int] = None, callback=None) -> History:
         """Train layer by layer (``train.Trainer``), as the original: bottom-up, no gradient between layers.
 
         Args:
@@ -258,6 +258,9 @@ class DCGMM(nn.Module):
             optimizer: None (the original rule), "sgd", "adam" or a factory (see ``Trainer``).
             seed: seeds the training order (None: torch's global RNG).
             compile: compile each GMM step with torch.compile(fullgraph=True).
+            resume: continue the same schedule (same epochs, batch size and seed) after ``steps_done`` steps.
+            stop_step: stop before this step of the schedule (None: train to the end).
+            callback: called after every step with (step, total_steps, history).
         Returns:
             train.History with per-step scores, som_sigma and classifier metrics.
         """
@@ -271,6 +274,8 @@ class DCGMM(nn.Module):
             if bool((y < 0).any()) or bool((y >= self.n_classes).any()):
                 raise ValueError(f"y: labels must lie in [0, {self.n_classes}), got [{int(y.min())}, {int(y.max())}]")
         trainer = Trainer(self.layers, self.names, optimizer=optimizer, lr=lr, compile=compile)
-        history = trainer.fit(x, y, epochs=epochs, batch_size=batch_size, seed=seed, callback=callback)
+        start = int(self.steps_done) if resume else 0
+        history = trainer.fit(x, y, epochs=epochs, batch_size=batch_size, seed=seed, start_step=start,
+                              stop_step=stop_step, callback=callback)
         self.steps_done += history.steps
         return history

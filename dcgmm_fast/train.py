@@ -281,7 +281,7 @@ class Trainer:
         layer.set_annealing(ctrl.eps, ctrl.som_sigma)
 
     def fit(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, epochs: float, batch_size: int = 100,
-            seed: Optional[int] = None, start_step: int = 0,
+            seed: Optional[int] = None, start_step: int = 0, stop_step: Optional[int] = None,
             callback: Optional[Callable[[int, int, History], None]] = None) -> History:
         """Train on x (N, H, W, C) float in [0, 1] (and labels y (N,) for the classifier).
 
@@ -290,6 +290,7 @@ class Trainer:
 
         Args:
             start_step: steps already done (resume): training continues at that step of the same schedule.
+            stop_step: stop before this step (a time-boxed part of the schedule); None: the end.
             callback: called after every step with (step, total_steps, history).
         Returns:
             History of this call's steps.
@@ -304,7 +305,7 @@ class Trainer:
         g = torch.Generator().manual_seed(seed if seed is not None else int(torch.initial_seed()) % 2**63)
         order = torch.randperm(n, generator=g)[: per_epoch * batch_size].reshape(per_epoch, batch_size)
         history = History()
-        for step in range(start_step, total):
+        for step in range(start_step, total if stop_step is None else min(total, stop_step)):
             idx = order[step % per_epoch].to(x.device)
             self.train_step(x[idx], None if y is None else y[idx], step / (total + 1), history)
             history.steps += 1

@@ -55,3 +55,104 @@ def test_to_images_scales_and_adds_channel():
 def test_to_images_rejects_bad_input(bad, exc):
     with pytest.raises(exc, match="images"):
         data.to_images(bad, name="images")
+
+
+# ------------------------------------------------------------------------------------------------ files
+def _write_idx_set(directory, ds, gz):
+    suffix = ".gz" if gz else ""
+    u8 = lambda t: (t[..., 0] * 255).round().to(torch.uint8).numpy()  # noqa: E731
+    data.write_idx(os.path.join(directory, "train-images-idx3-ubyte" + suffix), u8(ds.x_train))
+    data.write_idx(os.path.join(directory, "train-labels-idx1-ubyte" + suffix), ds.y_train.numpy().astype(np.uint8))
+    data.write_idx(os.path.join(directory, "t10k-images-idx3-ubyte" + suffix), u8(ds.x_test))
+    data.write_idx(os.path.join(directory, "t10k-labels-idx1-ubyte" + suffix), ds.y_test.numpy().astype(np.uint8))
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64])
+def test_idx_round_trip(tmp_path, gz, dtype):
+    a = (np.random.default_rng(0).random((4, 3, 5)) * 100).astype(dtype)
+    path = str(tmp_path / ("a.idx" + (".gz" if gz else "")))
+    data.write_idx(path, a)
+    b = data.read_idx(path)
+    assert b.dtype == np.dtype(dtype) and np.array_equal(a, b)
+    if gz:
+        assert open(path, "rb").read(2) == b"\x1f\x8b"
+
+
+def test_npz_and_idx_copies_load_identically(tmp_path, shipped):
+    small = shipped._replace(x_train=shipped.x_train[:50], y_train=shipped.y_train[:50],
+                             x_test=shipped.x_test[:20], y_test=shipped.y_test[:20])
+    for gz in (False, True):
+        d = tmp_path / f"idx{gz}"
+        d.mkdir()
+        _write_idx_set(str(d), small, gz)
+        idx = data.load_dataset(str(d))
+        np.savez(tmp_path / "copy.npz", x_train=(small.x_train[..., 0] * 255).round().to(torch.uint8).numpy(),
+                 y_train=small.y_train.numpy(), x_test=(small.x_test[..., 0] * 255).round().to(torch.uint8).numpy(),
+                 y_test=small.y_test.numpy())
+        npz = data.load_dataset(str(tmp_path / "copy.npz"))
+        for a, b in zip(idx[:4], npz[:4]):
+            assert torch.equal(a, b)
+        assert torch.equal(idx.x_train, small.x_train)
+
+
+def test_npz_x_y_split(tmp_path):
+    x = np.random.default_rng(0).integers(0, 256, (10, 4, 4), dtype=np.uint8)
+    y = np.arange(10) % 3
+    np.savez(tmp_path / "xy.npz", x=x, y=y)
+    ds = data.load_npz(str(tmp_path / "xy.npz"), test_fraction=0.3)
+    assert ds.x_train.shape == (7, 4, 4, 1) and ds.x_test.shape == (3, 4, 4, 1) and ds.n_classes == 3
+    with pytest.raises(data.DataError, match="xy.npz.*test_fraction"):
+        data.load_npz(str(tmp_path / "xy.npz"))
+
+
+def _bad_files(tmp_path):
+    """(what, path) pairs of broken files, each must raise DataError naming the file."""
+    out = []
+    good = tmp_path / "good.idx"
+    data.write_idx(str(good), np.zeros((3, 2, 2), dtype=np.uint8))
+    raw = good.read_bytes()
+    (tmp_path / "truncated.idx").write_bytes(raw[:-3])
+    out.append(("truncated", str(tmp_path / "truncated.idx")))
+    (tmp_path / "magic.idx").write_bytes(b"\x01\x02" + raw[2:])
+    out.append(("magic", str(tmp_path / "magic.idx")))
+    out.append(("no such file", str(tmp_path / "missing.idx")))
+    return out
+
+
+def test_bad_idx_files_name_the_file(tmp_path):
+    for what, path in _bad_files(tmp_path):
+        with pytest.raises(data.DataError, match=os.path.basename(path)) as info:
+            data.read_idx(path)
+        assert what.split()[0] in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "arrays,what",
+    [
+        (dict(x_train=np.zeros((4, 3, 3), np.uint8), y_train=np.zeros(5, np.int64),
+              x_test=np.zeros((2, 3, 3), np.uint8), y_test=np.zeros(2, np.int64)), "mismatch"),
+        (dict(x_train=np.zeros((4, 3, 3), np.uint8), y_train=np.array([0, 1, -1, 2]),
+              x_test=np.zeros((2, 3, 3), np.uint8), y_test=np.zeros(2, np.int64)), "out of range"),
+        (dict(x_train=np.full((4, 3, 3), np.nan, np.float32), y_train=np.zeros(4, np.int64),
+              x_test=np.zeros((2, 3, 3), np.float32), y_test=np.zeros(2, np.int64)), "NaN"),
+        (dict(x_train=np.zeros((4, 3, 3), np.uint8)), "expected keys"),
+    ],
+)
+def test_bad_npz_files_name_the_file(tmp_path, arrays, what):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(data.DataError, match="bad.npz") as info:
+        data.load_npz(str(path))
+    assert what in str(info.value)
+
+
+def test_truncated_npz_and_idx_label_range(tmp_path):
+    path = tmp_path / "cut.npz"
+    np.savez(path, x_train=np.zeros((40, 8, 8), np.uint8), y_train=np.zeros(40, np.int64),
+             x_test=np.zeros((2, 8, 8), np.uint8), y_test=np.zeros(2, np.int64))
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(data.DataError, match="cut.npz"):
+        data.load_npz(str(path))
+    with pytest.raises(data.DataError, match="out of range"):
+        data.load_npz(str(data.SHIPPED_FASHION_MNIST), n_classes=5)

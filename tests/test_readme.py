@@ -20,10 +20,17 @@ def test_readme_has_exactly_two_commands_and_ci_runs_them():
     assert "pytest" in commands[1] and "[test]" in commands[1]
 
 
-def test_main_job_entry_point_exists():
+def test_main_job_entry_points_exist():
     main_job = _readme_commands()[0]
-    script = re.search(r"python (\S+\.py)", main_job).group(1)
-    assert os.path.isfile(os.path.join(ROOT, script))
+    setup = open(os.path.join(ROOT, "setup.py")).read()
+    assert '"dcgmm = dcgmm_fast.cli:main"' in setup  # the console script the command calls
+    from dcgmm_fast import cli
+
+    parser = cli.build_parser()
+    for call in re.findall(r"\.venv/bin/dcgmm ([^&]+)", main_job):
+        args = parser.parse_args(call.split())  # every call of the main job parses
+        assert callable(args.func)
+    assert "dcgmm train --preset demo" in main_job and "dcgmm sample" in main_job
 
 
 def test_no_exact_torch_pin_in_install_requires():
