@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Literal, Optional, Tuple
+from typing import List, Literal, Optional, Tuple
 
 import torch
 
@@ -88,11 +88,9 @@ def _triton_problem() -> Optional[str]:
         )
     try:
         from .triton_kernels import cgmm as _tk  # noqa: F401
-    except ImportError:
-        return (
-            "backend 'triton' is not built: dcgmm_fast.triton_kernels has no cgmm kernels in this version; "
-            "use backend='reference'"
-        )
+    except ImportError as e:
+        return f"backend 'triton' failed to import dcgmm_fast.triton_kernels.cgmm ({e}); use backend='reference'"
+    _register_triton()
     return None
 
 
@@ -181,6 +179,77 @@ def _register_cpp() -> None:
     )
 
 
+def _register_triton() -> None:
+    """The Triton ops as torch custom ops (CPU tensors under TRITON_INTERPRET=1, and CUDA tensors), once."""
+    from .triton_kernels import cgmm as tk
+
+    devices = ("cpu", "cuda")
+
+    @torch.library.custom_op("dcgmm::cgmm_fwd_triton", mutates_args=(), device_types=devices)
+    def cgmm_fwd_triton(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, log_pi: torch.Tensor,
+                        kernel: List[int], stride: List[int], loss: str, smoothing: Optional[torch.Tensor]
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tk.cgmm_fwd(x, mu, sigma, log_pi, tuple(kernel), tuple(stride), loss, smoothing)
+
+    @torch.library.custom_op("dcgmm::cgmm_bwd_triton", mutates_args=(), device_types=devices)
+    def cgmm_bwd_triton(g_resp: Optional[torch.Tensor], g_score: Optional[torch.Tensor], x: torch.Tensor,
+                        mu: torch.Tensor, sigma: torch.Tensor, log_pi: torch.Tensor, kernel: List[int],
+                        stride: List[int], loss: str, smoothing: Optional[torch.Tensor], resp: torch.Tensor,
+                        lse: torch.Tensor, kstar: torch.Tensor, need_x_grad: bool
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tk.cgmm_bwd(g_resp, g_score, x, mu, sigma, log_pi, tuple(kernel), tuple(stride), loss, smoothing,
+                           resp, lse, kstar, need_x_grad)
+
+    @torch.library.custom_op("dcgmm::patch_average_triton", mutates_args=(), device_types=devices)
+    def patch_average_triton(v: torch.Tensor, image_hw: List[int], kernel: List[int], stride: List[int]
+                             ) -> torch.Tensor:
+        return tk.fold(v, tuple(image_hw), tuple(kernel), tuple(stride), average=True)
+
+    @torch.library.custom_op("dcgmm::sample_components_triton", mutates_args=(), device_types=devices)
+    def sample_components_triton(topdown: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, top_s: int,
+                                 divisor: float, u: torch.Tensor, eps: torch.Tensor, sigma_ceiling: float
+                                 ) -> torch.Tensor:
+        return tk.sample_components(topdown, mu, sigma, top_s, divisor, u, eps, sigma_ceiling)
+
+    cgmm_fwd_triton.register_fake(_cgmm_fwd_fake)
+    cgmm_bwd_triton.register_fake(_cgmm_bwd_fake)
+    patch_average_triton.register_fake(_patch_average_fake)
+    sample_components_triton.register_fake(_sample_components_fake)
+    cgmm_fwd_triton.register_autograd(_make_cgmm_backward(cgmm_bwd_triton), setup_context=_cgmm_setup_context)
+    patch_average_triton.register_autograd(_patch_average_backward, setup_context=_patch_average_setup_context)
+
+
+class _TritonBackend:
+    """The ops on the Triton kernels (torch.ops.dcgmm.*_triton); float32; CPU tensors need TRITON_INTERPRET=1."""
+
+    @staticmethod
+    def _check(t: torch.Tensor, name: str) -> None:
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name}: the triton backend computes in float32, got {t.dtype}; use backend='cpp' or "
+                            "'reference' for float64")
+        if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise BackendNotAvailable("backend 'triton' runs CPU tensors only under TRITON_INTERPRET=1, set before "
+                                      "dcgmm_fast is first imported; use backend='cpp' on CPU")
+
+    @staticmethod
+    def cgmm(x, mu, sigma, log_pi, *, kernel, stride, loss, smoothing):
+        _TritonBackend._check(x, "x")
+        out = torch.ops.dcgmm.cgmm_fwd_triton(x, mu, sigma, log_pi, list(kernel), list(stride), loss, smoothing)
+        return CGMMOut(*out)
+
+    @staticmethod
+    def patch_average(v, image_hw, kernel, stride):
+        _TritonBackend._check(v, "v")
+        return torch.ops.dcgmm.patch_average_triton(v, list(image_hw), list(kernel), list(stride))
+
+    @staticmethod
+    def sample_components(topdown, mu, sigma, *, top_s, divisor, u, eps, sigma_ceiling):
+        _TritonBackend._check(mu, "mu")
+        return torch.ops.dcgmm.sample_components_triton(
+            topdown, mu, sigma, int(top_s), float(divisor), u, eps, float(sigma_ceiling)
+        )
+
+
 class _CppBackend:
     """The ops on the C++ CPU kernels (torch.ops.dcgmm.*_cpp)."""
 
@@ -246,6 +315,8 @@ def _impl(backend: str):
         return reference
     if backend == "cpp":
         return _CppBackend
+    if backend == "triton":
+        return _TritonBackend
     raise BackendNotAvailable(_problem(backend) or f"backend {backend!r} has no implementation of this op")
 
 

@@ -79,6 +79,7 @@ def _top2_margin(inputs64, G, kw):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 def test_float64_matches_reference(backend, shape, fresh_seed):
+    _float64_only(backend)
     inputs, G, kw = _inputs(shape, torch.float64, fresh_seed)
     out = ops.cgmm(*inputs, smoothing=G, backend=backend, **kw)
     ref = reference.cgmm(*inputs, smoothing=G, **kw)
@@ -137,6 +138,11 @@ def test_gradcheck_tiny(backend, independent, loss, som):
         return out.resp, out.score
 
     assert torch.autograd.gradcheck(f, (x, mu, sigma, log_pi), eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+def _float64_only(backend):
+    if backend in ("triton", "cuda"):
+        pytest.skip("float32 backend (design.md: float64 in reference and cpp)")
 
 
 def _cpp_only(backend):
@@ -222,6 +228,8 @@ def test_peak_memory_is_outputs_plus_input(backend):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_patch_average_matches_reference(backend, dtype, fresh_seed):
+    if dtype == torch.float64:
+        _float64_only(backend)
     g = torch.Generator().manual_seed(fresh_seed)
     for (H, W), kernel, stride, C in [((7, 6), 3, 2, 2), ((12, 12), 4, 2, 3), ((7, 7), 2, 2, 1), ((5, 9), (2, 3), 1, 2)]:
         Ho, Wo = reference.out_hw((H, W), kernel, stride)
