@@ -16,10 +16,16 @@ import tempfile
 
 os.environ["TRITON_INTERPRET"] = "0"
 
+import importlib.util  # noqa: E402
+
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from dcgmm_fast.triton_kernels import cgmm as tk  # noqa: E402
+# the kernel file itself, so the check runs in any environment with torch and triton (no dcgmm_fast install)
+_KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "triton_kernels", "cgmm.py")
+_spec = importlib.util.spec_from_file_location("dcgmm_triton_cgmm", _KERNELS)
+tk = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tk)
 
 I32, F32, P32, P64, PI32 = "i32", "fp32", "*fp32", "*fp64", "*i32"
 ROW_SHAPES = ["H", "W", "C", "Wo", "P", "K", "D", "KWC", "sh", "sw", "ROWS", "TILES"]
@@ -46,9 +52,9 @@ def configs():
                        g_score_ptr=P32, kstar_ptr=PI32, g_ptr=P32, x_ptr=P32, **rows)
             out.append((tk._cgmm_bwd_param_kernel, sig,
                         dict(BLOCK_R=tk.BWD_BLOCK_R, BLOCK_K=block_k, BLOCK_D=tk.BWD_BLOCK_D, STORE_W=True, **flags), 4))
-        sig = dict(dpatch_ptr=P32, w_ptr=P32, x_ptr=P32, s2mu_ptr=P32, s2_ptr=P32, **rows)
-        out.append((tk._cgmm_bwd_x_kernel, sig, dict(BLOCK_R=tk.BWD_BLOCK_R, BLOCK_K=block_k, BLOCK_D=tk.BWD_BLOCK_D,
-                                                      INDEP=True), 4))
+    sig = dict(dpatch_ptr=P32, w_ptr=P32, x_ptr=P32, s2mu_ptr=P32, s2_ptr=P32, **rows)
+    out.append((tk._cgmm_bwd_x_kernel, sig, dict(BLOCK_R=tk.BWD_BLOCK_R, BLOCK_K=tk.BWD_X_BLOCK_K,
+                                                  BLOCK_D=tk.BWD_BLOCK_D, INDEP=True), 4))
     for block_k in (16, 32, 64, 128, 256):
         sig = dict(out_ptr=P32, topdown_ptr=P32, mu_ptr=P32, sigma_ptr=P32, u_ptr=P32, eps_ptr=P32, ROWS=I32, P=I32,
                    K=I32, D=I32, top_s=I32, divisor=F32, sigma_ceiling=F32)

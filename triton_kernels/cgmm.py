@@ -402,6 +402,7 @@ def cgmm_fwd(x, mu, sigma, log_pi, kernel, stride, loss, smoothing):
 
 BWD_BLOCK_R = 32  # fixed: the parameter partial sums' row blocks (determinism does not depend on the device)
 BWD_BLOCK_D = 16
+BWD_X_BLOCK_K = 16  # 32 spills on sm_80 (triton 3.7.1, 8 warps) or sm_90 (triton 3.6, 4 warps)
 
 
 def cgmm_bwd(g_resp, g_score, x, mu, sigma, log_pi, kernel, stride, loss, smoothing, resp, lse, kstar, need_x_grad):
@@ -446,7 +447,7 @@ def cgmm_bwd(g_resp, g_score, x, mu, sigma, log_pi, kernel, stride, loss, smooth
         dpatch = x.new_empty(g["N"], g["Ho"], g["Wo"], D)
         _cgmm_bwd_x_kernel[(n_prog,)](
             dpatch, w_buf, x, s2mu, s2, *common,
-            BLOCK_R=BWD_BLOCK_R, BLOCK_K=block_k, BLOCK_D=block_d, INDEP=g["INDEP"], num_warps=4,
+            BLOCK_R=BWD_BLOCK_R, BLOCK_K=BWD_X_BLOCK_K, BLOCK_D=block_d, INDEP=g["INDEP"], num_warps=4,
         )
         dx = fold(dpatch, (g["H"], g["W"]), kernel, stride, average=False)
     return dx, d_mu.to(mu.dtype), d_sigma.to(mu.dtype), d_log_pi.to(mu.dtype).reshape(log_pi.shape)
