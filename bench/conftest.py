@@ -48,8 +48,11 @@ def pytest_sessionfinish(session, exitstatus):
     if not RESULTS:
         return
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    peak = sgemm_gflops()
     for suite, rows in RESULTS.items():
+        if "peak_flops" in rows[0]:
+            _write_gpu(suite, rows)
+            continue
+        peak = sgemm_gflops()
         ref = {(r["shape"], r["mode"], r["loss"]): r["seconds"] for r in rows if r["provider"] == "reference"}
         comp = {(r["shape"], r["mode"], r["loss"]): r["seconds"] for r in rows if r["provider"] == "compiled"}
         lines = [
@@ -80,3 +83,34 @@ def pytest_sessionfinish(session, exitstatus):
         with open(os.path.join(RESULTS_DIR, f"{suite}.md"), "w") as f:
             f.write(text)
         print("\n" + text)
+
+
+def _write_gpu(suite, rows):
+    """GPU table: time, fractions of the fp32 and HBM ceilings measured in the same run, speed-ups."""
+    import triton
+
+    ref = {(r["shape"], r["mode"], r["loss"]): r["seconds"] for r in rows if r["provider"] == "reference"}
+    comp = {(r["shape"], r["mode"], r["loss"]): r["seconds"] for r in rows if r["provider"] == "compiled"}
+    first = rows[0]
+    lines = [
+        f"# {suite}", "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- command: `{' '.join(['python -m pytest'] + sys.argv[1:])}`",
+        f"- device: {first['device']}; torch {torch.__version__} (CUDA {torch.version.cuda}), triton "
+        f"{triton.__version__}, python {platform.python_version()}",
+        f"- ceilings measured in this run: fp32 {first['peak_flops'] / 1e12:.1f} TFLOP/s (TF32 off), "
+        f"HBM {first['peak_bytes'] / 1e9:.0f} GB/s",
+        "", "| shape | loss | mode | provider | ms | vs reference | vs compiled | % fp32 peak | % HBM |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        key = (r["shape"], r["mode"], r["loss"])
+        vs_ref = f"{ref[key] / r['seconds']:.1f}x" if key in ref else "-"
+        vs_comp = f"{comp[key] / r['seconds']:.1f}x" if key in comp else "-"
+        lines.append(f"| {r['shape']} | {r['loss']} | {r['mode']} | {r['provider']} | {r['seconds'] * 1e3:.3f} | "
+                     f"{vs_ref} | {vs_comp} | {100 * r['flops'] / r['seconds'] / r['peak_flops']:.1f}% | "
+                     f"{100 * r['bytes'] / r['seconds'] / r['peak_bytes']:.1f}% |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(RESULTS_DIR, f"{suite}.md"), "w") as f:
+        f.write(text)
+    print("\n" + text)

@@ -19,8 +19,28 @@ from dcgmm_fast import ops, reference
 
 from conftest import assert_close, make_inputs, rel_err
 
-FUSED = [b for b in ("cpp", "triton", "cuda") if b in ops.available_backends()]
+def _fused():
+    """Built fused backends, as "name" (CPU tensors) or "name@cuda" (CUDA tensors, on a GPU machine)."""
+    out = []
+    built = ops.available_backends()
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if "cpp" in built:
+        out.append("cpp")
+    if "triton" in built and interpret:
+        out.append("triton")
+    if torch.cuda.is_available():
+        out += [f"{b}@cuda" for b in ("triton", "cuda") if b in built and not (b == "triton" and interpret)]
+    return out
+
+
+FUSED = _fused()
 pytestmark = pytest.mark.skipif(not FUSED, reason="no fused backend is built")
+
+
+def _split(param):
+    """"triton@cuda" -> ("triton", "cuda"); "cpp" -> ("cpp", "cpu")."""
+    name, _, device = param.partition("@")
+    return name, device or "cpu"
 
 
 @pytest.fixture(autouse=True)
@@ -79,6 +99,8 @@ def _top2_margin(inputs64, G, kw):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 def test_float64_matches_reference(backend, shape, fresh_seed):
+    if "@" in backend:
+        pytest.skip("CPU-tensor test")
     _float64_only(backend)
     inputs, G, kw = _inputs(shape, torch.float64, fresh_seed)
     out = ops.cgmm(*inputs, smoothing=G, backend=backend, **kw)
@@ -98,9 +120,14 @@ def test_float64_matches_reference(backend, shape, fresh_seed):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 def test_float32_within_design_rule(backend, shape, fresh_seed):
+    backend, device = _split(backend)
     inputs64, G64, kw = _inputs(shape, torch.float64, fresh_seed)
     inputs32, G32, _ = _inputs(shape, torch.float32, fresh_seed)
-    out = ops.cgmm(*inputs32, smoothing=G32, backend=backend, **kw)
+    on_dev = [t.detach().to(device).requires_grad_(True) for t in inputs32]
+    dev_out = ops.cgmm(*on_dev, smoothing=None if G32 is None else G32.to(device), backend=backend, **kw)
+    g_dev = _upstream(dev_out, fresh_seed + 1)
+    dev_grads = _grads(dev_out, on_dev, *(t.to(device) for t in g_dev))
+    out = ops.CGMMOut(*(t.detach().cpu() for t in dev_out))
     ref64 = reference.cgmm(*inputs64, smoothing=G64, **kw)
     ref32 = reference.cgmm(*inputs32, smoothing=G32, **kw)
     for name in ("resp", "score", "lse"):
@@ -116,7 +143,7 @@ def test_float32_within_design_rule(backend, shape, fresh_seed):
     ref64 = reference.cgmm(*inputs64, smoothing=G64, kstar=kstar, **kw)
     ref32 = reference.cgmm(*inputs32, smoothing=G32, kstar=kstar, **kw)
     g_resp, g_score = _upstream(ref64, fresh_seed + 1)
-    got = _grads(out, inputs32, g_resp, g_score)
+    got = [t.cpu() for t in dev_grads]
     want = _grads(ref64, inputs64, g_resp, g_score)
     own = _grads(ref32, inputs32, g_resp, g_score)
     for name, a, b, c in zip(("dx", "d_mu", "d_sigma", "d_log_pi"), got, want, own):
@@ -128,6 +155,8 @@ def test_float32_within_design_rule(backend, shape, fresh_seed):
 @pytest.mark.parametrize("independent,loss,som", [(False, "mc", 1.0), (True, "mc", None), (False, "loglik", None),
                                                   (True, "loglik", None)])
 def test_gradcheck_tiny(backend, independent, loss, som):
+    if "@" in backend:
+        pytest.skip("CPU-tensor test")
     if backend not in ("cpp",):
         pytest.skip("float64 gradcheck runs on the float64-capable backends")
     x, mu, sigma, log_pi = make_inputs(1, 3, 3, 1, (1, 2), 2, 4, independent, seed=3, requires_grad=True)
@@ -153,6 +182,8 @@ def _cpp_only(backend):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[3]], ids=[IDS[0], IDS[1], IDS[3]])
 def test_opcheck(backend, shape):
+    if "@" in backend:
+        pytest.skip("CPU-tensor test")
     _cpp_only(backend)
     inputs, G, kw = _inputs(shape, torch.float64, 11)
     k, s = list(reference.pair(kw["kernel"])), list(reference.pair(kw["stride"]))
@@ -173,6 +204,8 @@ def test_opcheck(backend, shape):
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_parameter_gradients_bit_identical_across_runs_and_threads(backend):
+    if "@" in backend:
+        pytest.skip("CPU-tensor test")
     _cpp_only(backend)
     shape = (8, 13, 13, 25, 4, 2, 25, False, "mc", 1.5)  # 200 rows... and more in the independent case
     results = []
@@ -196,6 +229,8 @@ def test_parameter_gradients_bit_identical_across_runs_and_threads(backend):
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_peak_memory_is_outputs_plus_input(backend):
+    if "@" in backend:
+        pytest.skip("CPU-tensor test")
     """(rows, K, D) = (28800, 100, 400) float32 would be 4.6 GB; fwd + parameter bwd must stay near O(N*P*K + input)."""
     _cpp_only(backend)
     code = textwrap.dedent(
@@ -228,6 +263,7 @@ def test_peak_memory_is_outputs_plus_input(backend):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_patch_average_matches_reference(backend, dtype, fresh_seed):
+    backend, device = _split(backend)
     if dtype == torch.float64:
         _float64_only(backend)
     g = torch.Generator().manual_seed(fresh_seed)
@@ -235,12 +271,14 @@ def test_patch_average_matches_reference(backend, dtype, fresh_seed):
         Ho, Wo = reference.out_hw((H, W), kernel, stride)
         kh, kw = reference.pair(kernel)
         v = torch.randn(3, Ho, Wo, kh * kw * C, generator=g, dtype=dtype, requires_grad=True)
-        out = ops.patch_average(v, (H, W), kernel, stride, backend=backend)
+        v_dev = v.detach().to(device).requires_grad_(True)
+        out = ops.patch_average(v_dev, (H, W), kernel, stride, backend=backend)
         ref = reference.patch_average(v, (H, W), kernel, stride)
         assert not torch.isnan(out).any()
-        assert torch.equal(out, ref)  # both sum in float64 and round once
+        assert torch.equal(out.cpu(), ref)  # both sum in float64 and round once
         gout = torch.randn(out.shape, generator=g, dtype=dtype)
-        (a,) = torch.autograd.grad((out * gout).sum(), v)
+        (a,) = torch.autograd.grad((out * gout.to(device)).sum(), v_dev)
+        a = a.cpu()
         (b,) = torch.autograd.grad((ref * gout).sum(), v)
         assert_close(a, b, 1e-6 if dtype == torch.float32 else 1e-14, "d v")
 
@@ -249,6 +287,7 @@ def test_patch_average_matches_reference(backend, dtype, fresh_seed):
 @pytest.mark.parametrize("independent", [False, True])
 @pytest.mark.parametrize("top_s", [0, 1, 3])
 def test_sample_components_matches_reference(backend, independent, top_s, fresh_seed):
+    backend, device = _split(backend)
     g = torch.Generator().manual_seed(fresh_seed)
     N, Ho, Wo, K, D = 4, 5, 3, 9, 7
     lead = (Ho * Wo, K) if independent else (K,)
@@ -259,18 +298,22 @@ def test_sample_components_matches_reference(backend, independent, top_s, fresh_
     topdown[1, 2, 1, :4] = topdown[1, 2, 1, 4]  # ties
     u, eps = torch.rand(N, Ho, Wo, generator=g), torch.randn(N, Ho, Wo, D, generator=g)
     kw = dict(top_s=top_s, divisor=20.0, u=u, eps=eps, sigma_ceiling=4.0)
-    out = ops.sample_components(topdown, mu, sigma, backend=backend, **kw)
+    dev = lambda t: t.to(device)  # noqa: E731
+    kw_dev = dict(kw, u=dev(u), eps=dev(eps))
+    out = ops.sample_components(dev(topdown), dev(mu), dev(sigma), backend=backend, **kw_dev).cpu()
     ref = reference.sample_components(topdown, mu, sigma, **kw)
     assert not torch.isnan(out).any()
     # same components: with a huge divisor the sample is the chosen mean
-    huge = dict(kw, divisor=1e30)
-    assert torch.equal(ops.sample_components(topdown, mu, sigma, backend=backend, **huge),
+    huge, huge_dev = dict(kw, divisor=1e30), dict(kw_dev, divisor=1e30)
+    assert torch.equal(ops.sample_components(dev(topdown), dev(mu), dev(sigma), backend=backend, **huge_dev).cpu(),
                        reference.sample_components(topdown, mu, sigma, **huge))
     assert_close(out, ref, 1e-6, "sample")
 
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_compiles_fullgraph_with_backward(backend):
+    if "@" in backend:
+        pytest.skip("CPU-tensor test")
     inputs, G, kw = _inputs(SHAPES[0], torch.float32, 2)
 
     def f(x, mu, sigma, log_pi):
