@@ -58,6 +58,7 @@ SHAPES = [  # (N, H, W, C, kernel, stride, K, independent, loss, som_sigma)
     (4, 28, 28, 1, 3, 1, 25, False, "loglik", None),
     (2, 10, 10, 4, 3, 3, 36, False, "mc", None),  # stride 3
     (1, 6, 6, 2, 2, 2, 1, False, "loglik", None),  # K = 1
+    (2, 10, 10, 4, 4, 2, 64, False, "mc", 2.0),  # D = K = 64: the cpp GEMM form, two triton component tiles
 ]
 IDS = [f"N{s[0]}-{s[1]}x{s[2]}x{s[3]}-k{s[4]}-s{s[5]}-K{s[6]}-{'I' if s[7] else 'S'}-{s[8]}-{s[9]}" for s in SHAPES]
 
