@@ -119,6 +119,13 @@ def test_auto_picks_a_built_backend_on_cpu(monkeypatch):
     assert name in ops.available_backends() and name in ("cpp", "reference")
 
 
+def test_cpp_extension_is_built():
+    """A broken C++ build must fail the tests, not silently skip every cpp test."""
+    if os.environ.get("DCGMM_NO_EXTENSION") == "1":
+        pytest.skip("built without the extension on purpose")
+    assert "cpp" in ops.available_backends(), ops._cpp_problem()
+
+
 def test_reference_is_always_available():
     assert "reference" in ops.available_backends()
     assert ops.resolve_backend("reference", torch.device("cpu")) == "reference"

@@ -434,6 +434,64 @@ void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, con
   });
 }
 
+// Large D: the same sums as BLAS GEMMs, A1_b = W_b^T X_b and A2_b = W_b^T X_b^2 per fixed block b of ROW_BLOCK rows
+// (at::mm inside the parallel loop runs on one thread, so each block's result does not depend on the thread count),
+// then the blocks added in block order in double. Partials take (blocks x K x D) floats. DCGMM_CPU_GEMM=0 turns it off.
+template <typename T>
+void param_grads_gemm(const Geometry& g, const T* x, const T* mu, const T* sigma, const T* W, T* d_mu, T* d_sigma,
+                      T* d_log_pi) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const int64_t K = g.K, D = g.D, rows = rows_per_gmm(g), nb = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
+  const int64_t tasks = g.G * nb;
+  std::vector<T> part1(tasks * K * D), part2(tasks * K * D), partw(tasks * K);
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> xb(ROW_BLOCK * D), x2(ROW_BLOCK * D), wb(ROW_BLOCK * K), row(round_up(D, PAD_LANES));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t gi = t / nb, j0 = (t % nb) * ROW_BLOCK, n = std::min(ROW_BLOCK, rows - j0);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t r = row_of(g, gi, j0 + i);
+        gather_row(x, g, r / g.P, r % g.P, row.data());
+        for (int64_t d = 0; d < D; ++d) {
+          xb[i * D + d] = row[d];
+          x2[i * D + d] = row[d] * row[d];
+        }
+        std::memcpy(wb.data() + i * K, W + r * K, K * sizeof(T));
+      }
+      T* w = partw.data() + t * K;
+      for (int64_t k = 0; k < K; ++k) w[k] = T(0);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t k = 0; k < K; ++k) w[k] += wb[i * K + k];
+      // (K x D) = W_b^T (K x n) X_b (n x D), written straight into the block's partials
+      auto wt = at::from_blob(wb.data(), {n, K}, opts).t();
+      auto a1 = at::from_blob(part1.data() + t * K * D, {K, D}, opts);
+      auto a2 = at::from_blob(part2.data() + t * K * D, {K, D}, opts);
+      at::mm_out(a1, wt, at::from_blob(xb.data(), {n, D}, opts));
+      at::mm_out(a2, wt, at::from_blob(x2.data(), {n, D}, opts));
+    }
+  });
+  at::parallel_for(0, g.G * K, 1, [&](int64_t o0, int64_t o1) {
+    std::vector<double> A1(D), A2(D);
+    for (int64_t o = o0; o < o1; ++o) {  // o = gi * K + k
+      const int64_t gi = o / K, k = o % K;
+      double wk = 0.0;
+      std::fill(A1.begin(), A1.end(), 0.0), std::fill(A2.begin(), A2.end(), 0.0);
+      for (int64_t b = 0; b < nb; ++b) {  // block order
+        const int64_t t = gi * nb + b;
+        wk += double(partw[t * K + k]);
+        const T* p1 = part1.data() + (t * K + k) * D;
+        const T* p2 = part2.data() + (t * K + k) * D;
+        for (int64_t d = 0; d < D; ++d) A1[d] += double(p1[d]), A2[d] += double(p2[d]);
+      }
+      d_log_pi[o] = T(wk);
+      for (int64_t d = 0; d < D; ++d) {
+        const double m = mu[o * D + d], s = sigma[o * D + d];
+        d_mu[o * D + d] = T(s * s * (A1[d] - wk * m));
+        d_sigma[o * D + d] = T(wk / s - s * (A2[d] - 2.0 * m * A1[d] + wk * m * m));
+      }
+    }
+  });
+}
+
 // dx: per image, every patch's dpatch[d] = sum_k W[k] sigma^2 (mu - x) folded onto its pixels (one task per image).
 template <typename T>
 void x_grad(const Geometry& g, const T* x, const T* s2mu_p, const T* s2_p, const T* W, T* dx) {
@@ -501,8 +559,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_bwd_cpu(
     weights<T>(g, resp.data_ptr<T>(), g_resp.defined() ? g_resp.data_ptr<T>() : nullptr,
                g_score.defined() ? g_score.data_ptr<T>() : nullptr, is_mc, G.defined() ? G.data_ptr<T>() : nullptr,
                kstar.data_ptr<int32_t>(), W.data());
-    param_grads<T>(g, x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), W.data(), d_mu.data_ptr<T>(),
-                   d_sigma.data_ptr<T>(), d_log_pi.data_ptr<T>());
+    if (g.D >= GEMM_MIN_D && gemm_form_enabled())
+      param_grads_gemm<T>(g, x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), W.data(), d_mu.data_ptr<T>(),
+                          d_sigma.data_ptr<T>(), d_log_pi.data_ptr<T>());
+    else
+      param_grads<T>(g, x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), W.data(), d_mu.data_ptr<T>(),
+                     d_sigma.data_ptr<T>(), d_log_pi.data_ptr<T>());
     if (need_x_grad) {
       const T* m = mu.data_ptr<T>();
       const T* s = sigma.data_ptr<T>();
