@@ -60,6 +60,33 @@ def _flops(M, K, D, mode, loss, dense):
     return fwd + bwd
 
 
+def make_run(provider, x, params, kernel, stride, loss, G, mode):
+    """A zero-argument callable: the op's forward (no grad) or forward + parameter backward.
+
+    provider: "compiled" (torch.compile of ``plain_broadcast``) or an ops backend name.
+    """
+    mu, sigma, log_pi = params
+    if provider == "compiled":
+        fn = torch.compile(plain_broadcast, dynamic=False)
+
+        def forward():
+            return fn(x, mu, sigma, log_pi, kernel, stride, loss, G)
+    else:
+        def forward():
+            out = ops.cgmm(x, mu, sigma, log_pi, kernel=kernel, stride=stride, loss=loss, smoothing=G,
+                           backend=provider)
+            return out.resp, out.score
+
+    def run():
+        if mode == "forward":
+            with torch.no_grad():
+                return forward()
+        resp, score = forward()
+        return torch.autograd.grad(score.mean() + 1e-3 * resp[..., 0].mean(), params)
+
+    return run
+
+
 @pytest.mark.parametrize("mode", ["forward", "fwd+bwd"])
 @pytest.mark.parametrize("loss", list(LOSSES))
 @pytest.mark.parametrize("shape_name", list(SHAPES))
@@ -73,28 +100,7 @@ def test_cgmm_cpu(benchmark, record, provider, shape_name, loss, mode):
     dense = LOSSES[loss] == "dense"
     base_loss = "loglik" if loss == "loglik" else "mc"
     G = ops.smoothing_matrix(K, 0.25 * math.sqrt(2 * K)) if dense else None
-    params = (mu, sigma, log_pi)
-
-    if provider == "compiled":
-        fn = torch.compile(plain_broadcast, dynamic=False)
-
-        def forward():
-            return fn(x, mu, sigma, log_pi, kernel, stride, base_loss, G)
-    else:
-        backend = "reference" if provider == "reference" else "cpp"
-
-        def forward():
-            out = ops.cgmm(x, mu, sigma, log_pi, kernel=kernel, stride=stride, loss=base_loss, smoothing=G,
-                           backend=backend)
-            return out.resp, out.score
-
-    def run():
-        if mode == "forward":
-            with torch.no_grad():
-                return forward()
-        resp, score = forward()
-        return torch.autograd.grad(score.mean() + 1e-3 * resp[..., 0].mean(), params)
-
+    run = make_run(provider, x, (mu, sigma, log_pi), kernel, stride, base_loss, G, mode)
     run()  # warm-up (and compilation)
     slow = provider == "reference" or (provider == "compiled" and mode == "fwd+bwd")
     benchmark.pedantic(run, rounds=3 if slow else 10, iterations=1, warmup_rounds=0 if slow else 1)

@@ -15,7 +15,7 @@ import torch
 from dcgmm_fast import ops
 
 from roofline import gpu_ceilings
-from test_cpu_ops import SHAPES, _flops, _inputs, plain_broadcast
+from test_cpu_ops import SHAPES, _flops, _inputs, make_run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 META = {}
@@ -50,25 +50,7 @@ def test_cgmm_gpu(benchmark, record, provider, shape_name, loss, mode, batch):
     if provider == "compiled" and M * K * D * 4 * (1 if mode == "forward" else 3) > 8 * 2**30:
         pytest.skip("the unchunked broadcast would not fit")
     G = ops.smoothing_matrix(K, 0.25 * math.sqrt(2 * K)).cuda() if loss == "mc" else None
-    params = (mu, sigma, log_pi)
-    if provider == "compiled":
-        fn = torch.compile(plain_broadcast, dynamic=False)
-
-        def forward():
-            return fn(x, mu, sigma, log_pi, kernel, stride, loss, G)
-    else:
-        def forward():
-            out = ops.cgmm(x, mu, sigma, log_pi, kernel=kernel, stride=stride, loss=loss, smoothing=G,
-                           backend=provider)
-            return out.resp, out.score
-
-    def run():
-        if mode == "forward":
-            with torch.no_grad():
-                return forward()
-        resp, score = forward()
-        return torch.autograd.grad(score.mean() + 1e-3 * resp[..., 0].mean(), params)
-
+    run = make_run(provider, x, (mu, sigma, log_pi), kernel, stride, loss, G, mode)
     run()
     ms = triton.testing.do_bench(run, warmup=5, rep=50)
     benchmark.pedantic(run, rounds=3, iterations=1)
