@@ -2,7 +2,7 @@
 import pytest
 
 from dcgmm_fast import presets
-from dcgmm_fast.layers import ConvGMM, LinearClassifier
+from dcgmm_fast.layers import LinearClassifier
 from dcgmm_fast.model import DCGMM
 
 # design.md's presets table, restated here as the expectation: layer output shapes, modes, reads, lr
