@@ -82,6 +82,11 @@ template <typename T>
 inline void gather_row(const T* x, const Geometry& g, int64_t n, int64_t p, T* buf) {
   const int64_t oy = p / g.Wo, ox = p % g.Wo, seg = g.kw * g.C;
   const T* base = x + ((n * g.H + oy * g.sh) * g.W + ox * g.sw) * g.C;
+  if (seg <= 8) {  // short segments (3x3 one-channel patches): a library memcpy call per segment costs more
+    for (int64_t ky = 0; ky < g.kh; ++ky)
+      for (int64_t i = 0; i < seg; ++i) buf[ky * seg + i] = base[ky * g.W * g.C + i];
+    return;
+  }
   for (int64_t ky = 0; ky < g.kh; ++ky) std::memcpy(buf + ky * seg, base + ky * g.W * g.C, seg * sizeof(T));
 }
 
@@ -356,20 +361,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_fwd_cpu(
 }
 
 // ---------------------------------------------------------------------------------------------------- backward
-// a += w u, b += w v over n entries: the inner loop of every backward sum, multi-versioned like scores_block.
+// For k in [k0, k1) with W[k] != 0: a_k += W[k] u_k, b_k += W[k] v_k over n entries, where u_k = u + k * u_stride
+// and a_k = a + (k - k0) * a_stride (stride 0: the same vector for every component), and w[k - k0] += W[k] when w is
+// given: the inner loops of the backward sums, one multi-versioned call per row.
 template <typename T>
-inline __attribute__((always_inline)) void accumulate2_impl(T w, const T* __restrict__ u, const T* __restrict__ v,
-                                                            T* __restrict__ a, T* __restrict__ b, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) {
-    a[d] += w * u[d];
-    b[d] += w * v[d];
+inline __attribute__((always_inline)) void accumulate_row_impl(const T* __restrict__ W, int64_t k0, int64_t k1,
+                                                               const T* __restrict__ u, const T* __restrict__ v,
+                                                               T* __restrict__ a, T* __restrict__ b, T* w, int64_t n,
+                                                               int64_t u_stride, int64_t a_stride) {
+  for (int64_t k = k0; k < k1; ++k) {
+    const T wk = W[k];
+    if (wk == T(0)) continue;
+    T* ak = a + (k - k0) * a_stride;
+    T* bk = b + (k - k0) * a_stride;
+    const T* uk = u + k * u_stride;
+    const T* vk = v + k * u_stride;
+    for (int64_t d = 0; d < n; ++d) {
+      ak[d] += wk * uk[d];
+      bk[d] += wk * vk[d];
+    }
+    if (w != nullptr) w[k - k0] += wk;
   }
 }
-DCGMM_MULTIVERSION void accumulate2(float w, const float* u, const float* v, float* a, float* b, int64_t n) {
-  accumulate2_impl<float>(w, u, v, a, b, n);
+DCGMM_MULTIVERSION void accumulate_row(const float* W, int64_t k0, int64_t k1, const float* u, const float* v, float* a,
+                                       float* b, float* w, int64_t n, int64_t u_stride, int64_t a_stride) {
+  accumulate_row_impl<float>(W, k0, k1, u, v, a, b, w, n, u_stride, a_stride);
 }
-DCGMM_MULTIVERSION void accumulate2(double w, const double* u, const double* v, double* a, double* b, int64_t n) {
-  accumulate2_impl<double>(w, u, v, a, b, n);
+DCGMM_MULTIVERSION void accumulate_row(const double* W, int64_t k0, int64_t k1, const double* u, const double* v,
+                                       double* a, double* b, double* w, int64_t n, int64_t u_stride, int64_t a_stride) {
+  accumulate_row_impl<double>(W, k0, k1, u, v, a, b, w, n, u_stride, a_stride);
 }
 
 template <typename T>
@@ -381,6 +401,8 @@ void weights(const Geometry& g, const T* resp, const T* g_resp, const T* g_score
                            Gm, int64_t(kstar[r]), g.K, W + r * g.K);
   });
 }
+
+// Parameter gradients. Tasks are (GMM, range of components); each walks its GMM's rows in fixed blocks of ROW_BLOCK,
 
 // Parameter gradients. Tasks are (GMM, range of components); each walks its GMM's rows in fixed blocks of ROW_BLOCK,
 // sums w, W^T x, W^T x^2 per block in T and adds the block to double totals. The per-(k, d) order of additions is
@@ -409,12 +431,7 @@ void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, con
           if (!any) continue;
           gather_row(x, g, r / g.P, r % g.P, xb.data());
           for (int64_t d = 0; d < D_pad; ++d) x2[d] = xb[d] * xb[d];
-          for (int64_t k = k0; k < k1; ++k) {
-            const T wk = Wr[k];
-            if (wk == T(0)) continue;
-            accumulate2(wk, xb.data(), x2.data(), a1.data() + (k - k0) * D_pad, a2.data() + (k - k0) * D_pad, D_pad);
-            w[k - k0] += wk;
-          }
+          accumulate_row(Wr, k0, k1, xb.data(), x2.data(), a1.data(), a2.data(), w.data(), D_pad, 0, D_pad);
         }
         for (int64_t i = 0; i < nk * D_pad; ++i) A1[i] += double(a1[i]), A2[i] += double(a2[i]);
         for (int64_t i = 0; i < nk; ++i) wt[i] += double(w[i]);
@@ -505,11 +522,8 @@ void x_grad(const Geometry& g, const T* x, const T* s2mu_p, const T* s2_p, const
         const int64_t r = n * g.P + p, gi = g.independent ? p : 0;
         const T* Wr = W + r * K;
         std::fill(b1.begin(), b1.end(), T(0)), std::fill(b2.begin(), b2.end(), T(0));
-        for (int64_t k = 0; k < K; ++k) {
-          const T wk = Wr[k];
-          if (wk == T(0)) continue;
-          accumulate2(wk, s2mu_p + (gi * K + k) * D_pad, s2_p + (gi * K + k) * D_pad, b1.data(), b2.data(), D_pad);
-        }
+        accumulate_row(Wr, 0, K, s2mu_p + gi * K * D_pad, s2_p + gi * K * D_pad, b1.data(), b2.data(),
+                       static_cast<T*>(nullptr), D_pad, D_pad, 0);
         gather_row(x, g, n, p, xb.data());
         const int64_t oy = p / g.Wo, ox = p % g.Wo;
         T* base = img + ((oy * g.sh) * g.W + ox * g.sw) * g.C;
