@@ -75,7 +75,8 @@ def pytest_sessionfinish(session, exitstatus):
             gflops = r["flops"] / r["seconds"] / 1e9
             lines.append(f"| {r['shape']} | {r['loss']} | {r['mode']} | {r['provider']} | {r['seconds'] * 1e3:.2f} | "
                          f"{speed} | {vs_comp} | {gflops:.1f} | {100 * gflops / peak:.0f}% |")
-        lines += ["", "compiled = torch.compile(dynamic=False) of the plain unchunked broadcast math (what a PyTorch user "
+        lines += ["", "compiled = torch.compile(dynamic=False) of the plain unchunked broadcast math (what a PyTorch "
+                      "user "
                       "would write); reference = dcgmm_fast.reference eager (chunked, autograd).",
                   "FLOPs by design.md: forward 4*M*K*D + 2*M*K^2 (dense smoothing), parameter backward "
                       "4*M*K*D; mc with smoothing None does ~2*M*D in backward (counted so)."]

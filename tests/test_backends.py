@@ -268,7 +268,8 @@ def test_patch_average_matches_reference(backend, dtype, fresh_seed):
     if dtype == torch.float64:
         _float64_only(backend)
     g = torch.Generator().manual_seed(fresh_seed)
-    for (H, W), kernel, stride, C in [((7, 6), 3, 2, 2), ((12, 12), 4, 2, 3), ((7, 7), 2, 2, 1), ((5, 9), (2, 3), 1, 2)]:
+    cases = [((7, 6), 3, 2, 2), ((12, 12), 4, 2, 3), ((7, 7), 2, 2, 1), ((5, 9), (2, 3), 1, 2)]
+    for (H, W), kernel, stride, C in cases:
         Ho, Wo = reference.out_hw((H, W), kernel, stride)
         kh, kw = reference.pair(kernel)
         v = torch.randn(3, Ho, Wo, kh * kw * C, generator=g, dtype=dtype, requires_grad=True)

@@ -297,7 +297,8 @@ def test_smoothing_matrix_rejects_bad_arguments():
 
 # ------------------------------------------------------------------------------------------------ patches
 @pytest.mark.parametrize(
-    "shape,kernel,stride", [((2, 7, 6, 3), 3, 1), ((1, 9, 8, 1), (3, 2), (2, 3)), ((3, 5, 5, 2), 5, 1), ((1, 4, 4, 1), 1, 1)]
+    "shape,kernel,stride",
+    [((2, 7, 6, 3), 3, 1), ((1, 9, 8, 1), (3, 2), (2, 3)), ((3, 5, 5, 2), 5, 1), ((1, 4, 4, 1), 1, 1)],
 )
 def test_patches_equals_triple_loop(shape, kernel, stride, fresh_seed):
     x = torch.rand(*shape, generator=torch.Generator().manual_seed(fresh_seed), dtype=torch.float64)
@@ -305,7 +306,9 @@ def test_patches_equals_triple_loop(shape, kernel, stride, fresh_seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape,kernel,stride", [((2, 7, 7, 2), 3, 1), ((2, 12, 12, 3), 4, 2), ((1, 6, 9, 1), (2, 3), (2, 3))])
+@pytest.mark.parametrize(
+    "shape,kernel,stride", [((2, 7, 7, 2), 3, 1), ((2, 12, 12, 3), 4, 2), ((1, 6, 9, 1), (2, 3), (2, 3))]
+)
 def test_patch_average_inverts_patches(shape, kernel, stride, dtype, fresh_seed):
     x = torch.rand(*shape, generator=torch.Generator().manual_seed(fresh_seed), dtype=dtype)
     back = ops.patch_average(ops.patches(x, kernel, stride), shape[1:3], kernel, stride)

@@ -51,7 +51,8 @@ def configs():
             sig = dict(pw_ptr=P32, pa1_ptr=P32, pa2_ptr=P32, w_ptr=P32, resp_ptr=P32, g_resp_ptr=P32,
                        g_score_ptr=P32, kstar_ptr=PI32, g_ptr=P32, x_ptr=P32, **rows)
             out.append((tk._cgmm_bwd_param_kernel, sig,
-                        dict(BLOCK_R=tk.BWD_BLOCK_R, BLOCK_K=block_k, BLOCK_D=tk.BWD_BLOCK_D, STORE_W=True, **flags), 4))
+                        dict(BLOCK_R=tk.BWD_BLOCK_R, BLOCK_K=block_k, BLOCK_D=tk.BWD_BLOCK_D, STORE_W=True,
+                             **flags), 4))
     sig = dict(dpatch_ptr=P32, w_ptr=P32, x_ptr=P32, s2mu_ptr=P32, s2_ptr=P32, **rows)
     out.append((tk._cgmm_bwd_x_kernel, sig, dict(BLOCK_R=tk.BWD_BLOCK_R, BLOCK_K=tk.BWD_X_BLOCK_K,
                                                   BLOCK_D=tk.BWD_BLOCK_D, INDEP=True), 4))

@@ -8,7 +8,8 @@ B = (mu - ctr) S and c' = log_pi + sum log sigma - 1/2 sum S (mu - ctr)^2,
     log_score = xc @ B^T - 1/2 (xc * xc) @ S^T + c'.
 One program holds a tile of BLOCK_R rows and walks the components in tiles of BLOCK_K with an online
 logsumexp and argmax; the raw log scores are parked in resp's memory, read back for the K x K smoothing (tl.dot
-per pair of component tiles) and normalised in place, so score, lse and kstar are written once and resp twice. Backward gets resp and kstar (saved by the forward): per row W[r, k] = g_score G[kstar, k] (mc) or
+per pair of component tiles) and normalised in place, so score, lse and kstar are written once and resp twice.
+Backward gets resp and kstar (saved by the forward): per row W[r, k] = g_score G[kstar, k] (mc) or
 g_score resp (loglik) + resp (g_resp - <g_resp, resp>); ``_cgmm_bwd_param_kernel`` writes per-program partial
 sums w, W^T x, W^T x^2 over a fixed BLOCK_R of rows (reduced afterwards in a fixed order: deterministic, no
 atomics); ``_cgmm_bwd_x_kernel`` writes each patch row's gradient, and ``_fold_kernel`` gathers it back onto the
