@@ -105,12 +105,8 @@ def _cuda_problem() -> Optional[str]:
 # cpp backend: fake (meta) functions and autograd of the C++ ops (schemas in csrc/ops.cpp)
 
 
-def _out_hw(x_shape, kernel, stride) -> Tuple[int, int]:
-    return (x_shape[1] - kernel[0]) // stride[0] + 1, (x_shape[2] - kernel[1]) // stride[1] + 1
-
-
 def _cgmm_fwd_fake(x, mu, sigma, log_pi, kernel, stride, loss, smoothing):
-    Ho, Wo = _out_hw(x.shape, kernel, stride)
+    Ho, Wo = out_hw(x.shape[1:3], kernel, stride)
     N, K = x.shape[0], mu.shape[-2]
     return (x.new_empty(N, Ho, Wo, K), x.new_empty(N, Ho, Wo), x.new_empty(N, Ho, Wo),
             x.new_empty(N, Ho, Wo, dtype=torch.int32))
@@ -219,54 +215,41 @@ def _register_triton() -> None:
     patch_average_triton.register_autograd(_patch_average_backward, setup_context=_patch_average_setup_context)
 
 
-class _TritonBackend:
-    """The ops on the Triton kernels (torch.ops.dcgmm.*_triton); float32; CPU tensors need TRITON_INTERPRET=1."""
+class _FusedBackend:
+    """The ops on one fused backend's registered ops, torch.ops.dcgmm.<op>_<suffix>; ``check`` vets the inputs."""
 
-    @staticmethod
-    def _check(t: torch.Tensor, name: str) -> None:
-        if t.dtype != torch.float32:
-            raise TypeError(f"{name}: the triton backend computes in float32, got {t.dtype}; use backend='cpp' or "
-                            "'reference' for float64")
-        if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise BackendNotAvailable("backend 'triton' runs CPU tensors only under TRITON_INTERPRET=1, set before "
-                                      "dcgmm_fast is first imported; use backend='cpp' on CPU")
+    def __init__(self, suffix: str, check=None):
+        self.suffix, self.check = suffix, check or (lambda t, name: None)
 
-    @staticmethod
-    def cgmm(x, mu, sigma, log_pi, *, kernel, stride, loss, smoothing):
-        _TritonBackend._check(x, "x")
-        out = torch.ops.dcgmm.cgmm_fwd_triton(x, mu, sigma, log_pi, list(kernel), list(stride), loss, smoothing)
-        return CGMMOut(*out)
+    def _op(self, name: str):
+        return getattr(torch.ops.dcgmm, f"{name}_{self.suffix}")
 
-    @staticmethod
-    def patch_average(v, image_hw, kernel, stride):
-        _TritonBackend._check(v, "v")
-        return torch.ops.dcgmm.patch_average_triton(v, list(image_hw), list(kernel), list(stride))
+    def cgmm(self, x, mu, sigma, log_pi, *, kernel, stride, loss, smoothing):
+        self.check(x, "x")
+        return CGMMOut(*self._op("cgmm_fwd")(x, mu, sigma, log_pi, list(kernel), list(stride), loss, smoothing))
 
-    @staticmethod
-    def sample_components(topdown, mu, sigma, *, top_s, divisor, u, eps, sigma_ceiling):
-        _TritonBackend._check(mu, "mu")
-        return torch.ops.dcgmm.sample_components_triton(
-            topdown, mu, sigma, int(top_s), float(divisor), u, eps, float(sigma_ceiling)
-        )
+    def patch_average(self, v, image_hw, kernel, stride):
+        self.check(v, "v")
+        return self._op("patch_average")(v, list(image_hw), list(kernel), list(stride))
+
+    def sample_components(self, topdown, mu, sigma, *, top_s, divisor, u, eps, sigma_ceiling):
+        self.check(mu, "mu")
+        return self._op("sample_components")(topdown, mu, sigma, int(top_s), float(divisor), u, eps,
+                                             float(sigma_ceiling))
 
 
-class _CppBackend:
-    """The ops on the C++ CPU kernels (torch.ops.dcgmm.*_cpp)."""
+def _triton_check(t: torch.Tensor, name: str) -> None:
+    """The Triton kernels compute in float32; CPU tensors need the interpreter."""
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name}: the triton backend computes in float32, got {t.dtype}; use backend='cpp' or "
+                        "'reference' for float64")
+    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendNotAvailable("backend 'triton' runs CPU tensors only under TRITON_INTERPRET=1, set before "
+                                  "dcgmm_fast is first imported; use backend='cpp' on CPU")
 
-    @staticmethod
-    def cgmm(x, mu, sigma, log_pi, *, kernel, stride, loss, smoothing):
-        out = torch.ops.dcgmm.cgmm_fwd_cpp(x, mu, sigma, log_pi, list(kernel), list(stride), loss, smoothing)
-        return CGMMOut(*out)
 
-    @staticmethod
-    def patch_average(v, image_hw, kernel, stride):
-        return torch.ops.dcgmm.patch_average_cpp(v, list(image_hw), list(kernel), list(stride))
-
-    @staticmethod
-    def sample_components(topdown, mu, sigma, *, top_s, divisor, u, eps, sigma_ceiling):
-        return torch.ops.dcgmm.sample_components_cpp(
-            topdown, mu, sigma, int(top_s), float(divisor), u, eps, float(sigma_ceiling)
-        )
+_CPP = _FusedBackend("cpp")
+_TRITON = _FusedBackend("triton", _triton_check)
 
 
 _PROBLEM = {"reference": lambda: None, "cpp": _cpp_problem, "triton": _triton_problem, "cuda": _cuda_problem}
@@ -314,9 +297,9 @@ def _impl(backend: str):
     if backend == "reference":
         return reference
     if backend == "cpp":
-        return _CppBackend
+        return _CPP
     if backend == "triton":
-        return _TritonBackend
+        return _TRITON
     raise BackendNotAvailable(_problem(backend) or f"backend {backend!r} has no implementation of this op")
 
 

@@ -225,14 +225,15 @@ class Trainer:
         if optimizer is None:
             return None
         groups = optimizer_param_groups(self.layers)
+        plain = [{k: v for k, v in g.items() if k != "layer"} for g in groups]  # optimizers take no modules
         if optimizer == "sgd":
             base = 0.01 if lr is None else lr
-            opt = torch.optim.SGD([{k: v for k, v in g.items() if k != "layer"} for g in groups], lr=base)
+            opt = torch.optim.SGD(plain, lr=base)
         elif optimizer == "adam":
             base = 1e-3 if lr is None else lr
-            opt = torch.optim.Adam([{k: v for k, v in g.items() if k != "layer"} for g in groups], lr=base)
+            opt = torch.optim.Adam(plain, lr=base)
         elif callable(optimizer):
-            opt = optimizer([{k: v for k, v in g.items() if k != "layer"} for g in groups])
+            opt = optimizer(plain)
         else:
             raise ValueError(f"optimizer: expected None, 'sgd', 'adam' or a factory, got {optimizer!r}")
         for group, spec in zip(opt.param_groups, groups):

@@ -402,6 +402,18 @@ void weights(const Geometry& g, const T* resp, const T* g_resp, const T* g_score
   });
 }
 
+// d log_pi, d mu, d sigma of GMM component o from its totals w, A1[d] = sum W x, A2[d] = sum W x^2 (design.md).
+template <typename T>
+inline void write_param_grads(int64_t o, int64_t D, double w, const double* A1, const double* A2, const T* mu,
+                              const T* sigma, T* d_mu, T* d_sigma, T* d_log_pi) {
+  d_log_pi[o] = T(w);
+  for (int64_t d = 0; d < D; ++d) {
+    const double m = mu[o * D + d], s = sigma[o * D + d];
+    d_mu[o * D + d] = T(s * s * (A1[d] - w * m));
+    d_sigma[o * D + d] = T(w / s - s * (A2[d] - 2.0 * m * A1[d] + w * m * m));
+  }
+}
+
 // Parameter gradients. Tasks are (GMM, range of components); each walks its GMM's rows in fixed blocks of ROW_BLOCK,
 
 // Parameter gradients. Tasks are (GMM, range of components); each walks its GMM's rows in fixed blocks of ROW_BLOCK,
@@ -437,15 +449,8 @@ void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, con
         for (int64_t i = 0; i < nk; ++i) wt[i] += double(w[i]);
       }
       for (int64_t k = k0; k < k1; ++k) {
-        const int64_t o = (gi * K + k);
-        const double wk = wt[k - k0];
-        d_log_pi[o] = T(wk);
-        for (int64_t d = 0; d < D; ++d) {
-          const double m = mu[o * D + d], s = sigma[o * D + d];
-          const double a1d = A1[(k - k0) * D_pad + d], a2d = A2[(k - k0) * D_pad + d];
-          d_mu[o * D + d] = T(s * s * (a1d - wk * m));
-          d_sigma[o * D + d] = T(wk / s - s * (a2d - 2.0 * m * a1d + wk * m * m));
-        }
+        write_param_grads(gi * K + k, D, wt[k - k0], A1.data() + (k - k0) * D_pad, A2.data() + (k - k0) * D_pad, mu,
+                          sigma, d_mu, d_sigma, d_log_pi);
       }
     }
   });
@@ -499,12 +504,7 @@ void param_grads_gemm(const Geometry& g, const T* x, const T* mu, const T* sigma
         const T* p2 = part2.data() + (t * K + k) * D;
         for (int64_t d = 0; d < D; ++d) A1[d] += double(p1[d]), A2[d] += double(p2[d]);
       }
-      d_log_pi[o] = T(wk);
-      for (int64_t d = 0; d < D; ++d) {
-        const double m = mu[o * D + d], s = sigma[o * D + d];
-        d_mu[o * D + d] = T(s * s * (A1[d] - wk * m));
-        d_sigma[o * D + d] = T(wk / s - s * (A2[d] - 2.0 * m * A1[d] + wk * m * m));
-      }
+      write_param_grads(o, D, wk, A1.data(), A2.data(), mu, sigma, d_mu, d_sigma, d_log_pi);
     }
   });
 }
