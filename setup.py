@@ -43,7 +43,7 @@ setup(
     version="0.1.0",
     description="Deep Convolutional Gaussian Mixture Models with fused CPU/GPU kernels",
     python_requires=">=3.10",
-    packages=["dcgmm_fast", "dcgmm_fast.triton_kernels"],
+    packages=["dcgmm_fast", "dcgmm_fast.backends", "dcgmm_fast.triton_kernels"],
     package_dir={"dcgmm_fast": "dcgmm_fast", "dcgmm_fast.triton_kernels": "triton_kernels"},
     package_data={"dcgmm_fast": ["_shipped/*.npz", "_shipped/*.txt"]},
     # A range, never an exact pin: a user's CUDA torch (e.g. 2.11 on the GPU box) must stay as it is.

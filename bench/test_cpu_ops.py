@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from dcgmm_fast import ops, reference
+from dcgmm_fast import geometry, ops, reference
 
 SHAPES = {  # name: (input (N, H, W, C), kernel, stride, K, independent)
     "3x3s1 K25 28x28x1": ((100, 28, 28, 1), 3, 1, 25, False),
@@ -42,7 +42,7 @@ def plain_broadcast(x, mu, sigma, log_pi, kernel, stride, loss, G):
 def _inputs(shape, dtype=torch.float32):
     (N, H, W, C), kernel, stride, K, indep = shape
     g = torch.Generator().manual_seed(0)
-    Ho, Wo = reference.out_hw((H, W), kernel, stride)
+    Ho, Wo = geometry.out_hw((H, W), kernel, stride)
     D = kernel * kernel * C
     lead = (Ho * Wo, K) if indep else (K,)
     x = torch.rand(N, H, W, C, generator=g, dtype=dtype)

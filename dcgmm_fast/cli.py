@@ -18,6 +18,7 @@ import torch
 
 from . import data, presets
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .guard import DivergenceError
 from .metrics import auroc
 from .model import DCGMM
 
@@ -235,7 +236,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (data.DataError, CheckpointError, ValueError) as e:
+    except (data.DataError, CheckpointError, ValueError, DivergenceError) as e:
         print(f"dcgmm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

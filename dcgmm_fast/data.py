@@ -12,6 +12,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
+from .validation import check_images
+
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_shipped")
 SHIPPED_FASHION_MNIST = os.path.join(SHIPPED_DIR, "fashion_mnist_5k.npz")
 
@@ -48,10 +50,7 @@ def to_images(x, *, name: str = "x") -> torch.Tensor:
         return t.to(torch.float32) / 255.0
     if not t.is_floating_point():
         raise TypeError(f"{name}: expected uint8 or floating images, got {t.dtype}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name}: images contain NaN or Inf")
-    if t.numel() and (float(t.min()) < 0.0 or float(t.max()) > 1.0):
-        raise ValueError(f"{name}: float images must lie in [0, 1], got [{float(t.min())}, {float(t.max())}]")
+    check_images(name, t)
     return t.to(torch.float32)
 
 

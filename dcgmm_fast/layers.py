@@ -7,24 +7,15 @@ known input shape (H, W, C), so every parameter has its final shape at construct
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .ops import Backend, CGMMOut, Loss
-from .reference import out_hw, pair
-
-Mode = Literal["shared", "independent"]
-"""``"shared"``: one GMM for all patch positions (the paper's convMode); ``"independent"``: one per position."""
-
-PiNorm = Literal["position", "global"]
-"""How ``pi_logits`` become log weights in independent mode: ``"position"`` a softmax per position (clean);
-``"global"`` one softmax over all positions and components, the original's quirk (spec 1.1) the presets use."""
-
-Shape3 = Tuple[int, int, int]
+from . import ops, validation
+from .geometry import out_hw, pair, smoothing_factors
+from .types import Backend, CGMMOut, Loss, Mode, PiNorm, Shape3
 
 
 class ConvGMM(nn.Module):
@@ -43,7 +34,8 @@ class ConvGMM(nn.Module):
         som_sigma: () float32 current smoothing width of the "mc" loss (annealed by SingleExp).
         anneal_state: (5,) float64 SingleExp's counters (iteration, window mean, first and last window means,
             events), so training resumes exactly.
-    Not saved (derived from som_sigma): smoothing (K, K) matrix G.
+    Not saved (derived from som_sigma): smoothing (2, n, n) separable factors (Gy, Gx) of the mc loss's G,
+        n = sqrt(K) (``ops.smoothing_factors``).
 
     Args:
         in_shape: (H, W, C) of the input.
@@ -146,10 +138,11 @@ class ConvGMM(nn.Module):
         self.register_buffer("eps", torch.tensor(eps0, dtype=torch.float32))
         self.register_buffer("som_sigma", torch.tensor(som_sigma0, dtype=torch.float32))
         self.register_buffer("anneal_state", torch.zeros(5, dtype=torch.float64))
-        self.register_buffer("smoothing", torch.eye(K, dtype=dtype), persistent=False)
+        n = math.isqrt(K)
+        self.register_buffer("smoothing", torch.eye(n, dtype=dtype).expand(2, n, n).clone(), persistent=False)
         self.smoothing_is_identity = True
         self.refresh_smoothing()
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_smoothing())
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._after_load())
 
     # ---------------------------------------------------------------------------------------------- state
     @property
@@ -158,13 +151,22 @@ class ConvGMM(nn.Module):
         return math.sqrt(self.sigma_upper_bound)
 
     def refresh_smoothing(self) -> None:
-        """Recompute G from ``som_sigma`` (call after changing it; outside any compiled region)."""
+        """Recompute G's factors from ``som_sigma`` (call after changing it; outside any compiled region)."""
         if self.loss != "mc":
             return
-        G = ops.smoothing_matrix(self.n_components, float(self.som_sigma), dtype=self.smoothing.dtype)
-        self.smoothing.copy_(G.to(self.smoothing.device))
+        factors = smoothing_factors(self.n_components, float(self.som_sigma), dtype=self.smoothing.dtype)
+        self.smoothing.copy_(factors.to(self.smoothing.device))
         # a Python flag, not a tensor test inside forward: the identity takes the kernels' plain-max path
-        self.smoothing_is_identity = bool(torch.equal(G, torch.eye(self.n_components, dtype=G.dtype)))
+        n = factors.shape[-1]
+        self.smoothing_is_identity = bool(torch.equal(factors, torch.eye(n, dtype=factors.dtype).expand(2, n, n)))
+
+    def check_parameters(self, name: str = "ConvGMM") -> None:
+        """Finite parameters, sigma > 0: done when the layer is loaded (``name`` goes into the message)."""
+        validation.check_parameters(name, self.mu, self.sigma, self.pi_logits)
+
+    def _after_load(self) -> None:
+        self.check_parameters()
+        self.refresh_smoothing()
 
     def set_annealing(self, eps: float, som_sigma: float) -> None:
         """Set the learning rate and smoothing width (float32 as the original keeps them); refresh G."""
@@ -186,18 +188,19 @@ class ConvGMM(nn.Module):
             return torch.log_softmax(self.pi_logits.reshape(-1), 0).reshape(self.pi_logits.shape)
         return torch.log_softmax(self.pi_logits, -1)
 
-    def cgmm(self, x: torch.Tensor, loss: Optional[Loss] = None) -> CGMMOut:
+    def cgmm(self, x: torch.Tensor, loss: Optional[Loss] = None, *, check: bool = True) -> CGMMOut:
         """The full op output for x (N, H, W, C): resp, score, lse, kstar.
 
         Args:
             loss: None for the layer's own loss (with the current smoothing), or "loglik" / "mc" to evaluate.
+            check: every argument check of ``ops.cgmm`` (a user's call); training, sampling and the model pass
+                False (their data was checked once, at the boundary, and the shapes are the layer's own).
         """
         loss = self.loss if loss is None else loss
         G = None if loss == "loglik" or self.smoothing_is_identity else self.smoothing
-        return ops.cgmm(
-            x, self.mu, self.sigma, self.log_pi(), kernel=self.kernel, stride=self.stride, loss=loss,
-            smoothing=G, backend=self.backend,
-        )
+        op = ops.cgmm if check else ops._cgmm_unchecked
+        return op(x, self.mu, self.sigma, self.log_pi(), kernel=self.kernel, stride=self.stride, loss=loss,
+                  smoothing=G, backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, H, W, C) -> responsibilities (N, H', W', K)."""

@@ -15,7 +15,7 @@ from torch import nn
 
 from . import data, presets
 from .layers import ConvGMM, LinearClassifier, MaxPool
-from .ops import Backend, Loss
+from .types import Backend, Loss
 from .presets import Classifier, GMM, LayerSpec, Pool, Preset
 from .sampling import Sharpening, classifier_topdown, sample_down
 from .train import History, Trainer
@@ -119,6 +119,8 @@ class DCGMM(nn.Module):
         for name, layer in zip(self.names, self.layers):
             if isinstance(layer, LinearClassifier):
                 h = layer(outputs[layer.reads])
+            elif isinstance(layer, ConvGMM):
+                h = layer.cgmm(h, check=False).resp  # images checked once above
             else:
                 h = layer(h)
             outputs[name] = h
@@ -138,7 +140,7 @@ class DCGMM(nn.Module):
             h = x[start:start + batch_size]
             for name, layer in zip(self.names, self.layers):
                 if isinstance(layer, ConvGMM):
-                    out = layer.cgmm(h, loss=loss)
+                    out = layer.cgmm(h, loss=loss, check=False)
                     result[name].append(out.score.mean(dim=(1, 2)))
                     h = out.resp
                 elif isinstance(layer, MaxPool):

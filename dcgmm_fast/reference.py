@@ -13,16 +13,20 @@ Math (per row r = (n, p), design.md "The cGMM op"):
     score = lse - D/2 log(2 pi)                                  (loss "loglik")
     score = max_k sum_j G[k,j] log_score[r,j] - D/2 log(2 pi)    (loss "mc", G = I when smoothing is None)
     kstar = argmax_k of the scores the max is taken over (ties -> lowest index)
-No argument checks here: ``dcgmm_fast.ops`` validates before dispatching.
+No argument checks here: ``dcgmm_fast.ops`` validates before dispatching. Patch geometry and the smoothing
+matrix live in ``dcgmm_fast.geometry``; this module is the oracle only.
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 
-IntPair = Union[int, Sequence[int]]
+from .geometry import cover_count, out_hw, pair, patch_offsets, patches, smoothing_dense
+from .types import CGMMOut, IntPair
+
+__all__ = ["cgmm", "patch_average", "sample_components", "patches", "CGMMOut"]
 
 #: Budget that sizes a chunk: rows * K * D * itemsize * _LIVE_RKD <= CHUNK_BYTES. The whole backward working
 #: set measured ~210 MB peak RSS growth on (14400 rows, K=100, D=400) float32 (2026-11-25).
@@ -30,79 +34,6 @@ CHUNK_BYTES = 64 * 2**20
 #: Live (rows, K, D)-sized tensors per chunk in the recomputed backward (diff, scaled diff, square, grads,
 #: gathered parameters in independent mode), a conservative count used to size chunks.
 _LIVE_RKD = 8
-
-
-class CGMMOut(NamedTuple):
-    """Outputs of the cGMM op.
-
-    resp:  (N, H', W', K) posterior responsibilities softmax_k(log_score), the layer's output.
-    score: (N, H', W') per-patch score, higher is better (log-likelihood, or smoothed max-component).
-    lse:   (N, H', W') logsumexp_k(log_score), saved for backward.
-    kstar: (N, H', W') int32 winning component of the max (ties -> lowest index).
-    """
-
-    resp: torch.Tensor
-    score: torch.Tensor
-    lse: torch.Tensor
-    kstar: torch.Tensor
-
-
-def pair(v: IntPair) -> Tuple[int, int]:
-    """``3 -> (3, 3)``, ``(3, 2) -> (3, 2)``."""
-    if isinstance(v, int):
-        return (v, v)
-    a, b = v
-    return (int(a), int(b))
-
-
-def out_hw(hw: Tuple[int, int], kernel: IntPair, stride: IntPair) -> Tuple[int, int]:
-    """Output grid (H', W') of a valid (unpadded) convolution: H' = (H - kh) // sh + 1."""
-    (kh, kw), (sh, sw) = pair(kernel), pair(stride)
-    return ((hw[0] - kh) // sh + 1, (hw[1] - kw) // sw + 1)
-
-
-def patch_offsets(
-    image_shape: Tuple[int, int, int], kernel: IntPair, stride: IntPair, device=None
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Flat offsets into one NHWC image: pixel of (position p, patch entry d) = pos[p] + tap[d].
-
-    Args:
-        image_shape: (H, W, C).
-    Returns:
-        pos: (P,) int64, offset of each patch's top-left pixel, p = oy * W' + ox.
-        tap: (D,) int64, offset of each patch entry, d in (ky, kx, c) order, c fastest.
-    """
-    H, W, C = image_shape
-    (kh, kw), (sh, sw) = pair(kernel), pair(stride)
-    Ho, Wo = out_hw((H, W), kernel, stride)
-    oy = torch.arange(Ho, device=device) * sh
-    ox = torch.arange(Wo, device=device) * sw
-    pos = ((oy[:, None] * W + ox[None, :]) * C).reshape(-1)
-    ky, kx, c = torch.arange(kh, device=device), torch.arange(kw, device=device), torch.arange(C, device=device)
-    tap = ((ky[:, None, None] * W + kx[None, :, None]) * C + c[None, None, :]).reshape(-1)
-    return pos, tap
-
-
-def patches(x: torch.Tensor, kernel: IntPair, stride: IntPair) -> torch.Tensor:
-    """im2col: every patch of x as a vector in (ky, kx, c) order.
-
-    Args:
-        x: (N, H, W, C).
-    Returns:
-        (N, H', W', D) with D = kh * kw * C.
-    """
-    N, H, W, C = x.shape
-    Ho, Wo = out_hw((H, W), kernel, stride)
-    pos, tap = patch_offsets((H, W, C), kernel, stride, x.device)
-    return x.reshape(N, H * W * C)[:, pos[:, None] + tap[None, :]].reshape(N, Ho, Wo, -1)
-
-
-def cover_count(image_shape: Tuple[int, int, int], kernel: IntPair, stride: IntPair, device=None) -> torch.Tensor:
-    """Number of patches covering each pixel, (H, W, C) int64."""
-    pos, tap = patch_offsets(image_shape, kernel, stride, device)
-    index = (pos[:, None] + tap[None, :]).reshape(-1)
-    count = torch.zeros(math.prod(image_shape), dtype=torch.int64, device=device)
-    return count.index_add(0, index, torch.ones_like(index)).reshape(image_shape)
 
 
 def patch_average(v: torch.Tensor, image_hw: Tuple[int, int], kernel: IntPair, stride: IntPair) -> torch.Tensor:
@@ -129,42 +60,6 @@ def patch_average(v: torch.Tensor, image_hw: Tuple[int, int], kernel: IntPair, s
     count = cover_count((H, W, C), kernel, stride, v.device).reshape(-1).to(acc)
     avg = torch.where(count > 0, total / count.clamp_min(1), torch.zeros((), dtype=acc, device=v.device))
     return avg.to(v.dtype).reshape(N, H, W, C)
-
-
-def smoothing_offsets(n: int) -> torch.Tensor:
-    """Signed torus offset t(delta) for delta = 0..n-1 on a ring of n: ``((delta + n//2) mod n) - n//2``.
-
-    In [-n//2, n//2) for even n and [-(n-1)/2, (n-1)/2] for odd n (spec 1.5); n = 5 gives 0, 1, 2, -2, -1.
-    """
-    delta = torch.arange(n)
-    return (delta + n // 2) % n - n // 2
-
-
-def smoothing_matrix(
-    K: int, som_sigma: float, *, dtype: torch.dtype = torch.float32, device=None
-) -> torch.Tensor:
-    """Torus-Gaussian smoothing G of the mc loss (spec 1.5), components row-major on a sqrt(K) grid.
-
-    G[k, j] = exp(-d2(k, j) / (2 som_sigma^2)) / sum_j' exp(-d2(k, j') / (2 som_sigma^2)), d2 the squared
-    torus distance. Rows sum to 1, G is symmetric, and it is exactly the identity at som_sigma = 0.01.
-
-    Args:
-        K: number of components, a perfect square.
-        som_sigma: width > 0 (in grid units).
-    Returns:
-        (K, K) tensor of ``dtype`` (computed in float64, then cast).
-    """
-    n = math.isqrt(K)
-    if K < 1 or n * n != K:
-        raise ValueError(f"K: expected a perfect square (components on a sqrt(K) x sqrt(K) grid), got {K}")
-    if not (som_sigma > 0 and math.isfinite(som_sigma)):
-        raise ValueError(f"som_sigma: expected a finite value > 0, got {som_sigma}")
-    k = torch.arange(K)
-    ky, kx = k // n, k % n
-    dy = smoothing_offsets(n)[(ky[None, :] - ky[:, None]) % n].double()
-    dx = smoothing_offsets(n)[(kx[None, :] - kx[:, None]) % n].double()
-    logits = -(dy * dy + dx * dx) / (2.0 * float(som_sigma) ** 2)
-    return torch.softmax(logits, dim=1).to(dtype=dtype, device=device)
 
 
 def _rows_per_chunk(K: int, D: int, itemsize: int) -> int:
@@ -262,7 +157,8 @@ def cgmm(
         log_pi: (K,) or (P, K) normalised log mixing weights.
         kernel, stride: int or (h, w).
         loss: "mc" (smoothed max-component) or "loglik" (log-likelihood).
-        smoothing: (K, K) G for "mc" (rows sum to 1), None for the identity.
+        smoothing: for "mc", a (K, K) G (rows sum to 1) or its separable factors (2, n, n), applied as the
+            dense kron(Gy, Gx); None for the identity.
         kstar: optional (N, H', W') forced winners for "mc" (tests: the reference's gradients given a kernel's
             own winners); the score then reads the smoothed log score at kstar. Ignored for "loglik".
     Returns:
@@ -283,7 +179,7 @@ def cgmm(
         score = lse - const
         winner = log_score.detach().argmax(dim=1)
     else:
-        smoothed = log_score if smoothing is None else log_score @ smoothing.transpose(0, 1)
+        smoothed = log_score if smoothing is None else log_score @ smoothing_dense(smoothing).transpose(0, 1)
         winner = smoothed.detach().argmax(dim=1) if kstar is None else kstar.reshape(M).long()
         score = smoothed.gather(1, winner[:, None])[:, 0] - const
     return CGMMOut(

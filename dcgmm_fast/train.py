@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .guard import StepGuard
 from .layers import ConvGMM, LinearClassifier, MaxPool
+from .validation import check_images
 
 OptimizerFactory = Callable[[List[dict]], torch.optim.Optimizer]
 
@@ -106,7 +108,7 @@ def gmm_step(layer: ConvGMM, x: torch.Tensor):
 
     No Python branching on tensor values: ``torch.compile(fullgraph=True)`` compiles it (see ``compile_step``).
     """
-    out = layer.cgmm(x)
+    out = layer.cgmm(x, check=False)
     score = out.score.mean()
     g_mu, g_sigma, g_pi = torch.autograd.grad(score, (layer.mu, layer.sigma, layer.pi_logits))
     scale = layer.eps.to(layer.mu.dtype) * layer.loss_mult  # eps is a float32 buffer; step in the params dtype
@@ -119,7 +121,7 @@ def gmm_step(layer: ConvGMM, x: torch.Tensor):
 
 def gmm_step_optimizer(layer: ConvGMM, x: torch.Tensor, optimizer: torch.optim.Optimizer):
     """One step of a torch optimizer minimising -loss_mult * mean score; returns (resp, mean score)."""
-    out = layer.cgmm(x)
+    out = layer.cgmm(x, check=False)
     score = out.score.mean()
     optimizer.zero_grad(set_to_none=True)
     (-layer.loss_mult * score).backward()
@@ -196,6 +198,9 @@ class Trainer:
             ``optimizer_param_groups(layers)`` (each group has an ``lr_mult`` key) returning a torch optimizer.
         lr: base learning rate for the "sgd" / "adam" shortcuts.
         compile: compile each GMM step with ``torch.compile(fullgraph=True)`` (original rule only).
+
+    ``guard`` (a ``StepGuard``) records divergence on the device at every step; ``fit`` reads it every
+    ``check_every`` steps and at its end and raises ``DivergenceError`` naming the layer, step and quantity.
     """
 
     def __init__(self, layers: Sequence[nn.Module], names: Sequence[str], *,
@@ -220,6 +225,8 @@ class Trainer:
         if compile and self.optimizer is not None:
             raise ValueError("compile: only the original update rule is compiled; use optimizer=None")
         self._step = compile_step(gmm_step) if compile else gmm_step
+        device = next((p.device for layer in self.layers for p in layer.parameters()), torch.device("cpu"))
+        self.guard = StepGuard(self.names, device)
 
     def _make_optimizer(self, optimizer, lr):
         if optimizer is None:
@@ -254,7 +261,7 @@ class Trainer:
             if isinstance(layer, ConvGMM):
                 if progress < layer.wait:  # waiting: forward only, controller not fed
                     with torch.no_grad():
-                        out = layer.cgmm(h)
+                        out = layer.cgmm(h, check=False)
                     h, score = out.resp, out.score.mean()
                 else:
                     if self.optimizer is None:
@@ -263,6 +270,7 @@ class Trainer:
                         self._set_learning_rates()
                         # every other layer's grads are None after zero_grad, so the step moves only this one
                         h, score = gmm_step_optimizer(layer, h, self.optimizer)
+                    self.guard.record_gmm(i, score, layer.mu, layer.pi_logits)
                     self._anneal(i, float(score))
                 history.score.setdefault(name, []).append(float(score))
                 history.som_sigma.setdefault(name, []).append(float(layer.som_sigma))
@@ -271,9 +279,11 @@ class Trainer:
                     h = layer(h)
             elif y is not None:  # classifier
                 loss, acc = classifier_step(layer, outputs[self.classifier_input].detach(), y)
+                self.guard.record_classifier(i, loss)
                 history.classifier_loss.append(float(loss))
                 history.classifier_accuracy.append(float(acc))
             outputs.append(h)
+        self.guard.advance()
 
     def _anneal(self, i: int, score: float) -> None:
         layer, ctrl = self.layers[i], self.controllers[i]
@@ -283,7 +293,7 @@ class Trainer:
 
     def fit(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, epochs: float, batch_size: int = 100,
             seed: Optional[int] = None, start_step: int = 0, stop_step: Optional[int] = None,
-            callback: Optional[Callable[[int, int, History], None]] = None) -> History:
+            callback: Optional[Callable[[int, int, History], None]] = None, check_every: int = 50) -> History:
         """Train on x (N, H, W, C) float in [0, 1] (and labels y (N,) for the classifier).
 
         As the original: the training order is shuffled once (seeded) and the same order of full batches
@@ -293,8 +303,12 @@ class Trainer:
             start_step: steps already done (resume): training continues at that step of the same schedule.
             stop_step: stop before this step (a time-boxed part of the schedule); None: the end.
             callback: called after every step with (step, total_steps, history).
+            check_every: read the step guard every this many steps (and always at the end).
         Returns:
             History of this call's steps.
+        Raises:
+            DivergenceError: a layer diverged (see ``guard.StepGuard``); parameters are those after the step
+                that was being checked, so no checkpoint should be written from them.
         """
         n = x.shape[0]
         per_epoch = n // batch_size
@@ -302,14 +316,19 @@ class Trainer:
             raise ValueError(f"batch_size: {batch_size} is larger than the {n} training images")
         if y is not None and y.shape[0] != n:
             raise ValueError(f"y: expected {n} labels, got {y.shape[0]}")
+        check_images("x", x)  # once, here: the steps run the ops without data scans
         total = int(round(per_epoch * epochs))
         g = torch.Generator().manual_seed(seed if seed is not None else int(torch.initial_seed()) % 2**63)
         order = torch.randperm(n, generator=g)[: per_epoch * batch_size].reshape(per_epoch, batch_size)
         history = History()
+        self.guard.set_step(start_step)
         for step in range(start_step, total if stop_step is None else min(total, stop_step)):
             idx = order[step % per_epoch].to(x.device)
             self.train_step(x[idx], None if y is None else y[idx], step / (total + 1), history)
             history.steps += 1
+            if (step + 1) % check_every == 0:
+                self.guard.check()
             if callback is not None:
                 callback(step + 1, total, history)
+        self.guard.check()
         return history

@@ -11,7 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from dcgmm_fast.reference import out_hw  # noqa: E402
+from dcgmm_fast.geometry import out_hw  # noqa: E402
 
 
 def make_inputs(

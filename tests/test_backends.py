@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import torch
 
-from dcgmm_fast import ops, reference
+from dcgmm_fast import geometry, ops, reference
 
 from conftest import assert_close, make_inputs, rel_err
 
@@ -66,7 +66,7 @@ IDS = [f"N{s[0]}-{s[1]}x{s[2]}x{s[3]}-k{s[4]}-s{s[5]}-K{s[6]}-{'I' if s[7] else 
 def _inputs(shape, dtype, seed, requires_grad=True):
     N, H, W, C, kernel, stride, K, indep, loss, som = shape
     x, mu, sigma, log_pi = make_inputs(N, H, W, C, kernel, stride, K, indep, seed=seed)
-    G = None if som is None else reference.smoothing_matrix(K, som, dtype=torch.float64)
+    G = None if som is None else geometry.smoothing_matrix(K, som, dtype=torch.float64)
     cast = [t.to(dtype).requires_grad_(requires_grad) for t in (x, mu, sigma, log_pi)]
     return cast, (None if G is None else G.to(dtype)), dict(kernel=kernel, stride=stride, loss=loss)
 
@@ -161,7 +161,7 @@ def test_gradcheck_tiny(backend, independent, loss, som):
     if backend not in ("cpp",):
         pytest.skip("float64 gradcheck runs on the float64-capable backends")
     x, mu, sigma, log_pi = make_inputs(1, 3, 3, 1, (1, 2), 2, 4, independent, seed=3, requires_grad=True)
-    G = None if som is None else reference.smoothing_matrix(4, som, dtype=torch.float64)
+    G = None if som is None else geometry.smoothing_matrix(4, som, dtype=torch.float64)
 
     def f(x, mu, sigma, log_pi):
         out = ops.cgmm(x, mu, sigma, log_pi, kernel=(1, 2), stride=2, loss=loss, smoothing=G, backend=backend)
@@ -187,7 +187,7 @@ def test_opcheck(backend, shape):
         pytest.skip("CPU-tensor test")
     _cpp_only(backend)
     inputs, G, kw = _inputs(shape, torch.float64, 11)
-    k, s = list(reference.pair(kw["kernel"])), list(reference.pair(kw["stride"]))
+    k, s = list(geometry.pair(kw["kernel"])), list(geometry.pair(kw["stride"]))
     fwd = torch.ops.dcgmm.cgmm_fwd_cpp
     torch.library.opcheck(fwd, (*inputs, k, s, kw["loss"], G))
     resp, score, lse, kstar = fwd(*(t.detach() for t in inputs), k, s, kw["loss"], G)
@@ -195,7 +195,7 @@ def test_opcheck(backend, shape):
                 resp, lse, kstar, True)
     torch.library.opcheck(torch.ops.dcgmm.cgmm_bwd_cpp, bwd_args)
     torch.library.opcheck(torch.ops.dcgmm.cgmm_bwd_cpp, (None, *bwd_args[1:-1], False))
-    v = torch.rand(2, *reference.out_hw((7, 6), 3, 2), 9 * 2, dtype=torch.float64, requires_grad=True)
+    v = torch.rand(2, *geometry.out_hw((7, 6), 3, 2), 9 * 2, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.dcgmm.patch_average_cpp, (v, [7, 6], [3, 3], [2, 2]))
     td = torch.rand(2, 3, 2, 9, dtype=torch.float64)
     mu, sigma = torch.rand(9, 4, dtype=torch.float64), torch.rand(9, 4, dtype=torch.float64) + 0.5
@@ -270,8 +270,8 @@ def test_patch_average_matches_reference(backend, dtype, fresh_seed):
     g = torch.Generator().manual_seed(fresh_seed)
     cases = [((7, 6), 3, 2, 2), ((12, 12), 4, 2, 3), ((7, 7), 2, 2, 1), ((5, 9), (2, 3), 1, 2)]
     for (H, W), kernel, stride, C in cases:
-        Ho, Wo = reference.out_hw((H, W), kernel, stride)
-        kh, kw = reference.pair(kernel)
+        Ho, Wo = geometry.out_hw((H, W), kernel, stride)
+        kh, kw = geometry.pair(kernel)
         v = torch.randn(3, Ho, Wo, kh * kw * C, generator=g, dtype=dtype, requires_grad=True)
         v_dev = v.detach().to(device).requires_grad_(True)
         out = ops.patch_average(v_dev, (H, W), kernel, stride, backend=backend)

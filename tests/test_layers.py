@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dcgmm_fast import ops
+from dcgmm_fast import geometry, ops
 from dcgmm_fast.layers import ConvGMM, LinearClassifier, MaxPool
 
 
@@ -62,9 +62,10 @@ def test_annealing_state_is_saved_and_restored():
     b.load_state_dict(sd)
     assert float(b.som_sigma) == pytest.approx(0.5) and float(b.eps) == pytest.approx(0.0105)
     assert torch.equal(b.anneal_state, a.anneal_state)
-    assert torch.allclose(b.smoothing, ops.smoothing_matrix(9, 0.5))  # G follows the restored som_sigma
+    assert torch.allclose(b.smoothing, ops.smoothing_factors(9, 0.5))  # G follows the restored som_sigma
+    assert torch.allclose(geometry.smoothing_dense(b.smoothing), ops.smoothing_matrix(9, 0.5), atol=1e-7)
     b.set_annealing(0.01, 0.01)
-    assert b.smoothing_is_identity and torch.equal(b.smoothing, torch.eye(9))
+    assert b.smoothing_is_identity and torch.equal(geometry.smoothing_dense(b.smoothing), torch.eye(9))
 
 
 @pytest.mark.parametrize(

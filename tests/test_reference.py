@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
-from dcgmm_fast import ops, reference
-from dcgmm_fast.reference import out_hw
+from dcgmm_fast import geometry, ops, reference
+from dcgmm_fast.geometry import out_hw
 
 from conftest import assert_close, make_inputs
 
@@ -22,7 +22,7 @@ LOG2PI = math.log(2 * math.pi)
 def patches_loop(x, kernel, stride):
     """im2col by an explicit triple loop over (ky, kx, c), c fastest."""
     N, H, W, C = x.shape
-    (kh, kw), (sh, sw) = reference.pair(kernel), reference.pair(stride)
+    (kh, kw), (sh, sw) = geometry.pair(kernel), geometry.pair(stride)
     Ho, Wo = out_hw((H, W), kernel, stride)
     out = torch.empty(N, Ho, Wo, kh * kw * C, dtype=x.dtype)
     for oy in range(Ho):
@@ -39,7 +39,7 @@ def patches_loop(x, kernel, stride):
 def fold_loop(dpatch, image_shape, kernel, stride):
     """Sum patch-entry gradients (N, H', W', D) onto the pixels they were read from, one tap at a time."""
     N, H, W, C = image_shape
-    (kh, kw), (sh, sw) = reference.pair(kernel), reference.pair(stride)
+    (kh, kw), (sh, sw) = geometry.pair(kernel), geometry.pair(stride)
     Ho, Wo = dpatch.shape[1:3]
     taps = dpatch.reshape(N, Ho, Wo, kh, kw, C)
     dx = torch.zeros(N, H, W, C, dtype=dpatch.dtype)
@@ -108,7 +108,7 @@ def test_mc_identity_is_best_single_component(case, explicit_identity, fresh_see
 def test_mc_smoothed_score_equals_loop_over_k(case, fresh_seed):
     H, W, C, kernel, stride, K, indep = case
     x, mu, sigma, log_pi = make_inputs(2, H, W, C, kernel, stride, K, indep, seed=fresh_seed)
-    G = reference.smoothing_matrix(K, 0.9, dtype=x.dtype)
+    G = geometry.smoothing_matrix(K, 0.9, dtype=x.dtype)
     out = reference.cgmm(x, mu, sigma, log_pi, kernel=kernel, stride=stride, loss="mc", smoothing=G)
     D = mu.shape[-1]
     lp = component_log_probs(*rows_and_params(x, mu, sigma, log_pi, kernel, stride)) + 0.5 * D * LOG2PI
@@ -124,7 +124,7 @@ def test_mc_smoothed_score_equals_loop_over_k(case, fresh_seed):
 
 def test_forced_kstar_reads_that_component(fresh_seed):
     x, mu, sigma, log_pi = make_inputs(2, 6, 6, 1, 2, 2, 9, seed=fresh_seed)
-    G = reference.smoothing_matrix(9, 0.7, dtype=x.dtype)
+    G = geometry.smoothing_matrix(9, 0.7, dtype=x.dtype)
     free = reference.cgmm(x, mu, sigma, log_pi, kernel=2, stride=2, smoothing=G)
     forced = torch.randint(0, 9, free.kstar.shape, generator=torch.Generator().manual_seed(fresh_seed))
     out = reference.cgmm(x, mu, sigma, log_pi, kernel=2, stride=2, smoothing=G, kstar=forced)
@@ -149,7 +149,7 @@ def test_argmax_ties_go_to_lowest_index():
 
 def test_float32_close_to_float64(fresh_seed):
     x, mu, sigma, log_pi = make_inputs(2, 8, 8, 1, 3, 1, 16, seed=fresh_seed)
-    G = reference.smoothing_matrix(16, 1.5, dtype=torch.float64)
+    G = geometry.smoothing_matrix(16, 1.5, dtype=torch.float64)
     o64 = reference.cgmm(x, mu, sigma, log_pi, kernel=3, stride=1, smoothing=G)
     o32 = reference.cgmm(*(t.float() for t in (x, mu, sigma, log_pi)), kernel=3, stride=1, smoothing=G.float())
     for name in ("resp", "score", "lse"):
@@ -159,7 +159,7 @@ def test_float32_close_to_float64(fresh_seed):
 
 def test_chunking_does_not_change_results(monkeypatch, fresh_seed):
     x, mu, sigma, log_pi = make_inputs(3, 7, 7, 2, 2, 1, 9, True, seed=fresh_seed, requires_grad=True)
-    G = reference.smoothing_matrix(9, 1.0, dtype=x.dtype)
+    G = geometry.smoothing_matrix(9, 1.0, dtype=x.dtype)
 
     def run():
         out = reference.cgmm(x, mu, sigma, log_pi, kernel=2, stride=1, smoothing=G)
@@ -221,7 +221,7 @@ GRAD_CASES = [  # (H, W, C, kernel, stride, K, independent, loss, som_sigma)
 def test_autograd_matches_closed_form(case, upstream, fresh_seed):
     H, W, C, kernel, stride, K, indep, loss, som = case
     x, mu, sigma, log_pi = make_inputs(3, H, W, C, kernel, stride, K, indep, seed=fresh_seed, requires_grad=True)
-    G = None if som is None else reference.smoothing_matrix(K, som, dtype=x.dtype)
+    G = None if som is None else geometry.smoothing_matrix(K, som, dtype=x.dtype)
     out = reference.cgmm(x, mu, sigma, log_pi, kernel=kernel, stride=stride, loss=loss, smoothing=G)
     g = torch.Generator().manual_seed(fresh_seed + 1)
     g_resp = torch.randn(out.resp.shape, generator=g, dtype=x.dtype) * (upstream != "score_only")
@@ -240,7 +240,7 @@ def test_autograd_matches_closed_form(case, upstream, fresh_seed):
 def test_gradcheck_tiny(independent, loss, som):
     # x (1,3,3,1), kernel (1,2) stride 2 -> P = 2, D = 2, K = 4: at most 49 inputs in all
     x, mu, sigma, log_pi = make_inputs(1, 3, 3, 1, (1, 2), 2, 4, independent, seed=3, requires_grad=True)
-    G = None if som is None else reference.smoothing_matrix(4, som, dtype=torch.float64)
+    G = None if som is None else geometry.smoothing_matrix(4, som, dtype=torch.float64)
 
     def f(x, mu, sigma, log_pi):
         out = reference.cgmm(x, mu, sigma, log_pi, kernel=(1, 2), stride=2, loss=loss, smoothing=G)
@@ -252,7 +252,7 @@ def test_gradcheck_tiny(independent, loss, som):
 # ------------------------------------------------------------------------------------------------ smoothing
 @pytest.mark.parametrize("K,som", [(1, 0.5), (4, 1.414), (9, 2.0), (16, 0.7), (25, 1.768), (49, 2.475)])
 def test_smoothing_matrix_rows_and_symmetry(K, som):
-    G = reference.smoothing_matrix(K, som, dtype=torch.float64)
+    G = geometry.smoothing_matrix(K, som, dtype=torch.float64)
     assert G.shape == (K, K)
     assert_close(G.sum(1), torch.ones(K, dtype=torch.float64), 1e-14, "row sums")
     assert torch.allclose(G, G.T, rtol=0, atol=1e-15)
@@ -260,16 +260,16 @@ def test_smoothing_matrix_rows_and_symmetry(K, som):
 
 
 def test_smoothing_torus_offsets():
-    assert reference.smoothing_offsets(5).tolist() == [0, 1, 2, -2, -1]
-    assert reference.smoothing_offsets(4).tolist() == [0, 1, -2, -1]
-    assert reference.smoothing_offsets(3).tolist() == [0, 1, -1]
-    assert reference.smoothing_offsets(1).tolist() == [0]
+    assert geometry.smoothing_offsets(5).tolist() == [0, 1, 2, -2, -1]
+    assert geometry.smoothing_offsets(4).tolist() == [0, 1, -2, -1]
+    assert geometry.smoothing_offsets(3).tolist() == [0, 1, -1]
+    assert geometry.smoothing_offsets(1).tolist() == [0]
 
 
 @pytest.mark.parametrize("n", [3, 4, 5, 7])
 def test_smoothing_matrix_is_torus_gaussian(n):
     K, som = n * n, 1.3
-    G = reference.smoothing_matrix(K, som, dtype=torch.float64)
+    G = geometry.smoothing_matrix(K, som, dtype=torch.float64)
     t = lambda d: ((d + n // 2) % n) - n // 2  # noqa: E731
     for k in range(K):
         d2 = torch.tensor(
@@ -284,15 +284,15 @@ def test_smoothing_matrix_is_torus_gaussian(n):
 
 @pytest.mark.parametrize("K", [4, 9, 25, 100])
 def test_smoothing_matrix_identity_at_floor(K):
-    assert torch.equal(reference.smoothing_matrix(K, 0.01, dtype=torch.float64), torch.eye(K, dtype=torch.float64))
-    assert torch.equal(reference.smoothing_matrix(K, 0.01), torch.eye(K))
+    assert torch.equal(geometry.smoothing_matrix(K, 0.01, dtype=torch.float64), torch.eye(K, dtype=torch.float64))
+    assert torch.equal(geometry.smoothing_matrix(K, 0.01), torch.eye(K))
 
 
 def test_smoothing_matrix_rejects_bad_arguments():
     with pytest.raises(ValueError, match="K"):
-        reference.smoothing_matrix(10, 1.0)
+        geometry.smoothing_matrix(10, 1.0)
     with pytest.raises(ValueError, match="som_sigma"):
-        reference.smoothing_matrix(9, 0.0)
+        geometry.smoothing_matrix(9, 0.0)
 
 
 # ------------------------------------------------------------------------------------------------ patches
@@ -437,14 +437,14 @@ def test_peak_memory_of_chunked_forward_backward():
     code = textwrap.dedent(
         """
         import resource, torch
-        from dcgmm_fast import reference
+        from dcgmm_fast import geometry, reference
         torch.manual_seed(0)
         x = torch.rand(100, 26, 26, 25, requires_grad=True)
         K, D = 100, 400
         mu = torch.rand(K, D, requires_grad=True)
         sigma = (1 + torch.rand(K, D)).requires_grad_(True)
         log_pi = torch.log_softmax(torch.zeros(K), 0).requires_grad_(True)
-        G = reference.smoothing_matrix(K, 3.5)
+        G = geometry.smoothing_matrix(K, 3.5)
         assert 14400 * K * D * 4 > 2 * 2**30
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         out = reference.cgmm(x, mu, sigma, log_pi, kernel=4, stride=2, loss="mc", smoothing=G)

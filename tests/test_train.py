@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from dcgmm_fast import ops, presets
+from dcgmm_fast import geometry, ops, presets
 from dcgmm_fast.layers import ConvGMM
 from dcgmm_fast.model import DCGMM
 from dcgmm_fast.train import SingleExp, Trainer, gmm_step
@@ -67,7 +67,7 @@ def hand_update(layer, x):
     M = N * P
     xp = ops.patches(x, layer.kernel, layer.stride).reshape(N, P, -1)  # (N, P, D)
     if layer.loss == "mc":
-        G = layer.smoothing if not layer.smoothing_is_identity else torch.eye(K, dtype=x.dtype)
+        G = geometry.smoothing_dense(layer.smoothing) if not layer.smoothing_is_identity else torch.eye(K, dtype=x.dtype)
         Wt = G[out.kstar.reshape(N, P).long()] / M
     else:
         Wt = out.resp.reshape(N, P, K) / M

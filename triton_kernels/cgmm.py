@@ -483,3 +483,5 @@ def sample_components(topdown, mu, sigma, top_s, divisor, u, eps, sigma_ceiling)
         INDEP=mu.dim() == 3, BLOCK_K=max(16, triton.next_power_of_2(K)), BLOCK_D=64, num_warps=4,
     )
     return out
+
+cgmm_fwd_v1 = cgmm_fwd  # placeholder until the one-pass forward lands

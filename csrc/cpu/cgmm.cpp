@@ -301,6 +301,30 @@ void log_scores_gemm(const Geometry& g, const at::Tensor& x, const at::Tensor& m
   });
 }
 
+// The smoothing of the mc loss: a dense (K, K) G, or its separable factors (2, n, n) = (Gy, Gx), G = kron(Gy, Gx).
+at::Tensor checked_smoothing(const at::Tensor& smoothing, int64_t K, at::ScalarType dtype) {
+  const auto G = smoothing.contiguous();
+  const int64_t n = int64_t(std::llround(std::sqrt(double(K))));
+  const bool dense = G.dim() == 2 && G.size(0) == K && G.size(1) == K;
+  const bool factored = G.dim() == 3 && G.size(0) == 2 && G.size(1) == n && G.size(2) == n && n * n == K;
+  TORCH_CHECK(G.scalar_type() == dtype && (dense || factored), "smoothing: expected (K, K) = (", K, ", ", K,
+              ") or factors (2, n, n) = (2, ", n, ", ", n, ") of dtype ", dtype, ", got ", G.sizes(), " ",
+              G.scalar_type());
+  return G;
+}
+
+at::Tensor dense_smoothing(const at::Tensor& G) { return G.dim() == 3 ? at::kron(G[0], G[1]).contiguous() : G; }
+
+// ranked[r, k] = sum_j G[k, j] ls[r, j] for every row: one GEMM with a dense G (2 M K^2 flops); with the factors,
+// ls[r] as an n x n grid L_r (row-major, k = ky * n + kx) gives Gy L_r Gx^T, two GEMMs of 2 M K n flops each.
+at::Tensor smooth_rows(const at::Tensor& ls, const at::Tensor& G) {
+  if (G.dim() == 2) return at::mm(ls, G.t());
+  const int64_t M = ls.size(0), n = G.size(1);
+  auto t = at::mm(ls.view({M * n, n}), G[1].t());                           // (M*n, n): L_r Gx^T, rows ky
+  auto u = at::mm(t.view({M, n, n}).transpose(1, 2).reshape({M * n, n}), G[0].t());  // (M*n, n): rows kx, cols ky
+  return u.view({M, n, n}).transpose(1, 2).reshape({M, n * n});
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_fwd_cpu(
     const at::Tensor& x_, const at::Tensor& mu_, const at::Tensor& sigma_, const at::Tensor& log_pi_,
     at::IntArrayRef kernel, at::IntArrayRef stride, c10::string_view loss, const std::optional<at::Tensor>& smoothing) {
@@ -311,12 +335,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_fwd_cpu(
   TORCH_CHECK(!(smoothing.has_value() && !is_mc), "smoothing: must be None for loss 'loglik'");
   auto x = x_.contiguous(), mu = mu_.contiguous(), sigma = sigma_.contiguous(), log_pi = log_pi_.contiguous();
   at::Tensor G;
-  if (smoothing.has_value()) {
-    G = smoothing->contiguous();
-    TORCH_CHECK(G.scalar_type() == x.scalar_type() && G.dim() == 2 && G.size(0) == g.K && G.size(1) == g.K,
-                "smoothing: expected (K, K) = (", g.K, ", ", g.K, ") of dtype ", x.scalar_type(), ", got ", G.sizes(),
-                " ", G.scalar_type());
-  }
+  if (smoothing.has_value()) G = checked_smoothing(*smoothing, g.K, x.scalar_type());
   auto opts = x.options();
   auto resp = new_output({g.N, g.Ho, g.Wo, g.K}, opts);
   auto score = new_output({g.N, g.Ho, g.Wo}, opts);
@@ -340,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_fwd_cpu(
     log_scores<T>(g, x.data_ptr<T>(), mu_p.data(), sig_p.data(), c.data_ptr<T>(), ls.data_ptr<T>());
   });
   // Smoothing as one GEMM over all rows, then pass 2 per row: softmax / logsumexp and max / argmax (ties -> lowest).
-  const at::Tensor ranked = (is_mc && G.defined()) ? at::mm(ls, G.t()) : ls;
+  const at::Tensor ranked = (is_mc && G.defined()) ? smooth_rows(ls, G) : ls;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cgmm_fwd_cpu_rows", [&] {
     using T = scalar_t;
     const T cst = T(0.5 * double(g.D) * std::log(2.0 * M_PI));
@@ -563,7 +582,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_bwd_cpu(
     g_score = g_score_->contiguous().to(x.scalar_type());
     TORCH_CHECK(g_score.numel() == g.M, "g_score: expected (N, H', W'), got ", g_score.sizes());
   }
-  if (smoothing.has_value() && smoothing->defined()) G = smoothing->contiguous();
+  // the backward reads rows G[kstar, :] of the dense matrix: kron(Gy, Gx) of a factored smoothing (K^2, once)
+  if (smoothing.has_value() && smoothing->defined()) G = dense_smoothing(checked_smoothing(*smoothing, g.K, x.scalar_type()));
   auto d_mu = new_output(mu.sizes(), mu.options()), d_sigma = new_output(sigma.sizes(), sigma.options());
   auto d_log_pi = new_output(log_pi_.sizes(), log_pi_.options());
   auto dx = need_x_grad ? new_output(x.sizes(), x.options()) : at::empty({0}, x.options());

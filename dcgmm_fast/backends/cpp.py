@@ -1,0 +1,30 @@
+"""The ``cpp`` backend: fused C++ CPU kernels (``csrc/``), loaded from the extension ``dcgmm_fast._C``.
+
+The schemas are in ``csrc/ops.cpp`` (the one ``TORCH_LIBRARY(dcgmm)``), the kernels in ``csrc/cpu/cgmm.cpp``;
+fakes and autograd come from ``fused.register_fused_ops``. float32 and float64; CPU tensors.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .fused import FusedOps, register_fused_ops
+
+_OPS = FusedOps("cpp")
+cgmm, patch_average, sample_components = _OPS.cgmm, _OPS.patch_average, _OPS.sample_components
+
+
+def problem() -> Optional[str]:
+    """Loads ``dcgmm_fast._C`` (which registers ``torch.ops.dcgmm.*_cpp``) and wires fakes and autograd."""
+    try:
+        from .. import _C  # noqa: F401
+    except ImportError as e:
+        return (
+            "backend 'cpp' is not built: the C++ extension dcgmm_fast._C was not found "
+            f"({e}). Build it from a source checkout with a C++ compiler: `pip install --no-build-isolation -e .`"
+        )
+    if not hasattr(torch.ops.dcgmm, "cgmm_fwd_cpp"):
+        return "backend 'cpp' is not built: dcgmm_fast._C does not register dcgmm::cgmm_fwd_cpp; rebuild it"
+    register_fused_ops("cpp")
+    return None
