@@ -315,14 +315,43 @@ at::Tensor checked_smoothing(const at::Tensor& smoothing, int64_t K, at::ScalarT
 
 at::Tensor dense_smoothing(const at::Tensor& G) { return G.dim() == 3 ? at::kron(G[0], G[1]).contiguous() : G; }
 
-// ranked[r, k] = sum_j G[k, j] ls[r, j] for every row: one GEMM with a dense G (2 M K^2 flops); with the factors,
-// ls[r] as an n x n grid L_r (row-major, k = ky * n + kx) gives Gy L_r Gx^T, two GEMMs of 2 M K n flops each.
-at::Tensor smooth_rows(const at::Tensor& ls, const at::Tensor& G) {
-  if (G.dim() == 2) return at::mm(ls, G.t());
-  const int64_t M = ls.size(0), n = G.size(1);
-  auto t = at::mm(ls.view({M * n, n}), G[1].t());                           // (M*n, n): L_r Gx^T, rows ky
-  auto u = at::mm(t.view({M, n, n}).transpose(1, 2).reshape({M * n, n}), G[0].t());  // (M*n, n): rows kx, cols ky
-  return u.view({M, n, n}).transpose(1, 2).reshape({M, n * n});
+// Separable smoothing of SMOOTH_ROWS rows at a time, rows in the vector lanes: the K = n * n log scores of a row
+// as an n x n grid L (k = ky * n + kx) give out = Gy L Gx^T, 2 K n multiply-adds instead of K^2 per row.
+// lt, tmp, out: (K, SMOOTH_ROWS), row i of the block in lane i (lanes past the block's rows hold zeros).
+constexpr int64_t SMOOTH_ROWS = 16;
+template <typename T>
+inline __attribute__((always_inline)) void smooth_block_impl(const T* __restrict__ lt, const T* __restrict__ gy,
+                                                             const T* __restrict__ gx, int64_t n, T* __restrict__ tmp,
+                                                             T* __restrict__ out) {
+  constexpr int64_t B = SMOOTH_ROWS;
+  for (int64_t a = 0; a < n; ++a)  // tmp[a, c] = sum_b Gx[c, b] L[a, b]
+    for (int64_t c = 0; c < n; ++c) {
+      T acc[B] = {};
+      for (int64_t b = 0; b < n; ++b) {
+        const T w = gx[c * n + b];
+        const T* src = lt + (a * n + b) * B;
+        for (int64_t i = 0; i < B; ++i) acc[i] += w * src[i];
+      }
+      for (int64_t i = 0; i < B; ++i) tmp[(a * n + c) * B + i] = acc[i];
+    }
+  for (int64_t a = 0; a < n; ++a)  // out[a, c] = sum_b Gy[a, b] tmp[b, c]
+    for (int64_t c = 0; c < n; ++c) {
+      T acc[B] = {};
+      for (int64_t b = 0; b < n; ++b) {
+        const T w = gy[a * n + b];
+        const T* src = tmp + (b * n + c) * B;
+        for (int64_t i = 0; i < B; ++i) acc[i] += w * src[i];
+      }
+      for (int64_t i = 0; i < B; ++i) out[(a * n + c) * B + i] = acc[i];
+    }
+}
+DCGMM_MULTIVERSION void smooth_block(const float* lt, const float* gy, const float* gx, int64_t n, float* tmp,
+                                     float* out) {
+  smooth_block_impl<float>(lt, gy, gx, n, tmp, out);
+}
+DCGMM_MULTIVERSION void smooth_block(const double* lt, const double* gy, const double* gx, int64_t n, double* tmp,
+                                     double* out) {
+  smooth_block_impl<double>(lt, gy, gx, n, tmp, out);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_fwd_cpu(
@@ -359,20 +388,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_fwd_cpu(
     log_scores<T>(g, x.data_ptr<T>(), mu_p.data(), sig_p.data(), c.data_ptr<T>(), ls.data_ptr<T>());
   });
   // Smoothing as one GEMM over all rows, then pass 2 per row: softmax / logsumexp and max / argmax (ties -> lowest).
-  const at::Tensor ranked = (is_mc && G.defined()) ? smooth_rows(ls, G) : ls;
+  // A dense G: one GEMM over all rows. Factors: smoothed per row inside the pass below (no (M, K) temporary).
+  const bool factored = is_mc && G.defined() && G.dim() == 3;
+  const at::Tensor ranked = (is_mc && G.defined() && !factored) ? at::mm(ls, G.t()) : ls;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cgmm_fwd_cpu_rows", [&] {
     using T = scalar_t;
     const T cst = T(0.5 * double(g.D) * std::log(2.0 * M_PI));
     const T *l = ls.data_ptr<T>(), *rk = ranked.data_ptr<T>();
     T *rp = resp.data_ptr<T>(), *sp = score.data_ptr<T>(), *lp = lse.data_ptr<T>();
     int32_t* kp = kstar.data_ptr<int32_t>();
-    const int64_t K = g.K;
+    const int64_t K = g.K, n = factored ? G.size(1) : 0, B = SMOOTH_ROWS;
+    const T* gy = factored ? G.data_ptr<T>() : nullptr;
     at::parallel_for(0, g.M, 512, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        lp[r] = softmax_lse(l + r * K, K, rp + r * K);
-        const int64_t k = argmax_first(rk + r * K, K);
-        kp[r] = int32_t(k);
-        sp[r] = (is_mc ? rk[r * K + k] : lp[r]) - cst;
+      std::vector<T> lt(factored ? K * B : 0), tmp(lt.size()), sm(lt.size());
+      for (int64_t b0 = r0; b0 < r1; b0 += B) {
+        const int64_t nb = std::min(B, r1 - b0);
+        if (factored) {  // the block's log scores transposed, smoothed with rows in the vector lanes
+          std::fill(lt.begin(), lt.end(), T(0));
+          for (int64_t i = 0; i < nb; ++i)
+            for (int64_t k = 0; k < K; ++k) lt[k * B + i] = l[(b0 + i) * K + k];
+          smooth_block(lt.data(), gy, gy + n * n, n, tmp.data(), sm.data());
+        }
+        for (int64_t i = 0; i < nb; ++i) {
+          const int64_t r = b0 + i;
+          lp[r] = softmax_lse(l + r * K, K, rp + r * K);
+          int64_t k = 0;
+          T best;
+          if (factored) {  // first maximum: ties -> lowest index
+            best = sm[i];
+            for (int64_t j = 1; j < K; ++j)
+              if (sm[j * B + i] > best) best = sm[j * B + i], k = j;
+          } else {
+            k = argmax_first(rk + r * K, K);
+            best = rk[r * K + k];
+          }
+          kp[r] = int32_t(k);
+          sp[r] = (is_mc ? best : lp[r]) - cst;
+        }
       }
     });
   });
