@@ -187,10 +187,11 @@ def test_factored_smoothing_equals_dense(backend, shape, fresh_seed):
 
 
 # ------------------------------------------------------------------------------------------------ trained regime
-TRAINED = [  # (name, input, kernel, stride, K, independent, loss, som_sigma); input "images" or "resp"
+TRAINED = [  # (name, input, kernel, stride, K, independent, loss, som_sigma); input "images[SIZE]" or "resp"
     ("3x3-K25-S-mc", "images", 3, 1, 25, False, "mc", 1.2),  # D = 9, the first layer of D, E, F
+    ("3x3-K25-S-loglik", "images", 3, 1, 25, False, "loglik", None),
     ("4x4s2-K121-I-loglik", "images", 4, 2, 121, True, "loglik", None),  # classifier-B's first layer, D = 16
-    ("4x4s2-K121-I-mc", "images", 4, 2, 121, True, "mc", 2.0),
+    ("4x4s2-K121-I-mc", "images18", 4, 2, 121, True, "mc", 2.0),  # 18x18 crops: fewer positions to interpret
     ("4x4s2-K100-S-mc", "resp", 4, 2, 100, False, "mc", 3.5),  # D = 400 on sharp responsibilities
     ("4x4-K25-I-loglik", "resp", 4, 1, 25, True, "loglik", None),  # preset D's second layer, D = 400
 ]
@@ -202,12 +203,13 @@ def _trained_inputs(case, shipped, seed):
     large logits. Returns float64 (x, mu, sigma, log_pi), G (float64 factors or None) and the op's keywords."""
     _, source, kernel, stride, K, indep, loss, som = case
     g = torch.Generator().manual_seed(seed)
-    if source == "images":
-        x = shipped.x_test[torch.randperm(shipped.x_test.shape[0], generator=g)[:2]].double()
+    if source.startswith("images"):
+        size = int(source[6:] or 28)
+        x = shipped.x_test[torch.randperm(shipped.x_test.shape[0], generator=g)[:2], :size, :size].double()
     else:
         x = torch.softmax(8.0 * torch.randn(2, 13, 13, 25, generator=g, dtype=torch.float64), -1)
-    pool = torch.cat([x, shipped.x_train[:8].double().expand(-1, -1, -1, x.shape[3])[:, :x.shape[1], :x.shape[2]]
-                      if source == "images" else x.flip(0)])
+    pool = torch.cat([x, shipped.x_train[:8].double()[:, :x.shape[1], :x.shape[2]]
+                      if source.startswith("images") else x.flip(0)])
     p = geometry.patches(pool, kernel, stride)  # (2N', H', W', D): candidate means at each position
     Ho, Wo, D = p.shape[1:]
     P = Ho * Wo

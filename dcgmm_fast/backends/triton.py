@@ -3,8 +3,9 @@ as Python custom ops ``dcgmm::{cgmm_fwd,cgmm_bwd,patch_average,sample_components
 under ``TRITON_INTERPRET=1`` (set before the first import of triton), CPU tensors. float32 only.
 
 Kernel generations: ``DCGMM_TRITON_KERNELS=v1`` selects the first forward kernel (component tiles with an
-online logsumexp, raw scores parked in resp); the default is the one-pass forward of ``triton_kernels/cgmm.py``.
-The backward is the same for both. A factored smoothing (2, n, n) is expanded to the dense kron(Gy, Gx) for the
+online logsumexp, raw scores parked in resp; ``triton_kernels/cgmm_v1.py``); the default is the one-pass forward
+of ``triton_kernels/cgmm.py``. The backward is the same for both. ``DCGMM_TRITON_PRECISION`` picks the products'
+precision per call (see ``_precision``). A factored smoothing (2, n, n) is expanded to the dense kron(Gy, Gx) for the
 kernels (K^2 per row on the GPU, where the smoothing is a small part of the work).
 """
 from __future__ import annotations
@@ -37,6 +38,12 @@ def problem() -> Optional[str]:
     return None
 
 
+def _precision() -> str:
+    """``DCGMM_TRITON_PRECISION``: "ieee" (default) or "tf32x3" (split-TF32 tensor-core products for the large-D
+    GEMMs; off by default until the GPU check has measured its error against design.md's rule). Read per call."""
+    return os.environ.get("DCGMM_TRITON_PRECISION", "ieee")
+
+
 def _dense(smoothing: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if smoothing is None else smoothing_dense(smoothing).contiguous()
 
@@ -50,8 +57,12 @@ def _define_ops() -> None:
     def cgmm_fwd_triton(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, log_pi: torch.Tensor,
                         kernel: List[int], stride: List[int], loss: str, smoothing: Optional[torch.Tensor]
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        fwd = tk.cgmm_fwd_v1 if os.environ.get("DCGMM_TRITON_KERNELS") == "v1" else tk.cgmm_fwd
-        return fwd(x, mu, sigma, log_pi, tuple(kernel), tuple(stride), loss, _dense(smoothing))
+        if os.environ.get("DCGMM_TRITON_KERNELS") == "v1":
+            from ..triton_kernels.cgmm_v1 import cgmm_fwd_v1
+
+            return cgmm_fwd_v1(x, mu, sigma, log_pi, tuple(kernel), tuple(stride), loss, _dense(smoothing))
+        return tk.cgmm_fwd(x, mu, sigma, log_pi, tuple(kernel), tuple(stride), loss, _dense(smoothing),
+                           precision=_precision())
 
     @torch.library.custom_op("dcgmm::cgmm_bwd_triton", mutates_args=(), device_types=devices)
     def cgmm_bwd_triton(g_resp: Optional[torch.Tensor], g_score: Optional[torch.Tensor], x: torch.Tensor,
@@ -60,7 +71,7 @@ def _define_ops() -> None:
                         lse: torch.Tensor, kstar: torch.Tensor, need_x_grad: bool
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return tk.cgmm_bwd(g_resp, g_score, x, mu, sigma, log_pi, tuple(kernel), tuple(stride), loss,
-                           _dense(smoothing), resp, lse, kstar, need_x_grad)
+                           _dense(smoothing), resp, lse, kstar, need_x_grad, precision=_precision())
 
     @torch.library.custom_op("dcgmm::patch_average_triton", mutates_args=(), device_types=devices)
     def patch_average_triton(v: torch.Tensor, image_hw: List[int], kernel: List[int], stride: List[int]
