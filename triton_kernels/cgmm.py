@@ -49,6 +49,8 @@ MAX_REGISTER_K = 128
 DIRECT_MAX_D = 64
 #: rows per reduction chunk of the parameter backward: fixed, so the result does not depend on the device
 CHUNK_ROWS = 2048
+#: row tiles of the parameter GEMM (its inner dimension) and of the W and x-gradient kernels
+PARAM_BLOCK_R = 16
 BWD_BLOCK_R = 32
 PRECISIONS = ("ieee", "tf32x3")
 
@@ -450,9 +452,9 @@ def fwd_config(K: int, D: int):
     interpreter (CPU tests) wider d tiles: the same kernel, fewer interpreted iterations."""
     block_k = max(16, triton.next_power_of_2(K))
     direct = D <= DIRECT_MAX_D
-    block_r = 64 if block_k <= 32 else 32
+    block_r = 64 if block_k <= 32 else 32  # 64 x 128 spills in every variant; 4 warps spill in the GEMM form
     block_d = 128 if INTERPRET else 32
-    return direct, block_r, block_k, block_d, 4 if block_k <= 32 else 8
+    return direct, block_r, block_k, block_d, 8
 
 
 def bwd_config(K: int, D: int):
@@ -462,7 +464,8 @@ def bwd_config(K: int, D: int):
         bd = min(512, max(16, triton.next_power_of_2(D)))
         bkx = min(128, triton.next_power_of_2(K))
         return (min(128, max(16, triton.next_power_of_2(K))), bd, 4), (bkx, max(16, min(bd, 8192 // bkx)))
-    return (min(64, max(16, triton.next_power_of_2(K))), min(64, max(16, triton.next_power_of_2(D))), 4), (4, 32)
+    # 8 warps: with 4, tiles of 32 x 32 and up spill (ieee) on sm_80 and sm_90
+    return (min(64, max(16, triton.next_power_of_2(K))), min(64, max(16, triton.next_power_of_2(D))), 8), (4, 32)
 
 
 def smoothing_transposed(smoothing):
@@ -478,9 +481,10 @@ def prepare_centred(mu3, sig3, log_pi3):
     return ctr.contiguous(), S.transpose(1, 2).contiguous(), (muc * S).transpose(1, 2).contiguous(), c.contiguous()
 
 
-def cgmm_fwd(x, mu, sigma, log_pi, kernel, stride, loss, smoothing, precision: str = "ieee"):
+def cgmm_fwd(x, mu, sigma, log_pi, kernel, stride, loss, smoothing, precision: str = "ieee", config=None):
     """Forward launcher. x (N,H,W,C), mu/sigma (K,D)|(P,K,D), log_pi (K,)|(P,K), smoothing dense (K,K) or None.
-    Returns resp (N,H',W',K), score, lse (N,H',W'), kstar (N,H',W') int32."""
+    ``config``: a (DIRECT, BLOCK_R, BLOCK_K, BLOCK_D, num_warps) other than ``fwd_config``'s (the GPU check's
+    tile sweep). Returns resp (N,H',W',K), score, lse (N,H',W'), kstar (N,H',W') int32."""
     g = geometry(x, mu, kernel, stride)
     if g["K"] > MAX_REGISTER_K:
         from .cgmm_v1 import cgmm_fwd_v1
@@ -489,7 +493,7 @@ def cgmm_fwd(x, mu, sigma, log_pi, kernel, stride, loss, smoothing, precision: s
     precision = _check_precision(precision)
     x, mu, sigma, log_pi = (t.contiguous() for t in (x, mu, sigma, log_pi))
     G, K, D, N, Ho, Wo = g["G"], g["K"], g["D"], g["N"], g["Ho"], g["Wo"]
-    direct, block_r, block_k, block_d, warps = fwd_config(K, D)
+    direct, block_r, block_k, block_d, warps = config or fwd_config(K, D)
     mu3, sig3, lp3 = mu.reshape(G, K, D), sigma.reshape(G, K, D), log_pi.reshape(G, K)
     with device_guard(x):
         if direct:
@@ -524,11 +528,11 @@ def cgmm_bwd(g_resp, g_score, x, mu, sigma, log_pi, kernel, stride, loss, smooth
         g_resp = g_resp.contiguous() if g_resp is not None else None
         g_score = g_score.contiguous() if g_score is not None else None
         Wm = new_output(M, K, like=x)
-        block_kw = min(64, max(16, triton.next_power_of_2(K)))
-        _cgmm_bwd_w_kernel[(triton.cdiv(M, 64),)](
+        block_kw = min(32, max(16, triton.next_power_of_2(K)))  # 64 components x 64 rows spill
+        _cgmm_bwd_w_kernel[(triton.cdiv(M, BWD_BLOCK_R),)](
             Wm, resp, g_resp if g_resp is not None else resp, g_score if g_score is not None else resp, kstar,
             smoothing.contiguous() if smoothing is not None else resp, M, K,
-            BLOCK_R=64, BLOCK_K=block_kw, IS_MC=loss == "mc", HAS_SMOOTHING=smoothing is not None,
+            BLOCK_R=BWD_BLOCK_R, BLOCK_K=block_kw, IS_MC=loss == "mc", HAS_SMOOTHING=smoothing is not None,
             HAS_G_RESP=g_resp is not None, HAS_G_SCORE=g_score is not None, num_warps=4,
         )
         ctr = mu.reshape(G, K, D).mean(1).contiguous()  # (G, D) the centre of the sums
@@ -538,7 +542,7 @@ def cgmm_bwd(g_resp, g_score, x, mu, sigma, log_pi, kernel, stride, loss, smooth
         pa1, pa2 = new_output(G * chunks, K, D, like=x), new_output(G * chunks, K, D, like=x)
         _cgmm_bwd_param_kernel[(G * chunks, triton.cdiv(K, block_k), triton.cdiv(D, block_d))](
             pw, pa1, pa2, Wm, x, ctr, *_shape_args(g), chunks,
-            INDEP=g["INDEP"], CHUNK_ROWS=CHUNK_ROWS, BLOCK_R=BWD_BLOCK_R, BLOCK_K=block_k, BLOCK_D=block_d,
+            INDEP=g["INDEP"], CHUNK_ROWS=CHUNK_ROWS, BLOCK_R=PARAM_BLOCK_R, BLOCK_K=block_k, BLOCK_D=block_d,
             PRECISION=precision, num_warps=warps,
         )
         d_mu, d_sigma = new_output(*mu.shape, like=mu), new_output(*sigma.shape, like=sigma)
