@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import torch
 
-from . import data, presets
+from . import backends, data, presets
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .guard import DivergenceError
 from .metrics import auroc
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p, data_arg=True):
         p.add_argument("--device", default="cpu", help="torch device (cpu, cuda); default cpu")
-        p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpp", "triton", "cuda"],
+        p.add_argument("--backend", default="auto", choices=("auto",) + backends.names(),
                        help="ops backend; auto picks the fastest built one")
         p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
         p.add_argument("--out", default="runs/demo", help="output directory")

@@ -1,0 +1,80 @@
+"""The step guard (divergence caught on the device, reported at log intervals) and validation at the boundary."""
+import math
+
+import pytest
+import torch
+
+from dcgmm_fast import presets
+from dcgmm_fast.guard import DivergenceError, StepGuard
+from dcgmm_fast.layers import ConvGMM
+from dcgmm_fast.model import DCGMM
+
+
+def _model(gmm=None, clf_lr=0.05):
+    specs = [presets.GMM(3, 1, 9, **(gmm or {})), presets.Pool(), presets.Classifier("pool1", lr=clf_lr)]
+    return DCGMM(specs, input_shape=(12, 12, 1), n_classes=3, seed=0)
+
+
+def _data(n=60):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, 12, 12, 1, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.mark.parametrize("gmm,clf_lr,layer,what", [
+    (dict(eps0=1e6, eps_inf=1e6, window=10), 0.05, "gmm1", ""),  # the original rule runs away
+    (dict(lambda_pi=1e30), 0.05, "gmm1", "pi_logits"),
+    (dict(mu_init=1e20), 0.05, "gmm1", "mean score is not finite"),
+    (None, 1e30, "classifier", "loss"),
+])
+def test_divergence_names_the_layer_step_and_quantity(gmm, clf_lr, layer, what):
+    model = _model(gmm, clf_lr)
+    x, y = _data()
+    with pytest.raises(DivergenceError, match=rf"^{layer}: training diverged at step \d+: .*{what}") as info:
+        model.fit(x, y, epochs=3, batch_size=20, seed=0)
+    assert "step" in str(info.value)
+
+
+def test_a_healthy_run_passes_the_guard_and_reads_it_only_at_intervals(monkeypatch):
+    calls = []
+    original = StepGuard.check
+    monkeypatch.setattr(StepGuard, "check", lambda self: calls.append(int(self.step)) or original(self))
+    model = _model()
+    x, y = _data(100)
+    model.fit(x, y, epochs=12, batch_size=10, seed=0)  # 120 steps
+    assert calls == [50, 100, 120]  # every check_every (50) steps and at the end, never per step
+
+
+def test_guard_records_the_first_bad_step_only():
+    guard = StepGuard(["gmm1", "classifier"], torch.device("cpu"))
+    mu, pi = torch.zeros(3, 4), torch.zeros(3)
+    for step in range(5):
+        guard.set_step(step)
+        score = torch.tensor(float("nan") if step >= 2 else -1.0)
+        guard.record_gmm(0, score, mu, pi)
+        guard.record_classifier(1, torch.tensor(2e3 if step >= 3 else 1.0))
+    with pytest.raises(DivergenceError, match="gmm1: training diverged at step 2: mean score is not finite"):
+        guard.check()
+    assert guard.first_step.tolist() == [2, 3]
+
+
+def test_fit_checks_the_data_once_with_a_clear_error():
+    model = _model()
+    x, y = _data()
+    x[3, 2, 2, 0] = math.nan
+    from dcgmm_fast.train import Trainer
+
+    with pytest.raises(ValueError, match="x: images contain NaN or Inf"):
+        Trainer(model.layers, model.names).fit(x, y, epochs=1, batch_size=20)
+
+
+def test_user_calls_keep_every_check_and_loading_checks_parameters():
+    layer = ConvGMM((8, 8, 1), 3, 1, 9)
+    x = torch.rand(2, 8, 8, 1)
+    x[0, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="x: expected finite"):
+        layer(x)  # a user's forward: the full checks of ops.cgmm
+    state = layer.state_dict()
+    state["mu"] = state["mu"].clone()
+    state["mu"][0, 0] = math.inf
+    with pytest.raises(ValueError, match="mu: expected finite"):
+        ConvGMM((8, 8, 1), 3, 1, 9).load_state_dict(state)
