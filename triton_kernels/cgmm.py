@@ -464,8 +464,9 @@ def bwd_config(K: int, D: int):
         bd = min(512, max(16, triton.next_power_of_2(D)))
         bkx = min(128, triton.next_power_of_2(K))
         return (min(128, max(16, triton.next_power_of_2(K))), bd, 4), (bkx, max(16, min(bd, 8192 // bkx)))
-    # 8 warps: with 4, tiles of 32 x 32 and up spill (ieee) on sm_80 and sm_90
-    return (min(64, max(16, triton.next_power_of_2(K))), min(64, max(16, triton.next_power_of_2(D))), 8), (4, 32)
+    # 8 warps: with 4, tiles of 32 x 32 and up spill (ieee) on sm_80 and sm_90; 64-wide d tiles spill with
+    # triton 3.6 (sm_80 tf32x3, sm_90 ieee)
+    return (min(64, max(16, triton.next_power_of_2(K))), min(32, max(16, triton.next_power_of_2(D))), 8), (4, 32)
 
 
 def smoothing_transposed(smoothing):
