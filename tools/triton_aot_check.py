@@ -68,16 +68,19 @@ def configs():
     seen = set()
     for K, D, indep, precision in itertools.product((16, 32, 64), (9, 32, 400), (False, True), tk.PRECISIONS):
         (block_k, block_d, warps), (block_kx, block_dx) = tk.bwd_config(K, D)
-        key = (block_k, block_d, indep, precision)
+        direct = D <= tk.DIRECT_MAX_D
+        key = (block_k, block_d, indep, precision, direct)
         if key not in seen:
             seen.add(key)
             out.append((tk._cgmm_bwd_param_kernel, dict(INDEP=indep, CHUNK_ROWS=tk.CHUNK_ROWS, BLOCK_R=tk.PARAM_BLOCK_R,
-                                                         BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=precision), warps))
+                                                         BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=precision,
+                                                         DIRECT=direct), warps))
         if ("x", indep, block_kx, block_dx) not in seen:
             seen.add(("x", indep, block_kx, block_dx))
             out.append((tk._cgmm_bwd_x_kernel, dict(BLOCK_R=tk.BWD_BLOCK_R, BLOCK_K=block_kx, BLOCK_D=block_dx,
                                                     INDEP=indep), 4))
-    out.append((tk._cgmm_bwd_finalize_kernel, dict(BLOCK=256), 4))
+    for direct in (False, True):
+        out.append((tk._cgmm_bwd_finalize_kernel, dict(BLOCK=256, DIRECT=direct), 4))
     for block_k in (16, 32, 64, 128, 256):
         out.append((tk._sample_kernel, dict(INDEP=True, BLOCK_K=block_k, BLOCK_D=64), 4))
         out.append((tk._sample_kernel, dict(INDEP=False, BLOCK_K=block_k, BLOCK_D=64), 4))

@@ -223,17 +223,23 @@ def _cgmm_bwd_param_kernel(
     # shapes
     H, W, C, Wo, P, K, D, KWC, sh, sw, ROWS, CHUNKS,
     INDEP: tl.constexpr, CHUNK_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DIRECT: tl.constexpr,
 ):
     """Partial sums of one chunk of CHUNK_ROWS rows of one GMM, for one component tile and one d tile:
-    w[k] = sum_r W, A1[k, d] = sum_r W xc, A2[k, d] = sum_r W xc^2 with xc = x - ctr (a GEMM W^T [xc, xc^2])."""
+    w[k] = sum_r W, A1[k, d] = sum_r W xc, A2[k, d] = sum_r W xc^2 with xc = x - ctr (a GEMM W^T [xc, xc^2]).
+    DIRECT (small D): xc = x - mu[k] per component ([BLOCK_R, BLOCK_K, BLOCK_D] products summed over the rows),
+    exact where centring at one ctr for all components still cancels (mu on the data, sigma at its ceiling)."""
     pid = tl.program_id(0)  # (GMM, chunk)
     gi = pid // CHUNKS
     chunk = pid - gi * CHUNKS
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     kmask, dmask = k < K, d < D
-    ctr = tl.load(ctr_ptr + gi.to(tl.int64) * D + d, mask=dmask, other=0.0)  # [BLOCK_D]
+    if DIRECT:  # ctr_ptr holds mu: each component's own centre
+        mu_t = tl.load(ctr_ptr + (gi.to(tl.int64) * K + k[:, None]) * D + d[None, :],
+                       mask=kmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_K, BLOCK_D]
+    else:
+        ctr = tl.load(ctr_ptr + gi.to(tl.int64) * D + d, mask=dmask, other=0.0)  # [BLOCK_D]
     a1 = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
     a2 = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
     wsum = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -246,10 +252,16 @@ def _cgmm_bwd_param_kernel(
                     other=0.0)  # [BLOCK_R, BLOCK_K]
         x = tl.load(x_ptr + _x_offsets(n, oy, ox, d, H, W, C, KWC, sh, sw), mask=valid[:, None] & dmask[None, :],
                     other=0.0)  # [BLOCK_R, BLOCK_D]
-        xc = tl.where(valid[:, None] & dmask[None, :], x - ctr[None, :], 0.0)
-        wt = tl.trans(w)  # [BLOCK_K, BLOCK_R]
-        a1 = tl.dot(wt, xc, a1, input_precision=PRECISION)
-        a2 = tl.dot(wt, xc * xc, a2, input_precision=PRECISION)
+        if DIRECT:
+            xm = x[:, None, :] - mu_t[None, :, :]  # [BLOCK_R, BLOCK_K, BLOCK_D]; w is 0 on masked rows
+            wx = w[:, :, None] * xm
+            a1 += tl.sum(wx, axis=0)
+            a2 += tl.sum(wx * xm, axis=0)
+        else:
+            xc = tl.where(valid[:, None] & dmask[None, :], x - ctr[None, :], 0.0)
+            wt = tl.trans(w)  # [BLOCK_K, BLOCK_R]
+            a1 = tl.dot(wt, xc, a1, input_precision=PRECISION)
+            a2 = tl.dot(wt, xc * xc, a2, input_precision=PRECISION)
         wsum += tl.sum(w, axis=0)
     out = pid.to(tl.int64) * K * D + k[:, None] * D + d[None, :]
     pm = kmask[:, None] & dmask[None, :]
@@ -266,11 +278,11 @@ def _cgmm_bwd_finalize_kernel(
     pw_ptr, pa1_ptr, pa2_ptr, mu_ptr, sigma_ptr, ctr_ptr,
     # shapes
     K, D, CHUNKS, TOTAL,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, DIRECT: tl.constexpr,
 ):
     """Per parameter entry (gi, k, d): the chunks' partials added in chunk order in float64, then
-    d mu = S (A1 - w muc), d sigma = w / sigma - sigma (A2 - 2 muc A1 + w muc^2), muc = mu - ctr;
-    d log_pi[gi, k] = w from the entries with d == 0."""
+    d mu = S (A1 - w muc), d sigma = w / sigma - sigma (A2 - 2 muc A1 + w muc^2), muc = mu - ctr (0 when the
+    partials were centred at each component's own mean, DIRECT); d log_pi[gi, k] = w from the entries with d == 0."""
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # flat (gi, k, d)
     valid = i < TOTAL
     d = i % D
@@ -287,8 +299,10 @@ def _cgmm_bwd_finalize_kernel(
         a2 += tl.load(pa2_ptr + (prog * K + kk) * D + d, mask=valid, other=0.0).to(tl.float64)
     mu = tl.load(mu_ptr + i, mask=valid, other=0.0).to(tl.float64)
     s = tl.load(sigma_ptr + i, mask=valid, other=1.0).to(tl.float64)
-    ctr = tl.load(ctr_ptr + gi * D + d, mask=valid, other=0.0).to(tl.float64)
-    muc = mu - ctr
+    if DIRECT:
+        muc = mu * 0.0
+    else:
+        muc = mu - tl.load(ctr_ptr + gi * D + d, mask=valid, other=0.0).to(tl.float64)
     tl.store(d_mu_ptr + i, (s * s * (a1 - w * muc)).to(tl.float32), mask=valid)
     tl.store(d_sigma_ptr + i, (w / s - s * (a2 - 2.0 * muc * a1 + w * muc * muc)).to(tl.float32), mask=valid)
     tl.store(d_log_pi_ptr + gk, w.to(tl.float32), mask=valid & (d == 0))
@@ -460,6 +474,8 @@ def fwd_config(K: int, D: int):
 def bwd_config(K: int, D: int):
     """(BLOCK_K, BLOCK_D, num_warps) of the parameter GEMM (fixed: its chunk is the reduction block, and the
     tiles do not change the order of the chunk sums), and (BLOCK_K, BLOCK_D) of the x gradient."""
+    if D <= DIRECT_MAX_D and not INTERPRET:  # the direct sums: [16, 16, 16] products per row tile
+        return (16, 16, 4), (4, 32)
     if INTERPRET:
         bd = min(512, max(16, triton.next_power_of_2(D)))
         bkx = min(128, triton.next_power_of_2(K))
@@ -536,7 +552,9 @@ def cgmm_bwd(g_resp, g_score, x, mu, sigma, log_pi, kernel, stride, loss, smooth
             BLOCK_R=BWD_BLOCK_R, BLOCK_K=block_kw, IS_MC=loss == "mc", HAS_SMOOTHING=smoothing is not None,
             HAS_G_RESP=g_resp is not None, HAS_G_SCORE=g_score is not None, num_warps=4,
         )
-        ctr = mu.reshape(G, K, D).mean(1).contiguous()  # (G, D) the centre of the sums
+        direct = D <= DIRECT_MAX_D
+        # the centre of the sums: each component's own mean (direct), or their mean (G, D) for the GEMM form
+        ctr = mu if direct else mu.reshape(G, K, D).mean(1).contiguous()
         chunks = triton.cdiv(g["ROWS"], CHUNK_ROWS)
         (block_k, block_d, warps), (block_kx, block_dx) = bwd_config(K, D)
         pw = new_output(G * chunks, K, like=x)
@@ -544,14 +562,15 @@ def cgmm_bwd(g_resp, g_score, x, mu, sigma, log_pi, kernel, stride, loss, smooth
         _cgmm_bwd_param_kernel[(G * chunks, triton.cdiv(K, block_k), triton.cdiv(D, block_d))](
             pw, pa1, pa2, Wm, x, ctr, *_shape_args(g), chunks,
             INDEP=g["INDEP"], CHUNK_ROWS=CHUNK_ROWS, BLOCK_R=PARAM_BLOCK_R, BLOCK_K=block_k, BLOCK_D=block_d,
-            PRECISION=precision, num_warps=warps,
+            PRECISION=precision, DIRECT=direct, num_warps=warps,
         )
         d_mu, d_sigma = new_output(*mu.shape, like=mu), new_output(*sigma.shape, like=sigma)
         d_log_pi = new_output(*log_pi.shape, like=mu)
         total = G * K * D
         block_f = 4096 if INTERPRET else 256
         _cgmm_bwd_finalize_kernel[(triton.cdiv(total, block_f),)](
-            d_mu, d_sigma, d_log_pi, pw, pa1, pa2, mu, sigma, ctr, K, D, chunks, total, BLOCK=block_f, num_warps=4,
+            d_mu, d_sigma, d_log_pi, pw, pa1, pa2, mu, sigma, ctr, K, D, chunks, total, BLOCK=block_f,
+            DIRECT=direct, num_warps=4,
         )
         dx = x.new_empty(0)
         if need_x_grad:
