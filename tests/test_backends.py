@@ -273,32 +273,39 @@ def _cpp_only(backend):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[3]], ids=[IDS[0], IDS[1], IDS[3]])
 def test_opcheck(backend, shape):
-    if "@" in backend:
-        pytest.skip("CPU-tensor test")
-    _cpp_only(backend)
-    inputs, G, kw = _inputs(shape, torch.float64, 11)
+    """torch.library.opcheck of every op of the backend (schema, fake, autograd registration, dispatch), on CPU
+    tensors (cpp; triton under the interpreter, one shape) and on CUDA tensors where a GPU is present."""
+    backend, device = _split(backend)
+    if backend == "triton" and device == "cpu" and shape is not SHAPES[0]:
+        pytest.skip("interpreted: one shape is enough")
+    dtype = torch.float64 if backend == "cpp" else torch.float32
+    inputs, G, kw = _inputs(shape, dtype, 11)
+    inputs = [t.detach().to(device).requires_grad_() for t in inputs]
+    G = None if G is None else G.to(device)
     k, s = list(geometry.pair(kw["kernel"])), list(geometry.pair(kw["stride"]))
-    fwd = torch.ops.dcgmm.cgmm_fwd_cpp
+    ops_ = torch.ops.dcgmm
+    fwd, bwd = getattr(ops_, f"cgmm_fwd_{backend}"), getattr(ops_, f"cgmm_bwd_{backend}")
     torch.library.opcheck(fwd, (*inputs, k, s, kw["loss"], G))
     resp, score, lse, kstar = fwd(*(t.detach() for t in inputs), k, s, kw["loss"], G)
     bwd_args = (torch.randn_like(resp), torch.randn_like(score), *(t.detach() for t in inputs), k, s, kw["loss"], G,
                 resp, lse, kstar, True)
-    torch.library.opcheck(torch.ops.dcgmm.cgmm_bwd_cpp, bwd_args)
-    torch.library.opcheck(torch.ops.dcgmm.cgmm_bwd_cpp, (None, *bwd_args[1:-1], False))
-    v = torch.rand(2, *geometry.out_hw((7, 6), 3, 2), 9 * 2, dtype=torch.float64, requires_grad=True)
-    torch.library.opcheck(torch.ops.dcgmm.patch_average_cpp, (v, [7, 6], [3, 3], [2, 2]))
-    td = torch.rand(2, 3, 2, 9, dtype=torch.float64)
-    mu, sigma = torch.rand(9, 4, dtype=torch.float64), torch.rand(9, 4, dtype=torch.float64) + 0.5
-    u, eps = torch.rand(2, 3, 2, dtype=torch.float64), torch.randn(2, 3, 2, 4, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.dcgmm.sample_components_cpp, (td, mu, sigma, 3, 20.0, u, eps, 4.47))
+    torch.library.opcheck(bwd, bwd_args)
+    torch.library.opcheck(bwd, (None, *bwd_args[1:-1], False))
+    v = torch.rand(2, *geometry.out_hw((7, 6), 3, 2), 9 * 2, dtype=dtype, device=device, requires_grad=True)
+    torch.library.opcheck(getattr(ops_, f"patch_average_{backend}"), (v, [7, 6], [3, 3], [2, 2]))
+    new = lambda *shape: torch.rand(*shape, dtype=dtype, device=device)  # noqa: E731
+    td, mu, sigma = new(2, 3, 2, 9), new(9, 4), new(9, 4) + 0.5
+    u, eps = new(2, 3, 2), torch.randn(2, 3, 2, 4, dtype=dtype, device=device)
+    torch.library.opcheck(getattr(ops_, f"sample_components_{backend}"), (td, mu, sigma, 3, 20.0, u, eps, 4.47))
 
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_parameter_gradients_bit_identical_across_runs_and_threads(backend):
-    if "@" in backend:
-        pytest.skip("CPU-tensor test")
-    _cpp_only(backend)
-    shape = (8, 13, 13, 25, 4, 2, 25, False, "mc", 1.5)  # 200 rows... and more in the independent case
+    """Fixed row blocks combined in a fixed order: the same bits every run (and, on CPU, for 1 and 2 threads)."""
+    backend, device = _split(backend)
+    if backend == "triton" and device == "cpu":
+        pytest.skip("the interpreter runs the programs one by one: determinism is a GPU question (triton@cuda)")
+    shape = (8, 13, 13, 25, 4, 2, 25, False, "mc", 1.5)
     results = []
     threads = torch.get_num_threads()
     try:
@@ -306,7 +313,8 @@ def test_parameter_gradients_bit_identical_across_runs_and_threads(backend):
             torch.set_num_threads(n_threads)
             for indep in (False, True):
                 inputs, G, kw = _inputs(shape[:7] + (indep,) + shape[8:], torch.float32, 5)
-                out = ops.cgmm(*inputs, smoothing=G, backend=backend, **kw)
+                inputs = [t.detach().to(device).requires_grad_() for t in inputs]
+                out = ops.cgmm(*inputs, smoothing=None if G is None else G.to(device), backend=backend, **kw)
                 grads = torch.autograd.grad(out.score.sum() + out.resp[..., :3].sum(), inputs)
                 results.append((indep, [g.clone() for g in grads]))
     finally:
@@ -404,9 +412,10 @@ def test_sample_components_matches_reference(backend, independent, top_s, fresh_
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_compiles_fullgraph_with_backward(backend):
-    if "@" in backend:
-        pytest.skip("CPU-tensor test")
+    backend, device = _split(backend)
     inputs, G, kw = _inputs(SHAPES[0], torch.float32, 2)
+    inputs = [t.detach().to(device).requires_grad_() for t in inputs]
+    G = G.to(device)
 
     def f(x, mu, sigma, log_pi):
         out = ops.cgmm(x, mu, sigma, log_pi, smoothing=G, backend=backend, **kw)
