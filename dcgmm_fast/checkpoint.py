@@ -12,6 +12,7 @@ from typing import Any, Dict, Tuple
 import torch
 
 from . import presets
+from .atomic import atomic_open
 from .model import DCGMM
 
 FORMAT = "dcgmm_fast-checkpoint-v1"
@@ -49,9 +50,11 @@ def model_from_config(config: Dict[str, Any], *, backend: str = "auto") -> DCGMM
 
 
 def save_checkpoint(path: str, model: DCGMM, train: Dict[str, Any] = None) -> None:
-    """Write model state, config and the training plan (``train``: plain data) to ``path``."""
-    torch.save({"format": FORMAT, "config": model_config(model), "state_dict": model.state_dict(),
-                "train": dict(train or {})}, path)
+    """Write model state, config and the training plan (``train``: plain data) to ``path``, atomically (a kill
+    during the write leaves the previous file intact; ``atomic.atomic_open``)."""
+    with atomic_open(path, "wb") as f:
+        torch.save({"format": FORMAT, "config": model_config(model), "state_dict": model.state_dict(),
+                    "train": dict(train or {})}, f)
 
 
 def load_checkpoint(path: str, *, backend: str = "auto", map_location="cpu") -> Tuple[DCGMM, Dict[str, Any]]:

@@ -9,19 +9,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import signal
 import sys
+import tempfile
 import time
+import traceback
 from typing import List, Optional
 
 import torch
 
 from . import backends, data, presets
+from .atomic import atomic_open, write_json
+from .backends import BackendNotAvailable
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .guard import DivergenceError
 from .metrics import auroc
 from .model import DCGMM
 
+#: train_log.jsonl gets a line every this many steps (and at the last step)
+LOG_EVERY = 10
 DATA_HELP = ("dataset: 'shipped' (5,000 + 1,000 Fashion-MNIST images in the package), an .npz (x_train, y_train, "
              "x_test, y_test; or x, y with --test-fraction), a directory of MNIST-format IDX files (.gz or not), "
              "or torchvision:NAME[:ROOT]")
@@ -49,62 +57,201 @@ def _epoch_metrics(model: DCGMM, ds: data.Dataset, history, seconds: float) -> d
     return out
 
 
+class _Interrupt:
+    """SIGINT / SIGTERM during training: finish the current step, then stop (``should_stop``)."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        self.signal = signum
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"--device: {device!r} is not a torch device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {device!r} asked for, but no CUDA device is available here "
+                         f"(torch {torch.__version__}); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device: {device!r} asked for, but this machine has {torch.cuda.device_count()} "
+                         "CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: expected cpu or cuda[:N], got {device!r}")
+    return dev
+
+
+def _writable_dir(path: str, arg: str = "--out") -> str:
+    """Create ``path`` if needed and prove it writable now, before any work (not at the first save)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{arg}: {path} exists and is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".dcgmm-write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{arg}: cannot write into {path} ({e.strerror or e})") from None
+    return path
+
+
+def _positive(name: str, value, integer: bool = False) -> None:
+    if value is None:
+        return
+    if not (value > 0 and math.isfinite(value)) or (integer and int(value) != value):
+        kind = "a positive integer" if integer else "a positive number"
+        raise ValueError(f"{name}: expected {kind}, got {value}")
+
+
+def _read_log(path: str, max_step: int) -> List[str]:
+    """train_log.jsonl's complete lines up to ``max_step`` (a kill may have cut the last line)."""
+    if not os.path.exists(path):
+        return []
+    keep = []
+    for line in open(path):
+        try:
+            if json.loads(line)["step"] <= max_step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    return keep
+
+
 def cmd_train(args) -> int:
-    torch.manual_seed(args.seed)
+    """Train (or resume); checkpoints (atomic, named by step) at every epoch end, at --stop-after and on
+    SIGINT / SIGTERM; train_metrics.json (one document) and train_log.jsonl (one line per logged step)."""
+    _check_device(args.device)
+    for name in ("epochs", "stop_after"):
+        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    _positive("--batch-size", args.batch_size, integer=True)
     if args.resume:
         model, plan = load_checkpoint(args.resume, backend=args.backend, map_location=args.device)
         model.to(args.device)
-        epochs, batch_size, seed, data_spec = plan["epochs"], plan["batch_size"], plan["seed"], plan["data"]
+        for key in ("epochs", "batch_size", "seed", "data"):
+            if key not in plan:
+                raise CheckpointError(f"{args.resume}: no training plan ({key!r} missing): not a checkpoint of "
+                                      "`dcgmm train`; train anew instead")
+        _positive(f"{args.resume}: batch_size", plan["batch_size"], integer=True)
+        given = {"preset": args.preset, "data": args.data, "batch_size": args.batch_size, "seed": args.seed,
+                 "test_fraction": args.test_fraction}
+        ignored = [f"--{k.replace('_', '-')} {v}" for k, v in given.items() if v is not None and v != plan.get(k)]
+        if ignored:
+            print(f"dcgmm train: resuming {args.resume} with its own settings; ignored: {', '.join(ignored)}",
+                  file=sys.stderr)
+        epochs = plan["epochs"] if args.epochs is None else args.epochs  # --epochs extends (or shortens) the plan
+        batch_size, seed, data_spec = plan["batch_size"], plan["seed"], plan["data"]
         test_fraction = plan.get("test_fraction")
-        if args.epochs is not None and args.epochs != epochs:
-            epochs = args.epochs  # extend (or shorten) the plan
+        out = args.out or os.path.dirname(os.path.abspath(args.resume))
+        ds = data.load_dataset(data_spec, test_fraction=test_fraction)
     else:
-        preset = presets.get_preset(args.preset)
+        preset = presets.get_preset(args.preset or "demo")
         epochs = preset.epochs if args.epochs is None else args.epochs
-        batch_size, seed, data_spec, test_fraction = args.batch_size, args.seed, args.data, args.test_fraction
-        ds0 = data.load_dataset(data_spec, test_fraction=test_fraction)
-        model = DCGMM(preset, tuple(ds0.x_train.shape[1:]), ds0.n_classes, backend=args.backend,
+        batch_size = 100 if args.batch_size is None else args.batch_size
+        seed = 0 if args.seed is None else args.seed
+        data_spec, test_fraction = args.data or "shipped", args.test_fraction
+        out = args.out or "runs/demo"
+        ds = data.load_dataset(data_spec, test_fraction=test_fraction)
+        model = DCGMM(preset, tuple(ds.x_train.shape[1:]), ds.n_classes, backend=args.backend,
                       seed=seed).to(args.device)
-    ds = data.load_dataset(data_spec, test_fraction=test_fraction)
-    plan = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "data": data_spec,
-            "test_fraction": test_fraction, "preset": model.preset.name if model.preset else None}
-    os.makedirs(args.out, exist_ok=True)
-    per_epoch = ds.x_train.shape[0] // batch_size
+    torch.manual_seed(seed)
+    n_train = ds.x_train.shape[0]
+    per_epoch = n_train // batch_size
+    if per_epoch < 1:
+        raise ValueError(f"--batch-size: {batch_size} is larger than the {n_train} training images of {data_spec}")
     total = int(round(per_epoch * epochs))
     stop = total if args.stop_after is None else min(total, int(round(per_epoch * args.stop_after)))
-    metrics_path = os.path.join(args.out, "train_metrics.json")
-    log = json.load(open(metrics_path)) if (args.resume and os.path.exists(metrics_path)) else {"epochs": []}
+    done = int(model.steps_done)
+    if stop <= done:
+        what = (f"the checkpoint has done {done} of {total} steps" if args.resume
+                else f"--epochs {epochs} x {per_epoch} steps per epoch rounds to {stop} steps")
+        raise ValueError(f"nothing to train: {what}" + ("; give a larger --epochs to extend it" if args.resume else ""))
+    _writable_dir(out)
+    plan = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "data": data_spec,
+            "test_fraction": test_fraction, "preset": model.preset.name if model.preset else None,
+            "seconds": float(plan.get("seconds", 0.0)) if args.resume else 0.0}
+    metrics_path, log_path = os.path.join(out, "train_metrics.json"), os.path.join(out, "train_log.jsonl")
+    log = {"epochs": []}
+    if args.resume and os.path.exists(metrics_path):
+        try:
+            log = json.load(open(metrics_path))
+        except ValueError:
+            print(f"dcgmm train: {metrics_path} is unreadable; starting a new one", file=sys.stderr)
+        log["epochs"] = [e for e in log.get("epochs", []) if e.get("steps_done", 0) <= done]
+    lines = _read_log(log_path, done) if args.resume else []
+    with atomic_open(log_path, "w") as f:  # the log as of the checkpoint's step
+        f.writelines(lines)
     log.update(plan=plan, command=" ".join(sys.argv))
-    bar = _progress(total, int(model.steps_done), f"train {plan['preset'] or 'stack'}")
-    t0 = time.time()
-    while int(model.steps_done) < stop:
-        done = int(model.steps_done)
-        epoch_end = min(stop, (done // per_epoch + 1) * per_epoch)
+    bar = _progress(total, done, f"train {plan['preset'] or 'stack'}")
+    t0 = time.time() - plan["seconds"]
+    log_file = open(log_path, "a")
 
-        def tick(step, _total, history):
-            if bar is not None:
-                post = {n: f"{v[-1]:.2f}" for n, v in history.score.items()}
-                post.update({f"som_{n}": f"{float(g.som_sigma):.3f}" for n, g in model.gmm_layers().items()})
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
+    def tick(step, _total, history):
+        if bar is not None:
+            post = {n: f"{v[-1]:.2f}" for n, v in history.score.items()}
+            post.update({f"som_{n}": f"{float(g.som_sigma):.3f}" for n, g in model.gmm_layers().items()})
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+        if step % LOG_EVERY == 0 or step == stop:
+            entry = {"step": step, "seconds": round(time.time() - t0, 3),
+                     "score": {n: v[-1] for n, v in history.score.items()},
+                     "som_sigma": {n: v[-1] for n, v in history.som_sigma.items()},
+                     "eps": {n: float(g.eps) for n, g in model.gmm_layers().items()}}
+            if history.classifier_loss:
+                entry.update(classifier_loss=history.classifier_loss[-1],
+                             classifier_accuracy=history.classifier_accuracy[-1])
+            log_file.write(json.dumps(entry) + "\n")
+            log_file.flush()
 
-        history = model.fit(ds.x_train, ds.y_train, epochs=epochs, batch_size=batch_size, seed=seed, resume=True,
-                            stop_step=epoch_end, callback=tick)
-        epoch = int(model.steps_done) / per_epoch
-        entry = {"epoch": round(epoch, 3), **_epoch_metrics(model, ds, history, time.time() - t0)}
-        log["epochs"].append(entry)
-        ckpt = os.path.join(args.out, f"checkpoint_epoch{int(round(epoch)):03d}.pt")
-        save_checkpoint(ckpt, model, plan)
-        save_checkpoint(os.path.join(args.out, "checkpoint.pt"), model, plan)
-        json.dump(log, open(metrics_path, "w"), indent=2)
-    if bar is not None:
-        bar.close()
+    checkpoint = os.path.join(out, "checkpoint.pt")
+    try:
+        with _Interrupt() as interrupted:
+            while int(model.steps_done) < stop and not interrupted():
+                done = int(model.steps_done)
+                epoch_end = min(stop, (done // per_epoch + 1) * per_epoch)
+                history = model.fit(ds.x_train, ds.y_train, epochs=epochs, batch_size=batch_size, seed=seed,
+                                    resume=True, stop_step=epoch_end, callback=tick, should_stop=interrupted)
+                steps = int(model.steps_done)
+                plan["seconds"] = round(time.time() - t0, 3)
+                entry = {"epoch": round(steps / per_epoch, 4), **_epoch_metrics(model, ds, history, plan["seconds"])}
+                log["epochs"].append(entry)
+                save_checkpoint(os.path.join(out, f"checkpoint_step{steps:07d}.pt"), model, plan)
+                save_checkpoint(checkpoint, model, plan)
+                write_json(metrics_path, log, indent=2)
+    finally:
+        log_file.close()
+        if bar is not None:
+            bar.close()
+    if interrupted.signal is not None:
+        print(f"dcgmm train: stopped by {signal.Signals(interrupted.signal).name} after step {int(model.steps_done)} "
+              f"of {total}; checkpoint {checkpoint}; continue with: dcgmm train --resume {checkpoint}",
+              file=sys.stderr)
+        return 130
     final = log["epochs"][-1] if log["epochs"] else {}
-    print(json.dumps({"checkpoint": os.path.join(args.out, "checkpoint.pt"), **final}, indent=2))
+    print(json.dumps({"checkpoint": checkpoint, **final}, indent=2))
     return 0
 
 
 def _load(args) -> DCGMM:
+    """Check --device and --out first (before the checkpoint: a device error is not a checkpoint error)."""
+    _check_device(args.device)
+    for name in ("n", "per_class"):
+        if hasattr(args, name):
+            _positive(f"--{name.replace('_', '-')}", getattr(args, name), integer=True)
+    _writable_dir(args.out)
     model, _ = load_checkpoint(args.checkpoint, backend=args.backend, map_location=args.device)
     return model.to(args.device)
 
@@ -114,7 +261,6 @@ def cmd_sample(args) -> int:
 
     model = _load(args)
     g = torch.Generator().manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
     written = {}
     images = model.sample(args.n, generator=g)
     cols = max(1, int(round(args.n ** 0.5)))
@@ -174,8 +320,7 @@ def cmd_eval(args) -> int:
         metrics["outlier_auroc"] = auroc(model.outlier_scores(x, layer=args.outlier_layer),
                                          model.outlier_scores(other, layer=args.outlier_layer))
         metrics["outlier"] = f"test images of {args.outliers} vs those of {args.data}"
-    os.makedirs(args.out, exist_ok=True)
-    json.dump(metrics, open(os.path.join(args.out, "metrics.json"), "w"), indent=2)
+    write_json(os.path.join(args.out, "metrics.json"), metrics, indent=2)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -186,25 +331,27 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with: dcgmm train --preset demo --out runs/demo  (a few minutes on 2 CPU cores)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p, data_arg=True):
+    def common(p, data_arg=True, train=False):
+        # train: None marks "not given", so --resume can tell which flags disagree with the checkpoint
         p.add_argument("--device", default="cpu", help="torch device (cpu, cuda); default cpu")
         p.add_argument("--backend", default="auto", choices=("auto",) + backends.names(),
                        help="ops backend; auto picks the fastest built one")
-        p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-        p.add_argument("--out", default="runs/demo", help="output directory")
+        p.add_argument("--seed", type=int, default=None if train else 0, help="seed of every random draw (0)")
+        p.add_argument("--out", default=None if train else "runs/demo",
+                       help="output directory (train: runs/demo, or the resumed checkpoint's folder)")
         if data_arg:
-            p.add_argument("--data", default="shipped", help=DATA_HELP)
+            p.add_argument("--data", default=None if train else "shipped", help=DATA_HELP)
             p.add_argument("--test-fraction", type=float, default=None, help="test split of an x / y .npz")
 
     t = sub.add_parser("train", help="train a preset; checkpoints every epoch, metrics JSON, --resume")
-    t.add_argument("--preset", default="demo", choices=sorted(presets.PRESETS), help="architecture (default demo)")
+    t.add_argument("--preset", default=None, choices=sorted(presets.PRESETS), help="architecture (default demo)")
     t.add_argument("--epochs", type=float, default=None, help="epochs (default: the preset's)")
-    t.add_argument("--batch-size", type=int, default=100)
+    t.add_argument("--batch-size", type=int, default=None, help="images per step (default 100)")
     t.add_argument("--resume", default=None, metavar="CHECKPOINT",
                    help="continue the run a checkpoint belongs to (same data, seed and schedule)")
     t.add_argument("--stop-after", type=float, default=None, metavar="EPOCHS",
                    help="stop after this many epochs of the schedule (resume later with --resume)")
-    common(t)
+    common(t, train=True)
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="write samples.png (and samples_by_class.png with a classifier)")
@@ -232,13 +379,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ANTICIPATED = (data.DataError, CheckpointError, ValueError, TypeError, DivergenceError, BackendNotAvailable, OSError)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Anticipated failures print ``dcgmm CMD: error: <what>: <problem>`` and exit 2; anything else prints its
+    traceback and asks to be reported (exit 1)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (data.DataError, CheckpointError, ValueError, DivergenceError) as e:
-        print(f"dcgmm {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"dcgmm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except ANTICIPATED as e:
+        what = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+        print(f"dcgmm {args.command}: error: {what}", file=sys.stderr)
         return 2
+    except Exception:  # noqa: BLE001 - unexpected: show everything and ask for a report
+        traceback.print_exc()
+        print(f"dcgmm {args.command}: unexpected error; please report it with the command line and the traceback "
+              "above", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -100,6 +101,9 @@ def _images(x, path: str, name: str) -> torch.Tensor:
 
 def _dataset(path, x_train, y_train, x_test, y_test, n_classes=None) -> Dataset:
     xt, xs = _images(x_train, path, "x_train"), _images(x_test, path, "x_test")
+    for name, t in (("x_train", xt), ("x_test", xs)):
+        if t.shape[0] == 0:
+            raise DataError(f"{path}: {name} holds no images (an empty split)")
     if xt.shape[1:] != xs.shape[1:]:
         raise DataError(f"{path}: x_train images {tuple(xt.shape[1:])} and x_test images {tuple(xs.shape[1:])} differ")
     yt = _labels(y_train, path, xt.shape[0], n_classes, "y_train")
@@ -163,7 +167,7 @@ def read_idx(path: str) -> np.ndarray:
     try:
         with _open(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a gzip file whose stream is corrupt
         raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise DataError(f"{path}: wrong magic number {raw[:4].hex() or '(empty)'}: not an IDX file")

@@ -1,10 +1,12 @@
-"""Image grids as PNG files (Pillow, imported on use)."""
+"""Image grids as PNG files (Pillow, imported on use), written atomically."""
 from __future__ import annotations
 
 from typing import Optional
 
 import numpy as np
 import torch
+
+from .atomic import atomic_open
 
 
 def grid(images: torch.Tensor, n_cols: int, pad: int = 2, scale: int = 2) -> np.ndarray:
@@ -29,5 +31,6 @@ def save_grid(path: str, images: torch.Tensor, n_cols: int, pad: int = 2, scale:
 
     picture = grid(images, n_cols, pad, scale)
     mode = "L" if picture.shape[2] == 1 else "RGB"
-    Image.fromarray(picture[..., 0] if mode == "L" else picture, mode=mode).save(path)
+    with atomic_open(path, "wb") as f:
+        Image.fromarray(picture[..., 0] if mode == "L" else picture, mode=mode).save(f, format="PNG")
     return picture.shape[1], picture.shape[0]

@@ -107,6 +107,10 @@ class ConvGMM(nn.Module):
             raise ValueError(f"sigma_min: expected 0 < sigma_min < sqrt(sigma_upper_bound), got {sigma_min}")
         if not (0 < eps_inf <= eps0):
             raise ValueError(f"eps0, eps_inf: expected 0 < eps_inf <= eps0, got {eps0}, {eps_inf}")
+        _check_range("mu_init", mu_init, 0.0, 1e3)  # beyond it float32 scores overflow: only a mistake
+        _check_range("eps0", eps0, 0.0, 1e3, low_open=True)
+        for name, lam in (("lambda_mu", lambda_mu), ("lambda_sigma", lambda_sigma), ("lambda_pi", lambda_pi)):
+            _check_range(name, lam, 0.0, 1e6)
         som_sigma0 = 0.25 * math.sqrt(2 * K) if som_sigma0 is None else float(som_sigma0)
         if not (0 < som_sigma_inf <= som_sigma0):
             raise ValueError(f"som_sigma0, som_sigma_inf: expected 0 < inf <= 0, got {som_sigma0}, {som_sigma_inf}")
@@ -263,8 +267,7 @@ class LinearClassifier(nn.Module):
         H, W, C = _check_shape3("in_shape", in_shape)
         if n_classes < 2:
             raise ValueError(f"n_classes: expected >= 2, got {n_classes}")
-        if not lr > 0:
-            raise ValueError(f"lr: expected > 0, got {lr}")
+        _check_range("lr", lr, 0.0, 1e6, low_open=True)
         self.in_shape: Shape3 = (H, W, C)
         self.out_shape = (int(n_classes),)
         self.reads, self.lr = reads, float(lr)
@@ -291,3 +294,12 @@ def _check_shape3(name: str, shape) -> Shape3:
     if min(H, W, C) < 1:
         raise ValueError(f"{name}: expected positive (H, W, C), got {shape!r}")
     return (H, W, C)
+
+
+def _check_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+    """A hyper-parameter that can only be a mistake outside [low, high] (or (low, high])."""
+    v = float(value)
+    ok = math.isfinite(v) and (v > low if low_open else v >= low) and v <= high
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ValueError(f"{name}: expected a value in {interval}, got {value}")

@@ -145,7 +145,8 @@ class DCGMM(nn.Module):
                     h = out.resp
                 elif isinstance(layer, MaxPool):
                     h = layer(h)
-        return OrderedDict((n, torch.cat(v)) for n, v in result.items())
+        empty = x.new_empty(0)
+        return OrderedDict((n, torch.cat(v) if v else empty) for n, v in result.items())
 
     @torch.no_grad()
     def classify(self, x, *, batch_size: int = 500) -> torch.Tensor:
@@ -154,7 +155,7 @@ class DCGMM(nn.Module):
             raise ValueError("classify: this stack has no classifier")
         x = self._images(x)
         preds = [self.forward(x[s:s + batch_size])["classifier"].argmax(1) for s in range(0, x.shape[0], batch_size)]
-        return torch.cat(preds)
+        return torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64, device=x.device)
 
     # -------------------------------------------------------------------------------------------- generation
     def _top_gmm(self) -> str:
@@ -177,12 +178,17 @@ class DCGMM(nn.Module):
         Returns:
             (n, H, W, C) images clipped to [0, 1].
         """
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n: expected a positive number of samples, got {n!r}")
         p = next(self.parameters())
         if classes is not None:
             clf = self.classifier
             if clf is None:
                 raise ValueError("classes: class-conditional sampling needs a classifier")
-            choice = torch.as_tensor(classes, dtype=torch.int64).reshape(-1)
+            raw = torch.as_tensor(classes).reshape(-1)
+            if raw.is_floating_point() or raw.dtype == torch.bool:  # 2.9 must not become class 2 silently
+                raise ValueError(f"classes: expected integer class ids, got {classes!r}")
+            choice = raw.to(torch.int64)
             if choice.numel() == 0 or bool((choice < 0).any()) or bool((choice >= self.n_classes).any()):
                 raise ValueError(f"classes: expected class ids in [0, {self.n_classes}), got {classes!r}")
             if choice.numel() != n:
@@ -250,7 +256,7 @@ class DCGMM(nn.Module):
     # -------------------------------------------------------------------------------------------- training
     def fit(self, x, y=None, *, epochs: Optional[float] = None, batch_size: Optional[int] = None, optimizer=None,
             lr: Optional[float] = None, seed: Optional[int] = None, compile: bool = False,
-            resume: bool = False, stop_step: Optional[int] = None, callback=None) -> History:
+            resume: bool = False, stop_step: Optional[int] = None, callback=None, should_stop=None) -> History:
         """Train layer by layer (``train.Trainer``), as the original: bottom-up, no gradient between layers.
 
         Args:
@@ -263,6 +269,7 @@ class DCGMM(nn.Module):
             resume: continue the same schedule (same epochs, batch size and seed) after ``steps_done`` steps.
             stop_step: stop before this step of the schedule (None: train to the end).
             callback: called after every step with (step, total_steps, history).
+            should_stop: asked after every step; True ends training there (``steps_done`` counts that step).
         Returns:
             train.History with per-step scores, som_sigma and classifier metrics.
         """
@@ -270,7 +277,10 @@ class DCGMM(nn.Module):
         batch_size = (self.preset.batch_size if self.preset else 100) if batch_size is None else batch_size
         x = self._images(x)
         if y is not None:
-            y = torch.as_tensor(y).to(device=x.device, dtype=torch.int64)
+            y = torch.as_tensor(y)
+            if y.is_floating_point() or y.dtype == torch.bool:  # 2.9 must not become class 2 silently
+                raise ValueError(f"y: expected integer class labels, got {y.dtype}")
+            y = y.to(device=x.device, dtype=torch.int64)
             if y.dim() != 1 or y.shape[0] != x.shape[0]:
                 raise ValueError(f"y: expected ({x.shape[0]},) labels, got {tuple(y.shape)}")
             if bool((y < 0).any()) or bool((y >= self.n_classes).any()):
@@ -278,6 +288,6 @@ class DCGMM(nn.Module):
         trainer = Trainer(self.layers, self.names, optimizer=optimizer, lr=lr, compile=compile)
         start = int(self.steps_done) if resume else 0
         history = trainer.fit(x, y, epochs=epochs, batch_size=batch_size, seed=seed, start_step=start,
-                              stop_step=stop_step, callback=callback)
+                              stop_step=stop_step, callback=callback, should_stop=should_stop)
         self.steps_done += history.steps
         return history

@@ -56,7 +56,7 @@ def patch_average(v: torch.Tensor, image_hw: Tuple[int, int], kernel: IntPair, s
     index = (pos[:, None] + tap[None, :]).reshape(-1)  # (P*D,) pixel of each patch entry
     acc = torch.float64
     total = torch.zeros(N, H * W * C, dtype=acc, device=v.device)
-    total = total.index_add(1, index, v.reshape(N, -1).to(acc))
+    total = total.index_add(1, index, v.reshape(N, Ho * Wo * D).to(acc))  # N = 0 gives an empty image batch
     count = cover_count((H, W, C), kernel, stride, v.device).reshape(-1).to(acc)
     avg = torch.where(count > 0, total / count.clamp_min(1), torch.zeros((), dtype=acc, device=v.device))
     return avg.to(v.dtype).reshape(N, H, W, C)

@@ -103,31 +103,46 @@ class SingleExp:
 
 
 # -------------------------------------------------------------------------------------------------- steps
+#: rows of the fixed-order mean's blocks
+_MEAN_BLOCK = 256
+
+
+def fixed_order_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of all entries, summed in float64 in fixed blocks of 256 (each block by one thread: torch splits a
+    row-wise sum over its rows), level by level: the same bits for any thread count. ``Tensor.mean`` of 67,600
+    scores differs by ~5e-7 between 1 and 2 threads, and the annealing controller takes threshold decisions on
+    it. Returns a () tensor of t's dtype; not differentiable (the step's gradient uses ``mean``)."""
+    flat = t.detach().reshape(-1).double()
+    n = flat.numel()
+    while flat.numel() > _MEAN_BLOCK:
+        pad = (-flat.numel()) % _MEAN_BLOCK
+        flat = torch.cat([flat, flat.new_zeros(pad)]).view(-1, _MEAN_BLOCK).sum(1)
+    return (flat.sum() / n).to(t.dtype)
+
+
 def gmm_step(layer: ConvGMM, x: torch.Tensor):
     """One step of the original update rule on x (N, H, W, C); returns (resp (N,H',W',K), mean score ()).
 
     No Python branching on tensor values: ``torch.compile(fullgraph=True)`` compiles it (see ``compile_step``).
     """
     out = layer.cgmm(x, check=False)
-    score = out.score.mean()
-    g_mu, g_sigma, g_pi = torch.autograd.grad(score, (layer.mu, layer.sigma, layer.pi_logits))
+    g_mu, g_sigma, g_pi = torch.autograd.grad(out.score.mean(), (layer.mu, layer.sigma, layer.pi_logits))
     scale = layer.eps.to(layer.mu.dtype) * layer.loss_mult  # eps is a float32 buffer; step in the params dtype
     with torch.no_grad():
         layer.mu.add_(g_mu * (scale * layer.lambda_mu))
         layer.sigma.add_(g_sigma * (scale * layer.lambda_sigma)).clamp_(layer.sigma_min, layer.sigma_max)
         layer.pi_logits.add_(g_pi * (scale * layer.lambda_pi))
-    return out.resp.detach(), score.detach()
+    return out.resp.detach(), fixed_order_mean(out.score)
 
 
 def gmm_step_optimizer(layer: ConvGMM, x: torch.Tensor, optimizer: torch.optim.Optimizer):
     """One step of a torch optimizer minimising -loss_mult * mean score; returns (resp, mean score)."""
     out = layer.cgmm(x, check=False)
-    score = out.score.mean()
     optimizer.zero_grad(set_to_none=True)
-    (-layer.loss_mult * score).backward()
+    (-layer.loss_mult * out.score.mean()).backward()
     optimizer.step()
     layer.clip_()
-    return out.resp.detach(), score.detach()
+    return out.resp.detach(), fixed_order_mean(out.score)
 
 
 def classifier_step(clf: LinearClassifier, features: torch.Tensor, y: torch.Tensor):
@@ -262,7 +277,7 @@ class Trainer:
                 if progress < layer.wait:  # waiting: forward only, controller not fed
                     with torch.no_grad():
                         out = layer.cgmm(h, check=False)
-                    h, score = out.resp, out.score.mean()
+                    h, score = out.resp, fixed_order_mean(out.score)
                 else:
                     if self.optimizer is None:
                         h, score = self._step(layer, h)
@@ -293,7 +308,8 @@ class Trainer:
 
     def fit(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, epochs: float, batch_size: int = 100,
             seed: Optional[int] = None, start_step: int = 0, stop_step: Optional[int] = None,
-            callback: Optional[Callable[[int, int, History], None]] = None, check_every: int = 50) -> History:
+            callback: Optional[Callable[[int, int, History], None]] = None, check_every: int = 50,
+            should_stop: Optional[Callable[[], bool]] = None) -> History:
         """Train on x (N, H, W, C) float in [0, 1] (and labels y (N,) for the classifier).
 
         As the original: the training order is shuffled once (seeded) and the same order of full batches
@@ -304,6 +320,7 @@ class Trainer:
             stop_step: stop before this step (a time-boxed part of the schedule); None: the end.
             callback: called after every step with (step, total_steps, history).
             check_every: read the step guard every this many steps (and always at the end).
+            should_stop: asked after every step; True ends ``fit`` there (e.g. on SIGINT), the step completed.
         Returns:
             History of this call's steps.
         Raises:
@@ -311,6 +328,8 @@ class Trainer:
                 that was being checked, so no checkpoint should be written from them.
         """
         n = x.shape[0]
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
         per_epoch = n // batch_size
         if per_epoch < 1:
             raise ValueError(f"batch_size: {batch_size} is larger than the {n} training images")
@@ -330,5 +349,7 @@ class Trainer:
                 self.guard.check()
             if callback is not None:
                 callback(step + 1, total, history)
+            if should_stop is not None and should_stop():
+                break
         self.guard.check()
         return history

@@ -112,7 +112,23 @@ def check_params(x: torch.Tensor, mu, sigma, log_pi, kernel, stride) -> Tuple[in
     if sigma.device.type == "cpu" and bool((sigma <= 0).any()):
         raise ValueError(f"sigma: expected inverse standard deviations > 0, got min {sigma.min().item()}")
     check_finite("log_pi", log_pi, allow_neg_inf=True)
+    if log_pi.device.type == "cpu" and bool((log_pi == -math.inf).all(-1).any()):
+        raise ValueError("log_pi: every mixing weight of a GMM is 0 (all -inf): the mixture has no component")
+    check_magnitudes(x, mu, sigma, D)
     return K, D
+
+
+def check_magnitudes(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, D: int) -> None:
+    """CPU data check: sum_d sigma^2 (x - mu)^2 must stay finite in x's dtype (1e30-sized inputs overflow it
+    to inf and the op would return NaN without a word)."""
+    if x.device.type != "cpu" or x.numel() == 0:
+        return
+    spread = float(x.abs().max()) + float(mu.abs().max())
+    worst = (float(sigma.max()) * spread) ** 2 * D
+    if not worst < torch.finfo(x.dtype).max / 16:
+        raise ValueError(f"x, mu, sigma: sigma^2 (x - mu)^2 summed over D = {D} would overflow {x.dtype} "
+                         f"(max |x| + max |mu| = {spread:.3g}, max sigma = {float(sigma.max()):.3g}); rescale the "
+                         "inputs or parameters")
 
 
 def check_smoothing(smoothing, loss: str, K: int, x: torch.Tensor) -> None:
@@ -197,6 +213,7 @@ def check_patch_average(v, image_hw, kernel, stride) -> None:
             f"v: expected (H', W') = {out_hw((H, W), k, s)} for image_hw {(H, W)}, kernel {k}, stride {s}; "
             f"got {tuple(v.shape[1:3])}"
         )
+    check_finite("v", v)
 
 
 def check_sample_components(topdown, mu, sigma, top_s, divisor, u, eps, sigma_ceiling) -> None:
@@ -229,7 +246,10 @@ def check_sample_components(topdown, mu, sigma, top_s, divisor, u, eps, sigma_ce
     if not sigma_ceiling > 0:
         raise ValueError(f"sigma_ceiling: expected > 0, got {sigma_ceiling}")
     check_finite("topdown", topdown)
+    check_finite("mu", mu)
+    check_finite("sigma", sigma)
+    check_finite("eps", eps)
     if sigma.device.type == "cpu" and bool((sigma <= 0).any()):
         raise ValueError(f"sigma: expected inverse standard deviations > 0, got min {sigma.min().item()}")
-    if u.device.type == "cpu" and bool(((u < 0) | (u >= 1)).any()):
-        raise ValueError("u: expected uniforms in [0, 1)")
+    if u.device.type == "cpu" and not bool(((u >= 0) & (u < 1)).all()):  # also catches NaN
+        raise ValueError("u: expected uniforms in [0, 1) (no NaN)")

@@ -1,8 +1,10 @@
 """The dcgmm command as a user runs it (subprocesses in a temporary directory), checkpoints and resume."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -35,7 +37,11 @@ def trained_run(tmp_path_factory):
 
 def test_train_writes_checkpoints_and_metrics(trained_run):
     out = trained_run / "out"
-    assert (out / "checkpoint.pt").exists() and (out / "checkpoint_epoch001.pt").exists()
+    assert (out / "checkpoint.pt").exists() and (out / "checkpoint_step0000050.pt").exists()
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]  # atomic writes leave no temporaries
+    log = [json.loads(line) for line in open(out / "train_log.jsonl")]
+    assert [e["step"] for e in log] == [10, 20, 30, 40, 50]
+    assert set(log[-1]["score"]) == {"gmm1", "gmm2"} and "classifier_accuracy" in log[-1]
     metrics = json.load(open(out / "train_metrics.json"))
     last = metrics["epochs"][-1]
     assert last["steps_done"] == 50 and set(last["test_layer_scores"]) == {"gmm1", "gmm2"}
@@ -65,16 +71,95 @@ def test_help_for_every_command(tmp_path):
         assert "usage: dcgmm" in res.stdout
 
 
-def test_resume_gives_the_same_parameters(tmp_path):
+def _same_state(a, b):
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_resume_and_a_kill_during_the_saves(tmp_path):
+    """Resume continues bit-identically, next to the checkpoint; a run killed while it writes its checkpoint
+    (writes slowed by the test hook) leaves the previous checkpoint and metrics whole, and resumes exactly."""
     dcgmm("train", "--preset", "demo", "--epochs", "2", "--out", "full", cwd=tmp_path)
-    dcgmm("train", "--preset", "demo", "--epochs", "2", "--stop-after", "1", "--out", "part", cwd=tmp_path)
-    dcgmm("train", "--resume", "part/checkpoint.pt", "--out", "part", cwd=tmp_path)
     full, _ = load_checkpoint(str(tmp_path / "full" / "checkpoint.pt"))
-    part, plan = load_checkpoint(str(tmp_path / "part" / "checkpoint.pt"))
-    assert plan["epochs"] == 2 and int(part.steps_done) == 100
-    for (name, a), (_, b) in zip(full.state_dict().items(), part.state_dict().items()):
-        assert torch.equal(a, b), name
-    assert len(json.load(open(tmp_path / "part" / "train_metrics.json"))["epochs"]) == 2
+    # killed inside the write of checkpoint.pt at step 100 (its temporary file exists, the rename has not happened)
+    env = dict(os.environ, OMP_NUM_THREADS="2", DCGMM_TEST_SLOW_WRITES="1")
+    proc = subprocess.Popen([sys.executable, "-m", "dcgmm_fast", "train", "--preset", "demo", "--epochs", "2",
+                             "--out", "killed"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    out = tmp_path / "killed"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        names = os.listdir(out) if out.exists() else []
+        if "checkpoint_step0000100.pt" in names and any(n.startswith(".checkpoint.pt.") for n in names):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    model, plan = load_checkpoint(str(out / "checkpoint.pt"))  # the previous good copy
+    assert int(model.steps_done) == 50
+    assert [e["steps_done"] for e in json.load(open(out / "train_metrics.json"))["epochs"]] == [50]
+    res = dcgmm("train", "--resume", "killed/checkpoint.pt", "--seed", "7", cwd=tmp_path)  # no --out
+    assert "ignored: --seed 7" in res.stderr
+    resumed, plan = load_checkpoint(str(out / "checkpoint.pt"))
+    assert int(resumed.steps_done) == 100 and plan["seconds"] > 0
+    _same_state(full, resumed)
+    metrics = json.load(open(out / "train_metrics.json"))
+    assert [e["steps_done"] for e in metrics["epochs"]] == [50, 100]
+    steps = [json.loads(line)["step"] for line in open(out / "train_log.jsonl")]
+    assert steps == list(range(10, 101, 10))
+    assert not (tmp_path / "runs").exists()  # nothing went to the default folder
+
+
+def test_sigint_finishes_the_step_saves_and_says_how_to_resume(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "dcgmm_fast", "train", "--preset", "demo", "--epochs", "3",
+                             "--out", "o"], cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="2"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (tmp_path / "o" / "checkpoint_step0000050.pt").exists():
+        time.sleep(0.05)
+    time.sleep(0.3)  # inside the second epoch
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "dcgmm train --resume" in err
+    model, _ = load_checkpoint(str(tmp_path / "o" / "checkpoint.pt"))
+    assert 50 < int(model.steps_done) < 150  # the partial epoch is saved
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "o" / "train_log.jsonl")]
+    assert max(steps) <= int(model.steps_done)
+
+
+@pytest.mark.parametrize("args,name", [
+    (["--epochs", "0"], "--epochs"), (["--epochs", "-1"], "--epochs"), (["--batch-size", "-5"], "--batch-size"),
+    (["--batch-size", "0"], "--batch-size"), (["--batch-size", "6000"], "--batch-size"),
+    (["--stop-after", "0"], "--stop-after"), (["--epochs", "0.001"], "nothing to train"),
+    (["--device", "cuda:7"], "--device"), (["--device", "warp"], "--device"), (["--out", "afile"], "--out"),
+])
+def test_train_that_cannot_train_exits_2_naming_the_argument(tmp_path, capsys, monkeypatch, args, name):
+    from dcgmm_fast import cli
+
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    if "--out" not in args:
+        args = args + ["--out", "o"]
+    assert cli.main(["train", "--preset", "demo", *args]) == 2
+    err = capsys.readouterr().err
+    assert name in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "checkpoint.pt").exists()
+
+
+def test_sample_and_inpaint_arguments(trained_run, capsys, tmp_path):
+    from dcgmm_fast import cli
+
+    ckpt = str(trained_run / "out" / "checkpoint.pt")
+    assert cli.main(["sample", "--checkpoint", ckpt, "--n", "-1", "--out", str(tmp_path / "s")]) == 2
+    assert "--n" in capsys.readouterr().err
+    assert cli.main(["sample", "--checkpoint", ckpt, "--device", "cuda:7", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "--device" in err and "checkpoint" not in err.split("error:")[1][:40]
+    # a new output folder is created, not a traceback
+    assert cli.main(["inpaint", "--checkpoint", ckpt, "--n", "2", "--out", str(tmp_path / "new" / "dir")]) == 0
+    assert (tmp_path / "new" / "dir" / "inpaint.png").exists()
 
 
 def test_bad_data_is_a_clear_error(tmp_path):

@@ -156,3 +156,14 @@ def test_truncated_npz_and_idx_label_range(tmp_path):
         data.load_npz(str(path))
     with pytest.raises(data.DataError, match="out of range"):
         data.load_npz(str(data.SHIPPED_FASHION_MNIST), n_classes=5)
+
+
+def test_corrupt_gzip_stream_names_the_file(tmp_path):
+    path = str(tmp_path / "train-images-idx3-ubyte.gz")
+    data.write_idx(path, np.random.default_rng(0).integers(0, 255, (50, 28, 28), dtype=np.uint8))
+    raw = bytearray(open(path, "rb").read())
+    for i in range(40, min(len(raw) - 8, 400)):  # damage the deflate stream, keep the gzip header
+        raw[i] ^= 0xA5
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(data.DataError, match="train-images-idx3-ubyte.gz"):
+        data.read_idx(path)

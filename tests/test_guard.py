@@ -21,10 +21,9 @@ def _data(n=60):
 
 
 @pytest.mark.parametrize("gmm,clf_lr,layer,what", [
-    (dict(eps0=1e6, eps_inf=1e6, window=10), 0.05, "gmm1", ""),  # the original rule runs away
-    (dict(lambda_pi=1e30), 0.05, "gmm1", "pi_logits"),
-    (dict(mu_init=1e20), 0.05, "gmm1", "mean score is not finite"),
-    (None, 1e30, "classifier", "loss"),
+    (dict(eps0=1e3, eps_inf=1e3, window=10, lambda_mu=1e3), 0.05, "gmm1", "mu"),  # the original rule runs away
+    (dict(lambda_pi=1e6, eps0=0.1), 0.05, "gmm1", "pi_logits"),
+    (None, 1e6, "classifier", "loss"),
 ])
 def test_divergence_names_the_layer_step_and_quantity(gmm, clf_lr, layer, what):
     model = _model(gmm, clf_lr)
@@ -78,3 +77,15 @@ def test_user_calls_keep_every_check_and_loading_checks_parameters():
     state["mu"][0, 0] = math.inf
     with pytest.raises(ValueError, match="mu: expected finite"):
         ConvGMM((8, 8, 1), 3, 1, 9).load_state_dict(state)
+
+
+@pytest.mark.parametrize("field,value", [("mu_init", 1e20), ("lambda_pi", 1e30), ("lambda_mu", -1.0),
+                                         ("eps0", float("nan")), ("eps0", 1e6)])
+def test_hyper_parameters_that_can_only_be_mistakes_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        _model({field: value} if field != "eps0" else {field: value, "eps_inf": 1e-3})
+
+
+def test_classifier_learning_rate_range():
+    with pytest.raises(ValueError, match="lr"):
+        _model(clf_lr=1e30)

@@ -73,3 +73,17 @@ def test_classify_needs_a_classifier():
     with pytest.raises(ValueError, match="classifier"):
         model.classify(torch.rand(2, 6, 6, 1))
     model.fit(torch.rand(20, 6, 6, 1), epochs=1, batch_size=10, seed=0)  # no labels, no classifier: fine
+
+
+def test_odd_arguments_are_refused_or_handled(shipped):
+    from dcgmm_fast.model import DCGMM
+
+    model = DCGMM("demo", seed=0)
+    with pytest.raises(ValueError, match="classes"):
+        model.sample(2, classes=[2.9])  # not truncated to class 2
+    with pytest.raises(ValueError, match="n:"):
+        model.sample(0)
+    with pytest.raises(ValueError, match="batch_size: expected a positive integer"):
+        model.fit(shipped.x_train[:200], shipped.y_train[:200], epochs=1, batch_size=-1)
+    assert model.classify(shipped.x_test[:0]).shape == (0,)
+    assert all(v.shape == (0,) for v in model.log_prob(shipped.x_test[:0]).values())

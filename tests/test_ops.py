@@ -194,3 +194,37 @@ def test_value_checks_are_skipped_while_compiling():
     ref = reference.cgmm(kw["x"], kw["mu"], kw["sigma"], kw["log_pi"], kernel=3, stride=1)
     assert torch.allclose(out.score, ref.score, rtol=1e-5, atol=1e-5)
     assert torch.equal(out.kstar, ref.kstar)
+
+
+# ------------------------------------------------------------------------------------------------ data gaps
+@pytest.mark.parametrize("over,name", [
+    (dict(log_pi=torch.full((9,), float("-inf"))), "log_pi"),  # a mixture with no component: NaN before
+    (dict(sigma=torch.full((9, 9), 1e30)), "overflow"),
+    (dict(x=torch.full((2, 7, 6, 1), 1e30)), "overflow"),
+])
+def test_data_that_would_give_nan_is_refused(over, name):
+    with pytest.raises(ValueError, match=name):
+        _call(**over)
+
+
+def test_sample_components_and_patch_average_refuse_nan():
+    g = torch.Generator().manual_seed(0)
+    topdown, mu, sigma = torch.rand(2, 3, 2, 4, generator=g), torch.rand(4, 5, generator=g), torch.ones(4, 5)
+    u, eps = torch.rand(2, 3, 2, generator=g), torch.randn(2, 3, 2, 5, generator=g)
+    kw = dict(top_s=2, divisor=20.0, sigma_ceiling=4.47)
+    for name, bad in (("u", dict(u=torch.full_like(u, float("nan")))), ("mu", dict(mu=mu.clone().fill_(float("nan")))),
+                      ("eps", dict(eps=eps.clone().fill_(float("nan"))))):
+        args = dict(topdown=topdown, mu=mu, sigma=sigma, u=u, eps=eps, **kw)
+        args.update(bad)
+        with pytest.raises(ValueError, match=name):
+            ops.sample_components(args.pop("topdown"), args.pop("mu"), args.pop("sigma"), **args)
+    v = torch.rand(2, 5, 4, 9)
+    v[0, 1, 1, 3] = float("nan")
+    with pytest.raises(ValueError, match="v"):
+        ops.patch_average(v, (7, 6), 3, 1)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpp") if b in ops.available_backends()])
+def test_patch_average_of_no_images_is_empty_in_every_backend(backend):
+    out = ops.patch_average(torch.rand(0, 5, 4, 9), (7, 6), 3, 1, backend=backend)
+    assert out.shape == (0, 7, 6, 1)

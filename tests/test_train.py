@@ -186,3 +186,26 @@ def test_waiting_layer_does_not_move(shipped):
     # 20 steps: step t (0-based) learns once t / 21 >= 0.1, i.e. from t = 3 (the 4th step) on
     assert moved_at == [4]
     assert float(model["gmm2"].anneal_state[0]) == 20 - 3  # controller fed only while learning
+
+
+def test_training_is_bit_identical_for_one_and_two_threads(shipped):
+    """Parameters and the annealing state (fed by a fixed-order mean score) do not depend on the thread count."""
+    from dcgmm_fast.model import DCGMM
+    from dcgmm_fast.train import fixed_order_mean
+
+    big = torch.randn(67600, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    states, means = [], []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            means.append(fixed_order_mean(big))
+            model = DCGMM("demo", seed=0)
+            model.fit(shipped.x_train[:1000], shipped.y_train[:1000], epochs=2, seed=0)
+            states.append(model.state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(means[0], means[1])
+    assert abs(float(means[0]) - float(big.double().mean())) <= 1e-7 * abs(float(big.double().mean()))
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
