@@ -45,7 +45,10 @@ def model_from_config(config: Dict[str, Any], *, backend: str = "auto") -> DCGMM
         specs.append(kind(**fields))
     name = config.get("preset")
     stack = name if name in presets.PRESETS and presets.PRESETS[name].layers == tuple(specs) else specs
-    dtype = getattr(torch, config.get("dtype", "float32"))
+    name_dtype = config.get("dtype", "float32")
+    if name_dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype: expected float32 or float64 parameters, got {name_dtype!r}")
+    dtype = getattr(torch, name_dtype)
     return DCGMM(stack, tuple(config["input_shape"]), config["n_classes"], backend=backend, dtype=dtype)
 
 

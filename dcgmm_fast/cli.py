@@ -165,8 +165,12 @@ def cmd_train(args) -> int:
         data_spec, test_fraction = args.data or "shipped", args.test_fraction
         out = args.out or "runs/demo"
         ds = data.load_dataset(data_spec, test_fraction=test_fraction)
-        model = DCGMM(preset, tuple(ds.x_train.shape[1:]), ds.n_classes, backend=args.backend,
-                      seed=seed).to(args.device)
+        shape = tuple(ds.x_train.shape[1:])
+        try:
+            model = DCGMM(preset, shape, ds.n_classes, backend=args.backend, seed=seed).to(args.device)
+        except ValueError as e:  # e.g. channels-first images read as (H, W, C) = (1, 28, 28)
+            raise ValueError(f"{data_spec}: images of shape (H, W, C) = {shape} do not fit preset {preset.name} ({e}); "
+                             "the loaders expect (N, H, W) or (N, H, W, C) images") from None
     torch.manual_seed(seed)
     n_train = ds.x_train.shape[0]
     per_epoch = n_train // batch_size

@@ -211,3 +211,31 @@ def test_tampered_or_foreign_files_are_rejected(tmp_path):
     for name in ("truncated.pt", "garbage.pt", "foreign.pt", "pickled-code.pt", "missing.pt"):
         with pytest.raises(CheckpointError, match=name):
             load_checkpoint(str(tmp_path / name))
+
+
+def test_broken_inputs_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    """Files that used to escape as tracebacks: an npz with an empty split, channels-first images, checkpoints
+    without a training plan, with batch_size 0, with float16 parameters."""
+    import numpy as np
+
+    from dcgmm_fast import cli
+
+    monkeypatch.chdir(tmp_path)
+    z = lambda *s: np.zeros(s, np.uint8)  # noqa: E731
+    np.savez("empty.npz", x_train=z(0, 28, 28), y_train=np.zeros(0, np.int64), x_test=z(5, 28, 28),
+             y_test=np.zeros(5, np.int64))
+    np.savez("nchw.npz", x_train=z(20, 1, 28, 28), y_train=np.zeros(20, np.int64), x_test=z(5, 1, 28, 28),
+             y_test=np.zeros(5, np.int64))
+    model = DCGMM("demo", seed=0)
+    save_checkpoint("noplan.pt", model, {})
+    save_checkpoint("bs0.pt", model, {"epochs": 1, "batch_size": 0, "seed": 0, "data": "shipped"})
+    blob = torch.load("bs0.pt", weights_only=True)
+    blob["config"]["dtype"] = "float16"
+    torch.save(blob, "f16.pt")
+    cases = [(["train", "--data", "empty.npz"], "empty.npz"), (["train", "--data", "nchw.npz"], "nchw.npz"),
+             (["train", "--resume", "noplan.pt"], "noplan.pt"), (["train", "--resume", "bs0.pt"], "bs0.pt"),
+             (["train", "--resume", "f16.pt"], "f16.pt"), (["sample", "--checkpoint", "f16.pt"], "f16.pt")]
+    for argv, name in cases:
+        assert cli.main([*argv, "--out", "o"]) == 2, argv
+        err = capsys.readouterr().err
+        assert name in err and "error:" in err and "Traceback" not in err, (argv, err)
