@@ -8,8 +8,7 @@ torch thread count given by ``--threads`` (default 2). The original TF2 code's s
 kind of 2-core machine: 417 ms classifier-B, 387 ms D) are printed beside ours as a fixed anchor.
 """
 import argparse
-import datetime
-import platform
+import os
 import statistics
 import sys
 import time
@@ -19,6 +18,9 @@ import torch
 from dcgmm_fast import data
 from dcgmm_fast.model import DCGMM
 from dcgmm_fast.train import History, Trainer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import emit, header  # noqa: E402
 
 ORIGINAL_MS = {"B-class": 417.0, "D": 387.0}
 
@@ -50,13 +52,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    lines = [
-        f"# Eager training step {args.label}",
-        "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- command: `python {' '.join(sys.argv)}`",
-        f"- machine: {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}",
-        "",
+    lines = header(f"Eager training step {args.label}", args.threads) + [
         "| preset | backend | batch | median ms/step | original TF2 ms/step | speed-up over the original |",
         "|---|---|---|---|---|---|",
     ]
@@ -67,11 +63,7 @@ def main() -> None:
             ratio = f"{orig / ms:.1f}x" if orig and args.batch == 100 else "-"
             lines.append(f"| {preset} | {backend} | {args.batch} | {ms:.1f} | {orig or '-'} | {ratio} |")
             print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

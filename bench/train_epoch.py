@@ -7,15 +7,16 @@ Each backend trains a freshly seeded model for one epoch on the 5,000 shipped Fa
 listed, and the mean test log-likelihood per layer afterwards (so a fast but wrong backend shows).
 """
 import argparse
-import datetime
-import platform
+import os
 import sys
 import time
 
-import torch
 
 from dcgmm_fast import data
 from dcgmm_fast.model import DCGMM
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import emit, header  # noqa: E402
 
 
 def main() -> None:
@@ -36,24 +37,13 @@ def main() -> None:
         rows.append((backend, seconds, history.steps, scores))
         print(f"{backend}: {seconds:.1f} s for {history.steps} steps; test loglik {scores}", flush=True)
     base = rows[0][1]
-    lines = [
-        f"# One training epoch of preset {args.preset} on the shipped data",
-        "",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- command: `python {' '.join(sys.argv)}`",
-        f"- machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}",
-        "",
+    lines = header(f"One training epoch of preset {args.preset} on the shipped data") + [
         "| backend | seconds | steps/s | speed-up | mean test log-likelihood per layer (500 images) |",
         "|---|---|---|---|---|",
     ]
     for backend, seconds, steps, scores in rows:
         lines.append(f"| {backend} | {seconds:.1f} | {steps / seconds:.2f} | {base / seconds:.1f}x | {scores} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":
