@@ -11,7 +11,6 @@ import os
 import sys
 import time
 
-
 from dcgmm_fast import data
 from dcgmm_fast.model import DCGMM
 
