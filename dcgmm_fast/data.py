@@ -221,8 +221,33 @@ def load_idx(directory: str, *, n_classes: Optional[int] = None) -> Dataset:
 
 
 # ---------------------------------------------------------------------------------------------------- any
+def _torchvision_split(cls, name: str, root: str, train: bool):
+    """One split of a torchvision dataset, whichever constructor it has (``train=`` or SVHN's ``split=``)."""
+    try:
+        try:
+            return cls(root, train=train, download=False)
+        except TypeError:  # SVHN (and others) take split="train" / "test"
+            return cls(root, split="train" if train else "test", download=False)
+    except (RuntimeError, OSError) as e:  # torchvision raises RuntimeError("Dataset not found ...")
+        raise DataError(f"torchvision:{name}: not found under {root!r} ({e}); download it first, e.g. "
+                        f"torchvision.datasets.{name}({root!r}, download=True)") from None
+
+
+def _torchvision_arrays(ds, name: str):
+    """(images (N, H, W[, C]) uint8, labels (N,)) of a torchvision dataset: .data / .targets, or SVHN's .labels
+    with channels-first (N, C, H, W) data."""
+    x = np.asarray(ds.data)
+    y = np.asarray(getattr(ds, "targets", None) if hasattr(ds, "targets") else getattr(ds, "labels", None))
+    if x.ndim == 4 and x.shape[1] in (1, 3) and x.shape[-1] not in (1, 3):  # channels-first (SVHN)
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    if y.ndim != 1:
+        raise DataError(f"torchvision:{name}: expected .targets or .labels as (N,) class labels, got {y.shape}")
+    return x, y
+
+
 def load_torchvision(name: str, root: str) -> Dataset:
-    """A torchvision dataset already downloaded under ``root`` (e.g. "MNIST", "FashionMNIST")."""
+    """A torchvision dataset already downloaded under ``root`` (e.g. "MNIST", "FashionMNIST", "SVHN",
+    "CIFAR10"); channels-first data are made NHWC."""
     try:
         import torchvision.datasets as tvd
     except ImportError:
@@ -230,9 +255,8 @@ def load_torchvision(name: str, root: str) -> Dataset:
     cls = getattr(tvd, name, None)
     if cls is None:
         raise DataError(f"torchvision:{name}: no such torchvision dataset")
-    splits = [cls(root, train=t, download=False) for t in (True, False)]
-    arrays = [(np.asarray(s.data), np.asarray(s.targets)) for s in splits]
-    return _dataset(f"torchvision:{name}", arrays[0][0], arrays[0][1], arrays[1][0], arrays[1][1])
+    (xt, yt), (xs, ys) = (_torchvision_arrays(_torchvision_split(cls, name, root, t), name) for t in (True, False))
+    return _dataset(f"torchvision:{name}", xt, yt, xs, ys)
 
 
 def load_dataset(spec: str = "shipped", *, test_fraction: Optional[float] = None) -> Dataset:

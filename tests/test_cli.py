@@ -235,7 +235,13 @@ def test_broken_inputs_are_one_line_errors(tmp_path, capsys, monkeypatch):
     cases = [(["train", "--data", "empty.npz"], "empty.npz"), (["train", "--data", "nchw.npz"], "nchw.npz"),
              (["train", "--resume", "noplan.pt"], "noplan.pt"), (["train", "--resume", "bs0.pt"], "bs0.pt"),
              (["train", "--resume", "f16.pt"], "f16.pt"), (["sample", "--checkpoint", "f16.pt"], "f16.pt")]
+    np.savez("zerod.npz", x_train=np.array(1.0), y_train=np.array(1), x_test=np.array(1.0), y_test=np.array(1))
+    cases += [(["train", "--data", "zerod.npz"], "zerod.npz"), (["train", "--backend", "cuda"], "backend 'cuda'")]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # read per call: CPU tensors need the interpreter
+    cases += [(["train", "--backend", "triton", "--epochs", "1"], "TRITON_INTERPRET=1")]
     for argv, name in cases:
         assert cli.main([*argv, "--out", "o"]) == 2, argv
         err = capsys.readouterr().err
         assert name in err and "error:" in err and "Traceback" not in err, (argv, err)
+    with pytest.raises(ValueError, match="integer class labels"):  # 2.9 is not truncated to class 2
+        model.fit(torch.rand(20, 28, 28), torch.full((20,), 2.9), epochs=1, batch_size=10)

@@ -167,3 +167,40 @@ def test_corrupt_gzip_stream_names_the_file(tmp_path):
     open(path, "wb").write(bytes(raw))
     with pytest.raises(data.DataError, match="train-images-idx3-ubyte.gz"):
         data.read_idx(path)
+
+
+class _FakeTorchvision:
+    """Stands in for torchvision.datasets (not installed here): MNIST-style (train=, .targets), SVHN-style
+    (split=, .labels, channels-first) and a dataset that is not downloaded."""
+
+    class MNIST:
+        def __init__(self, root, train, download):
+            n = 12 if train else 4
+            self.data = np.random.default_rng(0).integers(0, 255, (n, 28, 28), dtype=np.uint8)
+            self.targets = np.arange(n) % 10
+
+    class SVHN:
+        def __init__(self, root, split, download):
+            n = 12 if split == "train" else 4
+            self.data = np.random.default_rng(1).integers(0, 255, (n, 3, 32, 32), dtype=np.uint8)
+            self.labels = np.arange(n) % 10
+
+    class FashionMNIST:
+        def __init__(self, root, train, download):
+            raise RuntimeError("Dataset not found. You can use download=True to download it")
+
+
+def test_torchvision_datasets_of_both_apis_and_a_missing_download(monkeypatch):
+    import sys
+    import types
+
+    fake = types.ModuleType("torchvision")
+    fake.datasets = _FakeTorchvision
+    monkeypatch.setitem(sys.modules, "torchvision", fake)
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", _FakeTorchvision)
+    mnist = data.load_dataset("torchvision:MNIST:/data")
+    assert mnist.x_train.shape == (12, 28, 28, 1) and mnist.y_test.shape == (4,)
+    svhn = data.load_dataset("torchvision:SVHN:/data")
+    assert svhn.x_train.shape == (12, 32, 32, 3) and svhn.y_train.tolist() == list(np.arange(12) % 10)
+    with pytest.raises(data.DataError, match="FashionMNIST: not found under '/data'.*download"):
+        data.load_dataset("torchvision:FashionMNIST:/data")
