@@ -4,31 +4,17 @@ into ``torch.ops.dcgmm.<op>_<suffix>`` (design.md "Registration").
 A fused backend X provides four ops, C++ (``csrc/ops.cpp``) or Python ``custom_op``s:
 ``dcgmm::cgmm_fwd_X`` / ``cgmm_bwd_X`` / ``patch_average_X`` / ``sample_components_X``; ``register_fused_ops(X)``
 gives them fakes and autograd (the cGMM forward's backward is one call of ``cgmm_bwd_X``; lse, kstar and the
-smoothing carry no gradient), and ``FusedOps(X)`` calls them.
+smoothing carry no gradient), and ``FusedOps(X)`` calls them. Output poisoning (``DCGMM_POISON=1``) is each
+backend's own: the C++ kernels' ``new_output`` and ``triton_kernels.cgmm.new_output``.
 """
 from __future__ import annotations
 
-import os
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
 from ..geometry import out_hw, patch_average_grad
 from ..types import CGMMOut
-
-
-def poison_enabled() -> bool:
-    """``DCGMM_POISON=1``: kernels fill their outputs with NaN (-1 for ints) before writing them (tests)."""
-    return os.environ.get("DCGMM_POISON") == "1"
-
-
-def new_output(*shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """An output buffer on ``like``'s device; NaN / -1 filled under DCGMM_POISON=1 (on every device: a GPU's
-    caching allocator hands back stale, plausible values, so only poison shows an element left unwritten)."""
-    out = like.new_empty(*shape, dtype=dtype or like.dtype)
-    if poison_enabled():
-        out.fill_(float("nan") if out.is_floating_point() else -1)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- fakes
