@@ -184,6 +184,9 @@ def cmd_train(args) -> int:
                 else f"--epochs {epochs} x {per_epoch} steps per epoch rounds to {stop} steps")
         raise ValueError(f"nothing to train: {what}" + ("; give a larger --epochs to extend it" if args.resume else ""))
     _writable_dir(out)
+    for name in os.listdir(out):  # temporaries of writes that a kill interrupted (atomic_open's naming)
+        if name.endswith(".tmp") and name.startswith((".checkpoint", ".train_metrics.json.", ".train_log.jsonl.")):
+            os.unlink(os.path.join(out, name))
     plan = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "data": data_spec,
             "test_fraction": test_fraction, "preset": model.preset.name if model.preset else None,
             "seconds": float(plan.get("seconds", 0.0)) if args.resume else 0.0}

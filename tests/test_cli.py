@@ -109,6 +109,7 @@ def test_resume_and_a_kill_during_the_saves(tmp_path):
     steps = [json.loads(line)["step"] for line in open(out / "train_log.jsonl")]
     assert steps == list(range(10, 101, 10))
     assert not (tmp_path / "runs").exists()  # nothing went to the default folder
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]  # the killed write's temporary is cleaned up
 
 
 def test_sigint_finishes_the_step_saves_and_says_how_to_resume(tmp_path):
