@@ -274,7 +274,7 @@ def stage_timings(res: Results, out: str) -> None:
                         continue
                     base = ms if provider == "reference" else base
                     f, b = flops(M, K, D, mode, loss), traffic(x, mu, M, K, mode)
-                    row = dict(layer=layer, batch=1000, loss=loss, mode=mode, provider=provider, ms=round(ms, 4),
+                    row = dict(layer=layer, batch=x.shape[0], loss=loss, mode=mode, provider=provider, ms=round(ms, 4),
                                gflops=round(f / ms / 1e6, 1), speedup_vs_reference=round(base / ms, 2) if base else None)
                     if ceil:
                         row.update(fp32_roofline=round(f / (ms / 1e3) / ceil["fp32_flops"], 3),
