@@ -270,12 +270,14 @@ def stage_timings(res: Results, out: str) -> None:
                     try:
                         ms = bench_ms(_run_fn(backend, x, params, kw, loss, smoothing, mode, env))
                     except Exception as e:  # noqa: BLE001 - a provider that fails is recorded, the stage goes on
-                        res.add(layer=layer, loss=loss, mode=mode, provider=provider, error=f"{type(e).__name__}: {e}"[:300])
+                        res.add(layer=layer, loss=loss, mode=mode, provider=provider,
+                                error=f"{type(e).__name__}: {e}"[:300])
                         continue
                     base = ms if provider == "reference" else base
                     f, b = flops(M, K, D, mode, loss), traffic(x, mu, M, K, mode)
-                    row = dict(layer=layer, batch=x.shape[0], loss=loss, mode=mode, provider=provider, ms=round(ms, 4),
-                               gflops=round(f / ms / 1e6, 1), speedup_vs_reference=round(base / ms, 2) if base else None)
+                    row = dict(layer=layer, batch=x.shape[0], loss=loss, mode=mode, provider=provider,
+                               ms=round(ms, 4), gflops=round(f / ms / 1e6, 1),
+                               speedup_vs_reference=round(base / ms, 2) if base else None)
                     if ceil:
                         row.update(fp32_roofline=round(f / (ms / 1e3) / ceil["fp32_flops"], 3),
                                    hbm_roofline=round(b / (ms / 1e3) / ceil["hbm_bytes"], 3))
@@ -421,7 +423,8 @@ def stage_summary(res: Results, out: str) -> None:
     print("\n".join(lines))
 
 
-STAGES = {"env": stage_env, "ceilings": stage_ceilings, "tests": stage_tests, "accuracy": stage_accuracy, "timings": stage_timings,
+STAGES = {"env": stage_env, "ceilings": stage_ceilings, "tests": stage_tests, "accuracy": stage_accuracy,
+          "timings": stage_timings,
           "sweep": stage_sweep, "train": stage_train, "sanitizer": stage_sanitizer, "summary": stage_summary}
 
 

@@ -67,7 +67,8 @@ def hand_update(layer, x):
     M = N * P
     xp = ops.patches(x, layer.kernel, layer.stride).reshape(N, P, -1)  # (N, P, D)
     if layer.loss == "mc":
-        G = geometry.smoothing_dense(layer.smoothing) if not layer.smoothing_is_identity else torch.eye(K, dtype=x.dtype)
+        identity = torch.eye(K, dtype=x.dtype)
+        G = identity if layer.smoothing_is_identity else geometry.smoothing_dense(layer.smoothing)
         Wt = G[out.kstar.reshape(N, P).long()] / M
     else:
         Wt = out.resp.reshape(N, P, K) / M
