@@ -10,6 +10,7 @@ Without a CUDA device every stage records {"unavailable": ...} and exits 0 (so t
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -116,6 +117,21 @@ def bench_ms(fn) -> float:
     return float(triton.testing.do_bench(fn, warmup=5, rep=40))
 
 
+@contextlib.contextmanager
+def environ(env):
+    """Set environment variables for the block (the backends read DCGMM_TRITON_* per call), then restore them."""
+    old = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+
+
 def _cuda_or_skip(res: Results) -> bool:
     if not torch.cuda.is_available() and not DRY:
         res.add(unavailable="no CUDA device")
@@ -201,16 +217,11 @@ def stage_accuracy(res: Results, out: str) -> None:
             cpu32 = [t.float().cpu().requires_grad_() for t in inputs]
             for variant, env in (("ieee", {}), ("tf32x3", {"DCGMM_TRITON_PRECISION": "tf32x3"}),
                                  ("v1", {"DCGMM_TRITON_KERNELS": "v1"})):
-                old = {k: os.environ.get(k) for k in env}
-                os.environ.update(env)
-                try:
+                with environ(env):
                     dev = [t.clone().requires_grad_() for t in inputs]
                     o = ops.cgmm(*dev, loss=loss, smoothing=smoothing, backend="triton", **kw)
                     obj = o.score.sum() + (o.resp * torch.linspace(-1, 1, o.resp.shape[-1], device=DEVICE)).sum()
                     grads = torch.autograd.grad(obj, dev)
-                finally:
-                    for k, v in old.items():
-                        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
                 kstar = o.kstar.cpu() if loss == "mc" else None
                 G64 = None if smoothing is None else geometry.smoothing_dense(G.double().cpu())
                 G32 = None if smoothing is None else geometry.smoothing_dense(G.float().cpu())
@@ -233,18 +244,13 @@ def _run_fn(backend, x, params, kw, loss, smoothing, mode, env=None):
     from dcgmm_fast import ops
 
     def run():
-        old = {k: os.environ.get(k) for k in (env or {})}
-        os.environ.update(env or {})
-        try:
+        with environ(env):
             if mode == "forward":
                 with torch.no_grad():
                     ops._cgmm_unchecked(x, *params, loss=loss, smoothing=smoothing, backend=backend, **kw)
             else:
                 o = ops._cgmm_unchecked(x, *params, loss=loss, smoothing=smoothing, backend=backend, **kw)
                 torch.autograd.grad(o.score.mean(), params)
-        finally:
-            for k, v in old.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
     return run
 

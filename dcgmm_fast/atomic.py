@@ -11,7 +11,10 @@ import json
 import os
 import tempfile
 import time
-from typing import IO, Iterator
+from typing import IO, Iterable, Iterator
+
+#: temporaries are ".<target name>.<random><_SUFFIX>" beside the target
+_SUFFIX = ".tmp"
 
 
 @contextlib.contextmanager
@@ -23,7 +26,7 @@ def atomic_open(path: str, mode: str = "wb") -> Iterator[IO]:
     process inside the window deterministically.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=_SUFFIX, dir=folder)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -54,3 +57,13 @@ def write_json(path: str, obj, **kw) -> None:
 def write_text(path: str, text: str) -> None:
     with atomic_open(path, "w") as f:
         f.write(text)
+
+
+def remove_stale_temporaries(folder: str, targets: Iterable[str]) -> None:
+    """Delete the temporaries that a killed ``atomic_open`` left in ``folder`` for files whose names start with
+    one of ``targets`` (e.g. "checkpoint" covers checkpoint.pt and checkpoint_step0000050.pt)."""
+    prefixes = tuple(f".{t}" for t in targets)
+    for name in os.listdir(folder):
+        if name.startswith(prefixes) and name.endswith(_SUFFIX):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))

@@ -21,7 +21,7 @@ from typing import List, Optional
 import torch
 
 from . import backends, data, presets
-from .atomic import atomic_open, write_json
+from .atomic import atomic_open, remove_stale_temporaries, write_json
 from .backends import BackendNotAvailable
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .guard import DivergenceError
@@ -169,8 +169,8 @@ def cmd_train(args) -> int:
         try:
             model = DCGMM(preset, shape, ds.n_classes, backend=args.backend, seed=seed).to(args.device)
         except ValueError as e:  # e.g. channels-first images read as (H, W, C) = (1, 28, 28)
-            raise ValueError(f"{data_spec}: images of shape (H, W, C) = {shape} do not fit preset {preset.name} ({e}); "
-                             "the loaders expect (N, H, W) or (N, H, W, C) images") from None
+            raise ValueError(f"{data_spec}: images of shape (H, W, C) = {shape} do not fit preset {preset.name} "
+                             f"({e}); the loaders expect (N, H, W) or (N, H, W, C) images") from None
     torch.manual_seed(seed)
     n_train = ds.x_train.shape[0]
     per_epoch = n_train // batch_size
@@ -182,11 +182,10 @@ def cmd_train(args) -> int:
     if stop <= done:
         what = (f"the checkpoint has done {done} of {total} steps" if args.resume
                 else f"--epochs {epochs} x {per_epoch} steps per epoch rounds to {stop} steps")
-        raise ValueError(f"nothing to train: {what}" + ("; give a larger --epochs to extend it" if args.resume else ""))
+        hint = "; give a larger --epochs to extend it" if args.resume else ""
+        raise ValueError(f"nothing to train: {what}{hint}")
     _writable_dir(out)
-    for name in os.listdir(out):  # temporaries of writes that a kill interrupted (atomic_open's naming)
-        if name.endswith(".tmp") and name.startswith((".checkpoint", ".train_metrics.json.", ".train_log.jsonl.")):
-            os.unlink(os.path.join(out, name))
+    remove_stale_temporaries(out, ("checkpoint", "train_metrics.json.", "train_log.jsonl."))  # a kill's leftovers
     plan = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "data": data_spec,
             "test_fraction": test_fraction, "preset": model.preset.name if model.preset else None,
             "seconds": float(plan.get("seconds", 0.0)) if args.resume else 0.0}

@@ -34,14 +34,15 @@ class StepGuard:
     fine; quantity (L,) int64, which check fired; value (L,) float64, the offending value.
     """
 
-    def __init__(self, names: Sequence[str], device: torch.device):
+    def __init__(self, names: Sequence[str], device: torch.device, classifier: bool = False):
+        """names: the layers, bottom-up; classifier: the last one is the linear classifier."""
         self.names = list(names)
         L = len(self.names)
+        self.classifier_index = L - 1 if classifier else None
         self.step = torch.zeros((), dtype=torch.int64, device=device)
         self.first_step = torch.full((L,), -1, dtype=torch.int64, device=device)
         self.quantity = torch.zeros(L, dtype=torch.int64, device=device)
         self.value = torch.zeros(L, dtype=torch.float64, device=device)
-        self._kind = ["gmm"] * L
 
     def set_step(self, step: int) -> None:
         self.step.fill_(step)
@@ -68,7 +69,6 @@ class StepGuard:
 
     @torch.no_grad()
     def record_classifier(self, i: int, loss: torch.Tensor) -> None:
-        self._kind[i] = "classifier"
         values = torch.stack([loss, loss])
         bad = torch.stack([~torch.isfinite(loss), ~(loss <= LOSS_LIMIT)])
         self._record(i, values, bad)
@@ -80,7 +80,7 @@ class StepGuard:
         if not flagged:
             return
         step, i = min(flagged)
-        kinds = _GMM_QUANTITIES if self._kind[i] == "gmm" else _CLASSIFIER_QUANTITIES
+        kinds = _CLASSIFIER_QUANTITIES if i == self.classifier_index else _GMM_QUANTITIES
         what = kinds[int(self.quantity[i])]
         raise DivergenceError(
             f"{self.names[i]}: training diverged at step {step}: {what} (value {float(self.value[i]):.4g}); "

@@ -185,10 +185,7 @@ class DCGMM(nn.Module):
             clf = self.classifier
             if clf is None:
                 raise ValueError("classes: class-conditional sampling needs a classifier")
-            raw = torch.as_tensor(classes).reshape(-1)
-            if raw.is_floating_point() or raw.dtype == torch.bool:  # 2.9 must not become class 2 silently
-                raise ValueError(f"classes: expected integer class ids, got {classes!r}")
-            choice = raw.to(torch.int64)
+            choice = _class_ids("classes", classes).reshape(-1)
             if choice.numel() == 0 or bool((choice < 0).any()) or bool((choice >= self.n_classes).any()):
                 raise ValueError(f"classes: expected class ids in [0, {self.n_classes}), got {classes!r}")
             if choice.numel() != n:
@@ -277,10 +274,7 @@ class DCGMM(nn.Module):
         batch_size = (self.preset.batch_size if self.preset else 100) if batch_size is None else batch_size
         x = self._images(x)
         if y is not None:
-            y = torch.as_tensor(y)
-            if y.is_floating_point() or y.dtype == torch.bool:  # 2.9 must not become class 2 silently
-                raise ValueError(f"y: expected integer class labels, got {y.dtype}")
-            y = y.to(device=x.device, dtype=torch.int64)
+            y = _class_ids("y", y).to(x.device)
             if y.dim() != 1 or y.shape[0] != x.shape[0]:
                 raise ValueError(f"y: expected ({x.shape[0]},) labels, got {tuple(y.shape)}")
             if bool((y < 0).any()) or bool((y >= self.n_classes).any()):
@@ -288,6 +282,15 @@ class DCGMM(nn.Module):
         trainer = Trainer(self.layers, self.names, optimizer=optimizer, lr=lr, compile=compile)
         start = int(self.steps_done) if resume else 0
         history = trainer.fit(x, y, epochs=epochs, batch_size=batch_size, seed=seed, start_step=start,
-                              stop_step=stop_step, callback=callback, should_stop=should_stop)
+                              stop_step=stop_step, callback=callback, should_stop=should_stop,
+                              check_data=False)  # _images checked them
         self.steps_done += history.steps
         return history
+
+
+def _class_ids(name: str, value) -> torch.Tensor:
+    """Integer class ids as int64; float or bool values are refused (2.9 must not become class 2 silently)."""
+    t = torch.as_tensor(value)
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise ValueError(f"{name}: expected integer class labels, got {t.dtype}")
+    return t.to(torch.int64)

@@ -241,7 +241,7 @@ class Trainer:
             raise ValueError("compile: only the original update rule is compiled; use optimizer=None")
         self._step = compile_step(gmm_step) if compile else gmm_step
         device = next((p.device for layer in self.layers for p in layer.parameters()), torch.device("cpu"))
-        self.guard = StepGuard(self.names, device)
+        self.guard = StepGuard(self.names, device, classifier=self.classifier_input is not None)
 
     def _make_optimizer(self, optimizer, lr):
         if optimizer is None:
@@ -309,7 +309,7 @@ class Trainer:
     def fit(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, epochs: float, batch_size: int = 100,
             seed: Optional[int] = None, start_step: int = 0, stop_step: Optional[int] = None,
             callback: Optional[Callable[[int, int, History], None]] = None, check_every: int = 50,
-            should_stop: Optional[Callable[[], bool]] = None) -> History:
+            should_stop: Optional[Callable[[], bool]] = None, check_data: bool = True) -> History:
         """Train on x (N, H, W, C) float in [0, 1] (and labels y (N,) for the classifier).
 
         As the original: the training order is shuffled once (seeded) and the same order of full batches
@@ -321,6 +321,7 @@ class Trainer:
             callback: called after every step with (step, total_steps, history).
             check_every: read the step guard every this many steps (and always at the end).
             should_stop: asked after every step; True ends ``fit`` there (e.g. on SIGINT), the step completed.
+            check_data: scan x once for NaN/Inf and [0, 1] (False: the caller did, e.g. ``DCGMM.fit``).
         Returns:
             History of this call's steps.
         Raises:
@@ -335,7 +336,8 @@ class Trainer:
             raise ValueError(f"batch_size: {batch_size} is larger than the {n} training images")
         if y is not None and y.shape[0] != n:
             raise ValueError(f"y: expected {n} labels, got {y.shape[0]}")
-        check_images("x", x)  # once, here: the steps run the ops without data scans
+        if check_data:
+            check_images("x", x)  # once, here: the steps run the ops without data scans
         total = int(round(per_epoch * epochs))
         g = torch.Generator().manual_seed(seed if seed is not None else int(torch.initial_seed()) % 2**63)
         order = torch.randperm(n, generator=g)[: per_epoch * batch_size].reshape(per_epoch, batch_size)

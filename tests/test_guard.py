@@ -44,7 +44,7 @@ def test_a_healthy_run_passes_the_guard_and_reads_it_only_at_intervals(monkeypat
 
 
 def test_guard_records_the_first_bad_step_only():
-    guard = StepGuard(["gmm1", "classifier"], torch.device("cpu"))
+    guard = StepGuard(["gmm1", "classifier"], torch.device("cpu"), classifier=True)
     mu, pi = torch.zeros(3, 4), torch.zeros(3)
     for step in range(5):
         guard.set_step(step)

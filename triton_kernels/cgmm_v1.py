@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cgmm import device_guard, new_output
+from .cgmm import device_guard, geometry, new_output
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Log scores by tl.dot on the centred expansion for D > 16 or K > 32 (the direct broadcast below that);
@@ -162,17 +162,6 @@ def _cgmm_fwd_kernel(
 
 
 # ------------------------------------------------------------------------------------------------ launchers
-def _geometry(x, mu, kernel, stride):
-    N, H, W, C = x.shape
-    (kh, kw), (sh, sw) = kernel, stride
-    Ho, Wo = (H - kh) // sh + 1, (W - kw) // sw + 1
-    P, K, D = Ho * Wo, mu.shape[-2], mu.shape[-1]
-    indep = mu.dim() == 3
-    rows = N if indep else N * P
-    return dict(N=N, H=H, W=W, C=C, Ho=Ho, Wo=Wo, P=P, K=K, D=D, KWC=kw * C, sh=sh, sw=sw, ROWS=rows,
-                G=P if indep else 1, INDEP=indep)
-
-
 def _blocks(g):
     """Tile sizes that keep every kernel free of register spills (tools/triton_aot_check.py checks them)."""
     block_k = min(32, max(16, triton.next_power_of_2(g["K"])))
@@ -191,7 +180,7 @@ def cgmm_fwd_v1(x, mu, sigma, log_pi, kernel, stride, loss, smoothing):
     """Forward launcher. x (N,H,W,C), mu/sigma (K,D)|(P,K,D), log_pi (K,)|(P,K), smoothing (K,K) or None.
     Returns resp (N,H',W',K), score, lse (N,H',W'), kstar (N,H',W') int32."""
     x, mu, sigma, log_pi = (t.contiguous() for t in (x, mu, sigma, log_pi))
-    g = _geometry(x, mu, kernel, stride)
+    g = geometry(x, mu, kernel, stride)
     block_r, block_k, block_d, use_dot = _blocks(g)
     G, K, D = g["G"], g["K"], g["D"]
     mu3, sig3 = mu.reshape(G, K, D), sigma.reshape(G, K, D)
