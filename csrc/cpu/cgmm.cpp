@@ -1,12 +1,14 @@
 // Fused C++ CPU kernels of the cGMM op and its helpers (design.md "The cGMM op", "Helper ops").
 //
-// cgmm_fwd_cpu: per block of patch rows, gather the rows straight from the NHWC input (implicit im2col, never the
-//   patch matrix) and compute every component's log score by the direct form (scores_block) into an (M, K)
-//   buffer; the optional K x K smoothing is one GEMM over it; then per row softmax / logsumexp and max / argmax
-//   (cgmm_math.h), written once into resp, score, lse and kstar.
-// cgmm_bwd_cpu: W (rows x K) from the saved resp and kstar, then parameter gradients as sums over fixed blocks of
-//   ROW_BLOCK rows (float partial sums per block, added in block order to double totals: deterministic and
-//   independent of the thread count), and the x gradient folded back to pixels one image per task (no races).
+// cgmm_fwd_cpu: blocks of 16 patch rows of one GMM, gathered straight from the NHWC input (implicit im2col, never
+//   the patch matrix) into the vector lanes; log scores by the direct form, the smoothing (separable factors or a
+//   dense G), max / argmax, softmax and logsumexp all on the block in registers and L1, written once into resp,
+//   score, lse and kstar: one parallel region per forward (shared layers with D, K >= 64 take the log scores from
+//   GEMMs first).
+// cgmm_bwd_cpu: W (rows x K) from the saved resp and kstar, then the parameter gradients in the direct form by a
+//   register-tiled micro-kernel over fixed blocks of rows (float sums per block added in block order to double
+//   totals: deterministic and independent of the thread count), and the x gradient folded back to pixels one image
+//   per task (no races).
 // patch_average_cpu, sample_components_cpu: the sampling helpers.
 // Includes ATen and torch/library.h only (torch/extension.h costs ~23 s per file).
 #include <ATen/ATen.h>
@@ -24,9 +26,6 @@
 
 namespace dcgmm {
 namespace {
-
-constexpr int RB = 8;               // rows per forward block (parameters loaded once per RB rows)
-constexpr int64_t ROW_BLOCK = 256;  // rows per partial sum of the parameter gradients (fixed: determinism)
 
 struct Geometry {
   int64_t N, H, W, C, kh, kw, sh, sw, Ho, Wo, P, M, D, D_pad, K, G;
@@ -113,71 +112,29 @@ inline int64_t rows_per_gmm(const Geometry& g) { return g.independent ? g.N : g.
 inline int64_t row_of(const Geometry& g, int64_t gi, int64_t j) { return g.independent ? j * g.P + gi : j; }
 
 // ---------------------------------------------------------------------------------------------------- forward
-// The hot loop: log scores of RB rows against all K components, the direct form with one 64-byte vector (GCC vector
-// extension: one AVX-512 register, two AVX2 or four SSE registers) of LANES partial sums per row, in the same lane
-// order as cgmm_math.h quad_rows (so results do not depend on the ISA). Compiled for AVX-512, AVX2+FMA and
-// baseline x86-64; GCC's function multi-versioning picks one when the library loads.
+// Rows in the vector lanes: a block of RL = 16 patch rows of one GMM is gathered transposed, xt (D, RL), and every
+// step of the forward works on all 16 rows at once with no horizontal sums and no padding of D or K:
+//   log scores  lt[k] = c[k] - 1/2 sum_d (sigma[k, d] (xt[d] - mu[k, d]))^2   (sum over d in order, per lane)
+//   smoothing   sm = G lt (separable factors: Gy L Gx^T on the sqrt(K) x sqrt(K) grid, or a dense G)
+//   max/argmax of the ranked values, softmax and logsumexp of lt (a vectorised exp)
+// then scattered into resp, score, lse, kstar. One parallel region per forward; the parameters are read in their
+// (G, K, D) layout (no per-call copies). Each lane's arithmetic is the same on every ISA and thread count.
+// The vector types are GCC vector extensions; the hot functions are compiled for AVX-512, AVX2+FMA and baseline
+// x86-64 and GCC's function multi-versioning picks one when the library loads.
+constexpr int64_t RL = 16;
+
+template <typename T>
+struct RowVec {
+  typedef T type __attribute__((vector_size(RL * sizeof(T))));
+};
+// One 64-byte vector of T (one AVX-512 register, two AVX2 registers): the backward's tiles of patch entries.
 template <typename T>
 struct Vec {
   typedef T type __attribute__((vector_size(64)));
 };
-
-template <typename T>
-inline __attribute__((always_inline)) void scores_block_impl(const T* xb, const T* mu, const T* sig, const T* c,
-                                                             int64_t K, int64_t D_pad, T* ls) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Lanes<T>::value;
-  for (int64_t k = 0; k < K; ++k) {
-    const T* m = mu + k * D_pad;
-    const T* s = sig + k * D_pad;
-    V acc[RB];
-    for (int i = 0; i < RB; ++i) acc[i] = V{} * T(0);
-    for (int64_t d = 0; d < D_pad; d += L) {
-      V mv, sv;
-      __builtin_memcpy(&mv, m + d, sizeof(V));
-      __builtin_memcpy(&sv, s + d, sizeof(V));
-      for (int i = 0; i < RB; ++i) {
-        V xv;
-        __builtin_memcpy(&xv, xb + i * D_pad + d, sizeof(V));
-        const V t = sv * (xv - mv);
-        acc[i] += t * t;
-      }
-    }
-    for (int i = 0; i < RB; ++i) {
-      T lanes[L];
-      __builtin_memcpy(lanes, &acc[i], sizeof(V));
-      ls[i * K + k] = c[k] - T(0.5) * lane_sum<T, L>(lanes);
-    }
-  }
-}
-
-// Small D (<= SMALL_D, e.g. 3x3 patches of one channel): vectorise over components instead of patch entries, so no
-// horizontal sums: acc[k] += (sigma[d, k] (x[d] - mu[d, k]))^2 over d in order, parameters transposed to (D, K_pad).
-constexpr int64_t SMALL_D = 16;
-
-template <typename T>
-inline __attribute__((always_inline)) void scores_block_kvec_impl(const T* xb, int64_t ldx, int64_t D, const T* muT,
-                                                                  const T* sigT, const T* c, int64_t K, int64_t K_pad,
-                                                                  T* ls) {
-  using V = typename Vec<T>::type;
-  constexpr int L = Lanes<T>::value;
-  for (int i = 0; i < RB; ++i) {
-    const T* xr = xb + i * ldx;
-    for (int64_t k0 = 0; k0 < K_pad; k0 += L) {
-      V acc = V{} * T(0);
-      for (int64_t d = 0; d < D; ++d) {
-        V mv, sv;
-        __builtin_memcpy(&mv, muT + d * K_pad + k0, sizeof(V));
-        __builtin_memcpy(&sv, sigT + d * K_pad + k0, sizeof(V));
-        const V t = sv * (xr[d] - mv);
-        acc += t * t;
-      }
-      T lanes[L];
-      __builtin_memcpy(lanes, &acc, sizeof(V));
-      for (int l = 0; l < L && k0 + l < K; ++l) ls[i * K + k0 + l] = c[k0 + l] - T(0.5) * lanes[l];
-    }
-  }
-}
+// The vector helpers below are always inlined into the multi-versioned kernels: the ABI note about passing
+// 64-byte vectors by value does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define DCGMM_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -185,60 +142,225 @@ inline __attribute__((always_inline)) void scores_block_kvec_impl(const T* xb, i
 #define DCGMM_MULTIVERSION
 #endif
 
-DCGMM_MULTIVERSION void scores_block(const float* xb, const float* mu, const float* sig, const float* c, int64_t K,
-                                     int64_t D_pad, float* ls) {
-  scores_block_impl<float>(xb, mu, sig, c, K, D_pad, ls);
+// exp of 16 floats: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial, exponent by integer
+// add), within 2 ulp of expf; exp(x) = 0 below -87 (true value < 1.7e-38), +inf above 88.37, NaN stays NaN.
+typedef RowVec<float>::type VF;
+typedef int32_t VI __attribute__((vector_size(sizeof(VF))));
+inline __attribute__((always_inline)) VF vexp(VF x) {
+  const VF zero = {}, lo = zero - 87.0f, hi = zero + 88.3762626647949f, magic = zero + 12582912.0f;
+  VF xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const VF t = xc * 1.44269504088896341f + magic;  // round(x log2 e) in the low mantissa bits
+  const VF n = t - magic;
+  const VI ni = (VI)t - (VI)magic;
+  VF r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  VF p = zero + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const VF y = p * (r * r) + r + 1.0f;
+  VF res = (VF)((VI)y + (ni << 23));
+  res = x < lo ? zero : res;
+  res = x > hi ? zero + std::numeric_limits<float>::infinity() : res;
+  return x != x ? x : res;
 }
-DCGMM_MULTIVERSION void scores_block(const double* xb, const double* mu, const double* sig, const double* c,
-                                     int64_t K, int64_t D_pad, double* ls) {
-  scores_block_impl<double>(xb, mu, sig, c, K, D_pad, ls);
-}
-DCGMM_MULTIVERSION void scores_block_kvec(const float* xb, int64_t ldx, int64_t D, const float* muT, const float* sigT,
-                                          const float* c, int64_t K, int64_t K_pad, float* ls) {
-  scores_block_kvec_impl<float>(xb, ldx, D, muT, sigT, c, K, K_pad, ls);
-}
-DCGMM_MULTIVERSION void scores_block_kvec(const double* xb, int64_t ldx, int64_t D, const double* muT,
-                                          const double* sigT, const double* c, int64_t K, int64_t K_pad, double* ls) {
-  scores_block_kvec_impl<double>(xb, ldx, D, muT, sigT, c, K, K_pad, ls);
+inline typename RowVec<double>::type vexp(typename RowVec<double>::type x) {  // float64: the tests' path
+  for (int64_t i = 0; i < RL; ++i) x[i] = std::exp(x[i]);
+  return x;
 }
 
-// (G, K, D) parameters transposed to (G, D, K_pad), zero-padded (sigma = 0: padded components add exact zeros).
 template <typename T>
-std::vector<T> transposed(const T* src, int64_t G, int64_t K, int64_t D, int64_t K_pad) {
-  std::vector<T> out(G * D * K_pad, T(0));
-  for (int64_t gi = 0; gi < G; ++gi)
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t d = 0; d < D; ++d) out[(gi * D + d) * K_pad + k] = src[(gi * K + k) * D + d];
-  return out;
+inline typename RowVec<T>::type load_rv(const T* p) {
+  typename RowVec<T>::type v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+inline void store_rv(T* p, typename RowVec<T>::type v) {
+  __builtin_memcpy(p, &v, sizeof(v));
 }
 
-// Pass 1: log scores (M, K) of every row, blocks of RB rows in parallel (rows of one GMM per block).
-// mu_p, sig_p: (G, K, D_pad) for large D, or (G, D, K_pad) transposed for D <= SMALL_D.
+// lt (K, RL) = log scores of the block's rows xt (D, RL) against the GMM's (K, D) parameters, KB components at once
+// (one load of xt[d] feeds KB of them).
 template <typename T>
-void log_scores(const Geometry& g, const T* x, const T* mu_p, const T* sig_p, const T* c, T* ls) {
-  const int64_t rows = rows_per_gmm(g), blocks = (rows + RB - 1) / RB, K = g.K, D_pad = g.D_pad;
-  const bool small = g.D <= SMALL_D;
-  const int64_t K_pad = round_up(K, PAD_LANES);
-  at::parallel_for(0, blocks * g.G, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> xb(RB * D_pad, T(0)), lb(RB * K);
+inline __attribute__((always_inline)) void block_scores_impl(const T* __restrict__ xt, int64_t D,
+                                                             const T* __restrict__ mu, const T* __restrict__ sig,
+                                                             const T* __restrict__ c, int64_t K, T* __restrict__ lt) {
+  using V = typename RowVec<T>::type;
+  constexpr int KB = 4;
+  int64_t k = 0;
+  for (; k + KB <= K; k += KB) {
+    V acc[KB];
+    for (int j = 0; j < KB; ++j) acc[j] = V{} * T(0);
+    const T* m = mu + k * D;
+    const T* s = sig + k * D;
+    for (int64_t d = 0; d < D; ++d) {
+      const V xv = load_rv(xt + d * RL);
+      for (int j = 0; j < KB; ++j) {
+        const V t = (xv - m[j * D + d]) * s[j * D + d];
+        acc[j] += t * t;
+      }
+    }
+    for (int j = 0; j < KB; ++j) store_rv(lt + (k + j) * RL, c[k + j] - T(0.5) * acc[j]);
+  }
+  for (; k < K; ++k) {
+    V acc = V{} * T(0);
+    for (int64_t d = 0; d < D; ++d) {
+      const V t = (load_rv(xt + d * RL) - mu[k * D + d]) * sig[k * D + d];
+      acc += t * t;
+    }
+    store_rv(lt + k * RL, c[k] - T(0.5) * acc);
+  }
+}
+
+// The separable smoothing: the K = n * n log scores of a lane as an n x n grid L (k = ky * n + kx) give
+// out = Gy L Gx^T, 2 K n multiply-adds instead of K^2.
+template <typename T>
+inline __attribute__((always_inline)) void smooth_factored_impl(const T* __restrict__ lt, const T* __restrict__ gy,
+                                                                const T* __restrict__ gx, int64_t n,
+                                                                T* __restrict__ tmp, T* __restrict__ out) {
+  using V = typename RowVec<T>::type;
+  for (int64_t a = 0; a < n; ++a)  // tmp[a, c] = sum_b Gx[c, b] L[a, b]
+    for (int64_t c = 0; c < n; ++c) {
+      V acc = V{} * T(0);
+      for (int64_t b = 0; b < n; ++b) acc += gx[c * n + b] * load_rv(lt + (a * n + b) * RL);
+      store_rv(tmp + (a * n + c) * RL, acc);
+    }
+  for (int64_t a = 0; a < n; ++a)  // out[a, c] = sum_b Gy[a, b] tmp[b, c]
+    for (int64_t c = 0; c < n; ++c) {
+      V acc = V{} * T(0);
+      for (int64_t b = 0; b < n; ++b) acc += gy[a * n + b] * load_rv(tmp + (b * n + c) * RL);
+      store_rv(out + (a * n + c) * RL, acc);
+    }
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void smooth_dense_impl(const T* __restrict__ lt, const T* __restrict__ G,
+                                                             int64_t K, T* __restrict__ out) {
+  using V = typename RowVec<T>::type;
+  for (int64_t a = 0; a < K; ++a) {
+    V acc = V{} * T(0);
+    for (int64_t b = 0; b < K; ++b) acc += G[a * K + b] * load_rv(lt + b * RL);
+    store_rv(out + a * RL, acc);
+  }
+}
+
+// Per lane: first maximum and its index of ranked (K, RL); softmax of lt in place and its logsumexp.
+template <typename T>
+inline __attribute__((always_inline)) void block_finish_impl(T* __restrict__ lt, const T* ranked, int64_t K,
+                                                             T* __restrict__ lse, T* __restrict__ best,
+                                                             T* __restrict__ kbest) {
+  using V = typename RowVec<T>::type;
+  V bv = load_rv(ranked), kv = V{} * T(0), mx = load_rv(lt);
+  for (int64_t k = 1; k < K; ++k) {
+    const V r = load_rv(ranked + k * RL), l = load_rv(lt + k * RL);
+    const auto gt = r > bv;  // ties and NaN keep the lowest index, as argmax_first
+    bv = gt ? r : bv;
+    kv = gt ? V{} + T(k) : kv;
+    mx = l > mx ? l : mx;
+  }
+  V sum = V{} * T(0);
+  for (int64_t k = 0; k < K; ++k) {
+    const V e = vexp(load_rv(lt + k * RL) - mx);
+    store_rv(lt + k * RL, e);
+    sum += e;
+  }
+  const V inv = T(1) / sum;
+  for (int64_t k = 0; k < K; ++k) store_rv(lt + k * RL, load_rv(lt + k * RL) * inv);
+  for (int64_t i = 0; i < RL; ++i) lse[i] = mx[i] + std::log(sum[i]);
+  store_rv(best, bv);
+  store_rv(kbest, kv);
+}
+
+DCGMM_MULTIVERSION void block_scores(const float* xt, int64_t D, const float* mu, const float* sig, const float* c,
+                                     int64_t K, float* lt) {
+  block_scores_impl<float>(xt, D, mu, sig, c, K, lt);
+}
+DCGMM_MULTIVERSION void block_scores(const double* xt, int64_t D, const double* mu, const double* sig, const double* c,
+                                     int64_t K, double* lt) {
+  block_scores_impl<double>(xt, D, mu, sig, c, K, lt);
+}
+DCGMM_MULTIVERSION void smooth_factored(const float* lt, const float* gy, const float* gx, int64_t n, float* tmp,
+                                        float* out) {
+  smooth_factored_impl<float>(lt, gy, gx, n, tmp, out);
+}
+DCGMM_MULTIVERSION void smooth_factored(const double* lt, const double* gy, const double* gx, int64_t n, double* tmp,
+                                        double* out) {
+  smooth_factored_impl<double>(lt, gy, gx, n, tmp, out);
+}
+DCGMM_MULTIVERSION void smooth_dense(const float* lt, const float* G, int64_t K, float* out) {
+  smooth_dense_impl<float>(lt, G, K, out);
+}
+DCGMM_MULTIVERSION void smooth_dense(const double* lt, const double* G, int64_t K, double* out) {
+  smooth_dense_impl<double>(lt, G, K, out);
+}
+DCGMM_MULTIVERSION void block_finish(float* lt, const float* ranked, int64_t K, float* lse, float* best,
+                                     float* kbest) {
+  block_finish_impl<float>(lt, ranked, K, lse, best, kbest);
+}
+DCGMM_MULTIVERSION void block_finish(double* lt, const double* ranked, int64_t K, double* lse, double* best,
+                                     double* kbest) {
+  block_finish_impl<double>(lt, ranked, K, lse, best, kbest);
+}
+
+// Where the forward's inputs and outputs are: ls (M, K) precomputed log scores (the GEMM form) or null; G a dense
+// (K, K) smoothing, or factors (2, n, n) when n > 0, or null.
+template <typename T>
+struct ForwardArgs {
+  const T *x, *mu, *sig, *c, *ls, *G;
+  int64_t n;
+  bool is_mc;
+  T *resp, *score, *lse;
+  int32_t* kstar;
+};
+
+// The whole forward after the parameter constants: blocks of RL rows of one GMM, one parallel region.
+template <typename T>
+void forward_blocks(const Geometry& g, const ForwardArgs<T>& a) {
+  const int64_t rows = rows_per_gmm(g), blocks = (rows + RL - 1) / RL, K = g.K, D = g.D;
+  const T cst = T(0.5 * double(D) * std::log(2.0 * M_PI));
+  at::parallel_for(0, g.G * blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> xt(a.ls ? 0 : D * RL), row(a.ls ? 0 : g.D_pad), lt(K * RL), tmp(K * RL), sm(K * RL);
+    T lse[RL], best[RL], kb[RL];
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t gi = t / blocks, j0 = (t % blocks) * RB, nvalid = std::min<int64_t>(RB, rows - j0);
-      for (int i = 0; i < RB; ++i) {
-        T* buf = xb.data() + i * D_pad;
-        if (i < nvalid) {
-          const int64_t r = row_of(g, gi, j0 + i);
-          gather_row(x, g, r / g.P, r % g.P, buf);
-        } else {
-          std::fill(buf, buf + g.D, T(0));
+      const int64_t gi = t / blocks, j0 = (t % blocks) * RL, nvalid = std::min<int64_t>(RL, rows - j0);
+      if (a.ls == nullptr) {
+        for (int64_t i = 0; i < RL; ++i) {
+          if (i < nvalid) {
+            const int64_t r = row_of(g, gi, j0 + i);
+            gather_row(a.x, g, r / g.P, r % g.P, row.data());
+            for (int64_t d = 0; d < D; ++d) xt[d * RL + i] = row[d];
+          } else {
+            for (int64_t d = 0; d < D; ++d) xt[d * RL + i] = T(0);
+          }
+        }
+        block_scores(xt.data(), D, a.mu + gi * K * D, a.sig + gi * K * D, a.c + gi * K, K, lt.data());
+      } else {
+        for (int64_t i = 0; i < RL; ++i) {
+          const T* src = a.ls + row_of(g, gi, j0 + std::min(i, nvalid - 1)) * K;
+          for (int64_t k = 0; k < K; ++k) lt[k * RL + i] = src[k];
         }
       }
-      if (small)
-        scores_block_kvec(xb.data(), D_pad, g.D, mu_p + gi * g.D * K_pad, sig_p + gi * g.D * K_pad, c + gi * K, K,
-                          K_pad, lb.data());
-      else
-        scores_block(xb.data(), mu_p + gi * K * D_pad, sig_p + gi * K * D_pad, c + gi * K, K, D_pad, lb.data());
-      for (int i = 0; i < nvalid; ++i)
-        std::memcpy(ls + row_of(g, gi, j0 + i) * K, lb.data() + i * K, K * sizeof(T));
+      const T* ranked = lt.data();
+      if (a.is_mc && a.G != nullptr) {
+        if (a.n > 0)
+          smooth_factored(lt.data(), a.G, a.G + a.n * a.n, a.n, tmp.data(), sm.data());
+        else
+          smooth_dense(lt.data(), a.G, K, sm.data());
+        ranked = sm.data();
+      }
+      block_finish(lt.data(), ranked, K, lse, best, kb);
+      for (int64_t i = 0; i < nvalid; ++i) {
+        const int64_t r = row_of(g, gi, j0 + i);
+        T* out = a.resp + r * K;
+        for (int64_t k = 0; k < K; ++k) out[k] = lt[k * RL + i];
+        a.lse[r] = lse[i];
+        a.kstar[r] = int32_t(kb[i]);
+        a.score[r] = (a.is_mc ? best[i] : lse[i]) - cst;
+      }
     }
   });
 }
@@ -315,45 +437,6 @@ at::Tensor checked_smoothing(const at::Tensor& smoothing, int64_t K, at::ScalarT
 
 at::Tensor dense_smoothing(const at::Tensor& G) { return G.dim() == 3 ? at::kron(G[0], G[1]).contiguous() : G; }
 
-// Separable smoothing of SMOOTH_ROWS rows at a time, rows in the vector lanes: the K = n * n log scores of a row
-// as an n x n grid L (k = ky * n + kx) give out = Gy L Gx^T, 2 K n multiply-adds instead of K^2 per row.
-// lt, tmp, out: (K, SMOOTH_ROWS), row i of the block in lane i (lanes past the block's rows hold zeros).
-constexpr int64_t SMOOTH_ROWS = 16;
-template <typename T>
-inline __attribute__((always_inline)) void smooth_block_impl(const T* __restrict__ lt, const T* __restrict__ gy,
-                                                             const T* __restrict__ gx, int64_t n, T* __restrict__ tmp,
-                                                             T* __restrict__ out) {
-  constexpr int64_t B = SMOOTH_ROWS;
-  for (int64_t a = 0; a < n; ++a)  // tmp[a, c] = sum_b Gx[c, b] L[a, b]
-    for (int64_t c = 0; c < n; ++c) {
-      T acc[B] = {};
-      for (int64_t b = 0; b < n; ++b) {
-        const T w = gx[c * n + b];
-        const T* src = lt + (a * n + b) * B;
-        for (int64_t i = 0; i < B; ++i) acc[i] += w * src[i];
-      }
-      for (int64_t i = 0; i < B; ++i) tmp[(a * n + c) * B + i] = acc[i];
-    }
-  for (int64_t a = 0; a < n; ++a)  // out[a, c] = sum_b Gy[a, b] tmp[b, c]
-    for (int64_t c = 0; c < n; ++c) {
-      T acc[B] = {};
-      for (int64_t b = 0; b < n; ++b) {
-        const T w = gy[a * n + b];
-        const T* src = tmp + (b * n + c) * B;
-        for (int64_t i = 0; i < B; ++i) acc[i] += w * src[i];
-      }
-      for (int64_t i = 0; i < B; ++i) out[(a * n + c) * B + i] = acc[i];
-    }
-}
-DCGMM_MULTIVERSION void smooth_block(const float* lt, const float* gy, const float* gx, int64_t n, float* tmp,
-                                     float* out) {
-  smooth_block_impl<float>(lt, gy, gx, n, tmp, out);
-}
-DCGMM_MULTIVERSION void smooth_block(const double* lt, const double* gy, const double* gx, int64_t n, double* tmp,
-                                     double* out) {
-  smooth_block_impl<double>(lt, gy, gx, n, tmp, out);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_fwd_cpu(
     const at::Tensor& x_, const at::Tensor& mu_, const at::Tensor& sigma_, const at::Tensor& log_pi_,
     at::IntArrayRef kernel, at::IntArrayRef stride, c10::string_view loss, const std::optional<at::Tensor>& smoothing) {
@@ -370,99 +453,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_fwd_cpu(
   auto score = new_output({g.N, g.Ho, g.Wo}, opts);
   auto lse = new_output({g.N, g.Ho, g.Wo}, opts);
   auto kstar = new_output({g.N, g.Ho, g.Wo}, opts.dtype(at::kInt));
-  auto ls = at::empty({g.M, g.K}, opts);
-  if (!g.independent && g.D >= GEMM_MIN_D && g.K >= GEMM_MIN_K && gemm_form_enabled()) {
+  const bool gemm = !g.independent && g.D >= GEMM_MIN_D && g.K >= GEMM_MIN_K && gemm_form_enabled();
+  at::Tensor ls;
+  if (gemm) {
+    ls = at::empty({g.M, g.K}, opts);
     log_scores_gemm(g, x, mu, sigma, log_pi, ls);
-  } else AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cgmm_fwd_cpu", [&] {
+  }
+  // c = log_pi + sum_d log sigma (vectorised logs, summed in double)
+  auto c = (log_pi.to(at::kDouble) + sigma.log().to(at::kDouble).sum(-1)).to(x.scalar_type()).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cgmm_fwd_cpu", [&] {
     using T = scalar_t;
-    const T* s = sigma.data_ptr<T>();
-    const T* m = mu.data_ptr<T>();
-    const bool small = g.D <= SMALL_D;
-    const int64_t K_pad = round_up(g.K, PAD_LANES);
-    auto mu_p = small ? transposed<T>(m, g.G, g.K, g.D, K_pad)
-                      : padded<T>(m, g.G * g.K, g.D, g.D_pad, [&](int64_t i) { return m[i]; });
-    auto sig_p = small ? transposed<T>(s, g.G, g.K, g.D, K_pad)
-                       : padded<T>(s, g.G * g.K, g.D, g.D_pad, [&](int64_t i) { return s[i]; });
-    // c = log_pi + sum_d log sigma (vectorised logs, summed in double)
-    auto c = (log_pi.to(at::kDouble) + sigma.log().to(at::kDouble).sum(-1)).to(x.scalar_type()).contiguous();
-    log_scores<T>(g, x.data_ptr<T>(), mu_p.data(), sig_p.data(), c.data_ptr<T>(), ls.data_ptr<T>());
-  });
-  // Smoothing as one GEMM over all rows, then pass 2 per row: softmax / logsumexp and max / argmax (ties -> lowest).
-  // A dense G: one GEMM over all rows. Factors: smoothed per row inside the pass below (no (M, K) temporary).
-  const bool factored = is_mc && G.defined() && G.dim() == 3;
-  const at::Tensor ranked = (is_mc && G.defined() && !factored) ? at::mm(ls, G.t()) : ls;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cgmm_fwd_cpu_rows", [&] {
-    using T = scalar_t;
-    const T cst = T(0.5 * double(g.D) * std::log(2.0 * M_PI));
-    const T *l = ls.data_ptr<T>(), *rk = ranked.data_ptr<T>();
-    T *rp = resp.data_ptr<T>(), *sp = score.data_ptr<T>(), *lp = lse.data_ptr<T>();
-    int32_t* kp = kstar.data_ptr<int32_t>();
-    const int64_t K = g.K, n = factored ? G.size(1) : 0, B = SMOOTH_ROWS;
-    const T* gy = factored ? G.data_ptr<T>() : nullptr;
-    at::parallel_for(0, g.M, 512, [&](int64_t r0, int64_t r1) {
-      std::vector<T> lt(factored ? K * B : 0), tmp(lt.size()), sm(lt.size());
-      for (int64_t b0 = r0; b0 < r1; b0 += B) {
-        const int64_t nb = std::min(B, r1 - b0);
-        if (factored) {  // the block's log scores transposed, smoothed with rows in the vector lanes
-          std::fill(lt.begin(), lt.end(), T(0));
-          for (int64_t i = 0; i < nb; ++i)
-            for (int64_t k = 0; k < K; ++k) lt[k * B + i] = l[(b0 + i) * K + k];
-          smooth_block(lt.data(), gy, gy + n * n, n, tmp.data(), sm.data());
-        }
-        for (int64_t i = 0; i < nb; ++i) {
-          const int64_t r = b0 + i;
-          lp[r] = softmax_lse(l + r * K, K, rp + r * K);
-          int64_t k = 0;
-          T best;
-          if (factored) {  // first maximum: ties -> lowest index
-            best = sm[i];
-            for (int64_t j = 1; j < K; ++j)
-              if (sm[j * B + i] > best) best = sm[j * B + i], k = j;
-          } else {
-            k = argmax_first(rk + r * K, K);
-            best = rk[r * K + k];
-          }
-          kp[r] = int32_t(k);
-          sp[r] = (is_mc ? best : lp[r]) - cst;
-        }
-      }
-    });
+    ForwardArgs<T> args{x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), c.data_ptr<T>(),
+                        gemm ? ls.data_ptr<T>() : nullptr, G.defined() ? G.data_ptr<T>() : nullptr,
+                        G.defined() && G.dim() == 3 ? G.size(1) : 0, is_mc, resp.data_ptr<T>(),
+                        score.data_ptr<T>(), lse.data_ptr<T>(), kstar.data_ptr<int32_t>()};
+    forward_blocks<T>(g, args);
   });
   return {resp, score, lse, kstar};
 }
 
 // ---------------------------------------------------------------------------------------------------- backward
-// For k in [k0, k1) with W[k] != 0: a_k += W[k] u_k, b_k += W[k] v_k over n entries, where u_k = u + k * u_stride
-// and a_k = a + (k - k0) * a_stride (stride 0: the same vector for every component), and w[k - k0] += W[k] when w is
-// given: the inner loops of the backward sums, one multi-versioned call per row.
-template <typename T>
-inline __attribute__((always_inline)) void accumulate_row_impl(const T* __restrict__ W, int64_t k0, int64_t k1,
-                                                               const T* __restrict__ u, const T* __restrict__ v,
-                                                               T* __restrict__ a, T* __restrict__ b, T* w, int64_t n,
-                                                               int64_t u_stride, int64_t a_stride) {
-  for (int64_t k = k0; k < k1; ++k) {
-    const T wk = W[k];
-    if (wk == T(0)) continue;
-    T* ak = a + (k - k0) * a_stride;
-    T* bk = b + (k - k0) * a_stride;
-    const T* uk = u + k * u_stride;
-    const T* vk = v + k * u_stride;
-    for (int64_t d = 0; d < n; ++d) {
-      ak[d] += wk * uk[d];
-      bk[d] += wk * vk[d];
-    }
-    if (w != nullptr) w[k - k0] += wk;
-  }
-}
-DCGMM_MULTIVERSION void accumulate_row(const float* W, int64_t k0, int64_t k1, const float* u, const float* v, float* a,
-                                       float* b, float* w, int64_t n, int64_t u_stride, int64_t a_stride) {
-  accumulate_row_impl<float>(W, k0, k1, u, v, a, b, w, n, u_stride, a_stride);
-}
-DCGMM_MULTIVERSION void accumulate_row(const double* W, int64_t k0, int64_t k1, const double* u, const double* v,
-                                       double* a, double* b, double* w, int64_t n, int64_t u_stride, int64_t a_stride) {
-  accumulate_row_impl<double>(W, k0, k1, u, v, a, b, w, n, u_stride, a_stride);
-}
-
 template <typename T>
 void weights(const Geometry& g, const T* resp, const T* g_resp, const T* g_score, bool is_mc, const T* Gm,
              const int32_t* kstar, T* W) {
@@ -473,109 +483,153 @@ void weights(const Geometry& g, const T* resp, const T* g_resp, const T* g_score
   });
 }
 
-// d log_pi, d mu, d sigma of GMM component o from its totals w, A1[d] = sum W x, A2[d] = sum W x^2 (design.md).
+// Parameter gradients in the direct form, centred on each component's own mean (no cancellation when mu sits on the
+// data and sigma near its ceiling):
+//   w[k] = sum_r W[r, k],  A1[k, d] = sum_r W[r, k] (x[r, d] - mu[k, d]),  A2[k, d] = sum_r W[r, k] (x[r, d] - mu[k, d])^2
+//   d log_pi = w,  d mu = sigma^2 A1,  d sigma = w / sigma - sigma A2.
+// Tasks are (GMM, chunk of PG_CHUNK rows, range of PG_DRANGE patch entries): each gathers its rows' entries block by
+// block (PG_ROWS rows) and runs a register-tiled micro-kernel (PG_KB components x one vector of patch entries, the
+// rows streamed); a block's float sums are added to double totals in block order, chunks in chunk order. The order of
+// every addition is fixed by these constants, never by the thread count. One parallel region (two when a GMM has
+// more than PG_CHUNK rows), no BLAS inside.
+constexpr int64_t PG_ROWS = 128;
+constexpr int64_t PG_DRANGE = 128;
+constexpr int64_t PG_CHUNK = 8192;
+constexpr int PG_KB = 4;
+
+// a1[j, :] = sum_i wb[i, j] (xb[i, :] - m[j, :]), a2[j, :] = ... squared, for the PG_KB components j of the tile and
+// one vector of patch entries; rows whose PG_KB weights are all zero are skipped (one-hot W of an identity G).
 template <typename T>
-inline void write_param_grads(int64_t o, int64_t D, double w, const double* A1, const double* A2, const T* mu,
-                              const T* sigma, T* d_mu, T* d_sigma, T* d_log_pi) {
-  d_log_pi[o] = T(w);
-  for (int64_t d = 0; d < D; ++d) {
-    const double m = mu[o * D + d], s = sigma[o * D + d];
-    d_mu[o * D + d] = T(s * s * (A1[d] - w * m));
-    d_sigma[o * D + d] = T(w / s - s * (A2[d] - 2.0 * m * A1[d] + w * m * m));
+inline __attribute__((always_inline)) void pg_tile_impl(const T* __restrict__ xb, int64_t ldx, int64_t nb,
+                                                        const T* __restrict__ wb, int64_t ldw,
+                                                        const T* __restrict__ m, int64_t ldm, T* __restrict__ a1,
+                                                        T* __restrict__ a2) {
+  using V = typename Vec<T>::type;
+  V acc1[PG_KB], acc2[PG_KB], mv[PG_KB];
+  for (int j = 0; j < PG_KB; ++j) {
+    acc1[j] = V{} * T(0), acc2[j] = V{} * T(0);
+    __builtin_memcpy(&mv[j], m + j * ldm, sizeof(V));
+  }
+  for (int64_t i = 0; i < nb; ++i) {
+    const T* w = wb + i * ldw;
+    bool any = false;
+    for (int j = 0; j < PG_KB; ++j) any |= w[j] != T(0);
+    if (!any) continue;
+    V xv;
+    __builtin_memcpy(&xv, xb + i * ldx, sizeof(V));
+    for (int j = 0; j < PG_KB; ++j) {
+      const V t = xv - mv[j];
+      const V wt = w[j] * t;
+      acc1[j] += wt;
+      acc2[j] += wt * t;
+    }
+  }
+  for (int j = 0; j < PG_KB; ++j) {
+    __builtin_memcpy(a1 + j * Lanes<T>::value, &acc1[j], sizeof(V));
+    __builtin_memcpy(a2 + j * Lanes<T>::value, &acc2[j], sizeof(V));
+  }
+}
+DCGMM_MULTIVERSION void pg_tile(const float* xb, int64_t ldx, int64_t nb, const float* wb, int64_t ldw, const float* m,
+                                int64_t ldm, float* a1, float* a2) {
+  pg_tile_impl<float>(xb, ldx, nb, wb, ldw, m, ldm, a1, a2);
+}
+DCGMM_MULTIVERSION void pg_tile(const double* xb, int64_t ldx, int64_t nb, const double* wb, int64_t ldw,
+                                const double* m, int64_t ldm, double* a1, double* a2) {
+  pg_tile_impl<double>(xb, ldx, nb, wb, ldw, m, ldm, a1, a2);
+}
+
+// Entries [d0, d0 + dn) of patch row (n, p) into buf.
+template <typename T>
+inline void gather_range(const T* x, const Geometry& g, int64_t n, int64_t p, int64_t d0, int64_t dn, T* buf) {
+  const int64_t oy = p / g.Wo, ox = p % g.Wo, seg = g.kw * g.C;
+  const T* base = x + ((n * g.H + oy * g.sh) * g.W + ox * g.sw) * g.C;
+  for (int64_t d = d0, end = d0 + dn; d < end;) {
+    const int64_t ky = d / seg, i = d - ky * seg, len = std::min(seg - i, end - d);
+    const T* src = base + ky * g.W * g.C + i;
+    T* dst = buf + (d - d0);
+    for (int64_t l = 0; l < len; ++l) dst[l] = src[l];
+    d += len;
   }
 }
 
-// Parameter gradients. Tasks are (GMM, range of components); each walks its GMM's rows in fixed blocks of ROW_BLOCK,
-
-// Parameter gradients. Tasks are (GMM, range of components); each walks its GMM's rows in fixed blocks of ROW_BLOCK,
-// sums w, W^T x, W^T x^2 per block in T and adds the block to double totals. The per-(k, d) order of additions is
-// the same for any split into tasks, so the result does not depend on the thread count.
 template <typename T>
 void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, const T* W, T* d_mu, T* d_sigma,
                  T* d_log_pi) {
-  const int64_t K = g.K, D = g.D, D_pad = g.D_pad, rows = rows_per_gmm(g);
-  const int64_t threads = at::get_num_threads();
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(K, (threads + g.G - 1) / g.G));
-  const int64_t per = (K + chunks - 1) / chunks;
-  at::parallel_for(0, g.G * chunks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> xb(D_pad, T(0)), x2(D_pad), a1(per * D_pad), a2(per * D_pad), w(per);
-    std::vector<double> A1(per * D_pad), A2(per * D_pad), wt(per);
+  constexpr int64_t L = Lanes<T>::value;
+  const int64_t K = g.K, D = g.D, rows = rows_per_gmm(g), ldw = round_up(K, PG_KB);
+  const int64_t chunks = (rows + PG_CHUNK - 1) / PG_CHUNK, dranges = (D + PG_DRANGE - 1) / PG_DRANGE;
+  const int64_t ldx = round_up(std::min(D, PG_DRANGE), PAD_LANES);  // one task's (K, ldx) totals
+  const int64_t tile = K * ldx;
+  // with several chunks: every task's totals, reduced in chunk order afterwards
+  std::vector<double> part1(chunks > 1 ? g.G * chunks * dranges * tile : 0), part2(part1.size()),
+      partw(chunks > 1 ? g.G * chunks * dranges * K : 0);
+  // d_mu, d_sigma (and d_log_pi on the first range) of GMM gi's entries [d0, d0 + dn) from its totals
+  auto finish = [&](int64_t gi, int64_t d0, int64_t dn, const double* A1, const double* A2, const double* wt) {
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t o = gi * K + k;
+      if (d0 == 0) d_log_pi[o] = T(wt[k]);
+      for (int64_t d = 0; d < dn; ++d) {
+        const double s = sigma[o * D + d0 + d];
+        d_mu[o * D + d0 + d] = T(s * s * A1[k * ldx + d]);
+        d_sigma[o * D + d0 + d] = T(wt[k] / s - s * A2[k * ldx + d]);
+      }
+    }
+  };
+  at::parallel_for(0, g.G * chunks * dranges, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> xb(PG_ROWS * ldx), wb(PG_ROWS * ldw, T(0)), m(ldw * ldx), a1(PG_KB * L), a2(PG_KB * L), ws(K);
+    std::vector<double> A1(tile), A2(tile), wt(K);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t gi = t / chunks, k0 = (t % chunks) * per, k1 = std::min(K, k0 + per), nk = k1 - k0;
-      if (nk <= 0) continue;
+      const int64_t gi = t / (chunks * dranges), c = (t / dranges) % chunks, dr = t % dranges;
+      const int64_t d0 = dr * PG_DRANGE, dn = std::min(PG_DRANGE, D - d0);
+      const int64_t j_begin = c * PG_CHUNK, j_end = std::min(rows, j_begin + PG_CHUNK);
+      std::fill(m.begin(), m.end(), T(0));
+      for (int64_t k = 0; k < K; ++k)
+        std::memcpy(m.data() + k * ldx, mu + (gi * K + k) * D + d0, dn * sizeof(T));
       std::fill(A1.begin(), A1.end(), 0.0), std::fill(A2.begin(), A2.end(), 0.0), std::fill(wt.begin(), wt.end(), 0.0);
-      for (int64_t j0 = 0; j0 < rows; j0 += ROW_BLOCK) {
-        std::fill(a1.begin(), a1.end(), T(0)), std::fill(a2.begin(), a2.end(), T(0)), std::fill(w.begin(), w.end(), T(0));
-        for (int64_t j = j0; j < std::min(rows, j0 + ROW_BLOCK); ++j) {
-          const int64_t r = row_of(g, gi, j);
-          const T* Wr = W + r * K;
-          bool any = false;
-          for (int64_t k = k0; k < k1; ++k) any |= Wr[k] != T(0);
-          if (!any) continue;
-          gather_row(x, g, r / g.P, r % g.P, xb.data());
-          for (int64_t d = 0; d < D_pad; ++d) x2[d] = xb[d] * xb[d];
-          accumulate_row(Wr, k0, k1, xb.data(), x2.data(), a1.data(), a2.data(), w.data(), D_pad, 0, D_pad);
+      for (int64_t j0 = j_begin; j0 < j_end; j0 += PG_ROWS) {
+        const int64_t nb = std::min(PG_ROWS, j_end - j0);
+        std::fill(ws.begin(), ws.end(), T(0));
+        for (int64_t i = 0; i < nb; ++i) {
+          const int64_t r = row_of(g, gi, j0 + i);
+          T* xr = xb.data() + i * ldx;
+          gather_range(x, g, r / g.P, r % g.P, d0, dn, xr);
+          std::fill(xr + dn, xr + ldx, T(0));
+          std::memcpy(wb.data() + i * ldw, W + r * K, K * sizeof(T));
+          for (int64_t k = 0; k < K; ++k) ws[k] += W[r * K + k];
         }
-        for (int64_t i = 0; i < nk * D_pad; ++i) A1[i] += double(a1[i]), A2[i] += double(a2[i]);
-        for (int64_t i = 0; i < nk; ++i) wt[i] += double(w[i]);
+        for (int64_t k = 0; k < K; ++k) wt[k] += double(ws[k]);
+        for (int64_t kb = 0; kb < K; kb += PG_KB)
+          for (int64_t dv = 0; dv < ldx; dv += L) {
+            pg_tile(xb.data() + dv, ldx, nb, wb.data() + kb, ldw, m.data() + kb * ldx + dv, ldx, a1.data(), a2.data());
+            for (int64_t j = 0; j < PG_KB && kb + j < K; ++j)
+              for (int64_t l = 0; l < L; ++l) {
+                A1[(kb + j) * ldx + dv + l] += double(a1[j * L + l]);
+                A2[(kb + j) * ldx + dv + l] += double(a2[j * L + l]);
+              }
+          }
       }
-      for (int64_t k = k0; k < k1; ++k) {
-        write_param_grads(gi * K + k, D, wt[k - k0], A1.data() + (k - k0) * D_pad, A2.data() + (k - k0) * D_pad, mu,
-                          sigma, d_mu, d_sigma, d_log_pi);
+      if (chunks == 1) {
+        finish(gi, d0, dn, A1.data(), A2.data(), wt.data());
+      } else {
+        const int64_t slot = (gi * chunks + c) * dranges + dr;
+        std::copy(A1.begin(), A1.end(), part1.begin() + slot * tile);
+        std::copy(A2.begin(), A2.end(), part2.begin() + slot * tile);
+        std::copy(wt.begin(), wt.end(), partw.begin() + slot * K);
       }
     }
   });
-}
-
-// Large D: the same sums as BLAS GEMMs, A1_b = W_b^T X_b and A2_b = W_b^T X_b^2 per fixed block b of ROW_BLOCK rows
-// (at::mm inside the parallel loop runs on one thread, so each block's result does not depend on the thread count),
-// then the blocks added in block order in double. Partials take (blocks x K x D) floats. DCGMM_CPU_GEMM=0 turns it off.
-template <typename T>
-void param_grads_gemm(const Geometry& g, const T* x, const T* mu, const T* sigma, const T* W, T* d_mu, T* d_sigma,
-                      T* d_log_pi) {
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  const int64_t K = g.K, D = g.D, rows = rows_per_gmm(g), nb = (rows + ROW_BLOCK - 1) / ROW_BLOCK;
-  const int64_t tasks = g.G * nb;
-  std::vector<T> part1(tasks * K * D), part2(tasks * K * D), partw(tasks * K);
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> xb(ROW_BLOCK * D), x2(ROW_BLOCK * D), wb(ROW_BLOCK * K), row(round_up(D, PAD_LANES));
+  if (chunks == 1) return;
+  at::parallel_for(0, g.G * dranges, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<double> A1(tile), A2(tile), wt(K);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t gi = t / nb, j0 = (t % nb) * ROW_BLOCK, n = std::min(ROW_BLOCK, rows - j0);
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t r = row_of(g, gi, j0 + i);
-        gather_row(x, g, r / g.P, r % g.P, row.data());
-        for (int64_t d = 0; d < D; ++d) {
-          xb[i * D + d] = row[d];
-          x2[i * D + d] = row[d] * row[d];
-        }
-        std::memcpy(wb.data() + i * K, W + r * K, K * sizeof(T));
+      const int64_t gi = t / dranges, dr = t % dranges, d0 = dr * PG_DRANGE;
+      std::fill(A1.begin(), A1.end(), 0.0), std::fill(A2.begin(), A2.end(), 0.0), std::fill(wt.begin(), wt.end(), 0.0);
+      for (int64_t c = 0; c < chunks; ++c) {  // chunk order
+        const int64_t slot = (gi * chunks + c) * dranges + dr;
+        for (int64_t i = 0; i < tile; ++i) A1[i] += part1[slot * tile + i], A2[i] += part2[slot * tile + i];
+        for (int64_t k = 0; k < K; ++k) wt[k] += partw[slot * K + k];
       }
-      T* w = partw.data() + t * K;
-      for (int64_t k = 0; k < K; ++k) w[k] = T(0);
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t k = 0; k < K; ++k) w[k] += wb[i * K + k];
-      // (K x D) = W_b^T (K x n) X_b (n x D), written straight into the block's partials
-      auto wt = at::from_blob(wb.data(), {n, K}, opts).t();
-      auto a1 = at::from_blob(part1.data() + t * K * D, {K, D}, opts);
-      auto a2 = at::from_blob(part2.data() + t * K * D, {K, D}, opts);
-      at::mm_out(a1, wt, at::from_blob(xb.data(), {n, D}, opts));
-      at::mm_out(a2, wt, at::from_blob(x2.data(), {n, D}, opts));
-    }
-  });
-  at::parallel_for(0, g.G * K, 1, [&](int64_t o0, int64_t o1) {
-    std::vector<double> A1(D), A2(D);
-    for (int64_t o = o0; o < o1; ++o) {  // o = gi * K + k
-      const int64_t gi = o / K, k = o % K;
-      double wk = 0.0;
-      std::fill(A1.begin(), A1.end(), 0.0), std::fill(A2.begin(), A2.end(), 0.0);
-      for (int64_t b = 0; b < nb; ++b) {  // block order
-        const int64_t t = gi * nb + b;
-        wk += double(partw[t * K + k]);
-        const T* p1 = part1.data() + (t * K + k) * D;
-        const T* p2 = part2.data() + (t * K + k) * D;
-        for (int64_t d = 0; d < D; ++d) A1[d] += double(p1[d]), A2[d] += double(p2[d]);
-      }
-      write_param_grads(o, D, wk, A1.data(), A2.data(), mu, sigma, d_mu, d_sigma, d_log_pi);
+      finish(gi, d0, std::min(PG_DRANGE, D - d0), A1.data(), A2.data(), wt.data());
     }
   });
 }
@@ -663,12 +717,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_bwd_cpu(
     weights<T>(g, resp.data_ptr<T>(), g_resp.defined() ? g_resp.data_ptr<T>() : nullptr,
                g_score.defined() ? g_score.data_ptr<T>() : nullptr, is_mc, G.defined() ? G.data_ptr<T>() : nullptr,
                kstar.data_ptr<int32_t>(), W.data());
-    if (g.D >= GEMM_MIN_D && gemm_form_enabled())
-      param_grads_gemm<T>(g, x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), W.data(), d_mu.data_ptr<T>(),
-                          d_sigma.data_ptr<T>(), d_log_pi.data_ptr<T>());
-    else
-      param_grads<T>(g, x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), W.data(), d_mu.data_ptr<T>(),
-                     d_sigma.data_ptr<T>(), d_log_pi.data_ptr<T>());
+    param_grads<T>(g, x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), W.data(), d_mu.data_ptr<T>(),
+                   d_sigma.data_ptr<T>(), d_log_pi.data_ptr<T>());
     if (need_x_grad) {
       const T* m = mu.data_ptr<T>();
       const T* s = sigma.data_ptr<T>();
