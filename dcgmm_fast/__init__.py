@@ -5,7 +5,11 @@ Public ops live in ``dcgmm_fast.ops`` (``cgmm``, ``patches``, ``patch_average``,
 in ``dcgmm_fast.data``; the trainable stack in ``dcgmm_fast.model`` (``DCGMM``), its layers in
 ``dcgmm_fast.layers``, its training in ``dcgmm_fast.train`` and the paper's architectures in
 ``dcgmm_fast.presets``.
+
+Imported before torch, it sets ``OMP_WAIT_POLICY=PASSIVE`` unless the user set one (``_openmp.py``: idle OpenMP
+workers sleep instead of spinning, so a training step does not collapse when another process shares the cores).
 """
+from . import _openmp  # noqa: F401  (first: before anything imports torch)
 from . import data, ops, presets, reference
 from .layers import ConvGMM, LinearClassifier, MaxPool
 from .model import DCGMM

@@ -207,20 +207,22 @@ def cmd_train(args) -> int:
 
     def tick(step, _total, history):
         if bar is not None:
-            post = {n: f"{v[-1]:.2f}" for n, v in history.score.items()}
-            post.update({f"som_{n}": f"{float(g.som_sigma):.3f}" for n, g in model.gmm_layers().items()})
-            bar.set_postfix(post, refresh=False)
             bar.update(1)
-        if step % LOG_EVERY == 0 or step == stop:
-            entry = {"step": step, "seconds": round(time.time() - t0, 3),
-                     "score": {n: v[-1] for n, v in history.score.items()},
-                     "som_sigma": {n: v[-1] for n, v in history.som_sigma.items()},
-                     "eps": {n: float(g.eps) for n, g in model.gmm_layers().items()}}
-            if history.classifier_loss:
-                entry.update(classifier_loss=history.classifier_loss[-1],
-                             classifier_accuracy=history.classifier_accuracy[-1])
-            log_file.write(json.dumps(entry) + "\n")
-            log_file.flush()
+        if step % LOG_EVERY != 0 and step != stop:
+            return  # the history stays on the device between log lines (no per-step host read)
+        if bar is not None:
+            post = {n: f"{v[-1]:.2f}" for n, v in history.score.items()}
+            post.update({f"som_{n}": f"{v[-1]:.3f}" for n, v in history.som_sigma.items()})
+            bar.set_postfix(post, refresh=False)
+        entry = {"step": step, "seconds": round(time.time() - t0, 3),
+                 "score": {n: v[-1] for n, v in history.score.items()},
+                 "som_sigma": {n: v[-1] for n, v in history.som_sigma.items()},
+                 "eps": {n: float(g.eps) for n, g in model.gmm_layers().items()}}
+        if history.classifier_loss:
+            entry.update(classifier_loss=history.classifier_loss[-1],
+                         classifier_accuracy=history.classifier_accuracy[-1])
+        log_file.write(json.dumps(entry) + "\n")
+        log_file.flush()
 
     checkpoint = os.path.join(out, "checkpoint.pt")
     try:

@@ -140,12 +140,20 @@ def smoothing_factors(
         (2, n, n) tensor of ``dtype`` (computed in float64, then cast); ``smoothing_dense`` of it equals
         ``smoothing_matrix(K, som_sigma)`` to float rounding.
     """
-    n = _grid_side(K)
+    _grid_side(K)
     _check_som_sigma(som_sigma)
-    i = torch.arange(n)
-    d = smoothing_offsets(n)[(i[None, :] - i[:, None]) % n].double()
-    g1 = torch.softmax(-(d * d) / (2.0 * float(som_sigma) ** 2), dim=1)
-    return torch.stack([g1, g1]).to(dtype=dtype, device=device)
+    return smoothing_factors_of(K, torch.tensor(float(som_sigma), dtype=torch.float64), dtype=dtype).to(device=device)
+
+
+def smoothing_factors_of(K: int, som_sigma: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``smoothing_factors`` of a () som_sigma tensor, on its device, by tensor ops only (no host read: usable
+    inside a captured or compiled step; no check of som_sigma). Bit-identical to ``smoothing_factors`` on CPU."""
+    n = _grid_side(K)
+    i = torch.arange(n, device=som_sigma.device)
+    d = smoothing_offsets(n).to(som_sigma.device)[(i[None, :] - i[:, None]) % n].double()
+    s = som_sigma.double()
+    g1 = torch.softmax(-(d * d) / (2.0 * (s * s)), dim=1)
+    return torch.stack([g1, g1]).to(dtype=dtype)
 
 
 def is_factored(smoothing) -> bool:

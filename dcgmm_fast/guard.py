@@ -56,12 +56,13 @@ class StepGuard:
         code = bad.to(torch.int64).argmax()  # the first True
         self.first_step[i] = torch.where(new, self.step, self.first_step[i])
         self.quantity[i] = torch.where(new, code, self.quantity[i])
-        self.value[i] = torch.where(new, values[code].to(torch.float64), self.value[i])
+        picked = values.index_select(0, code.view(1)).squeeze(0)  # a tensor index: no host read
+        self.value[i] = torch.where(new, picked.to(torch.float64), self.value[i])
 
     @torch.no_grad()
     def record_gmm(self, i: int, score: torch.Tensor, mu: torch.Tensor, pi_logits: torch.Tensor) -> None:
         """A GMM layer's step: its mean score () and parameters after the update."""
-        mu_max, pi_max = mu.abs().amax(), pi_logits.abs().amax()
+        mu_max, pi_max = (torch.linalg.vector_norm(t, float("inf")) for t in (mu, pi_logits))  # max |.|, one pass
         values = torch.stack([score.to(mu_max.dtype), mu_max, pi_max])
         # "not <= limit" is also true for NaN
         bad = torch.stack([~torch.isfinite(score), ~(mu_max <= PARAM_LIMIT), ~(pi_max <= PARAM_LIMIT)])

@@ -160,9 +160,16 @@ class ConvGMM(nn.Module):
             return
         factors = smoothing_factors(self.n_components, float(self.som_sigma), dtype=self.smoothing.dtype)
         self.smoothing.copy_(factors.to(self.smoothing.device))
-        # a Python flag, not a tensor test inside forward: the identity takes the kernels' plain-max path
-        n = factors.shape[-1]
-        self.smoothing_is_identity = bool(torch.equal(factors, torch.eye(n, dtype=factors.dtype).expand(2, n, n)))
+        self.refresh_identity()
+
+    def refresh_identity(self) -> None:
+        """Set ``smoothing_is_identity`` from the current factors (one host read). A Python flag, not a tensor
+        test inside forward: the identity takes the kernels' plain-max path (the same result, no smoothing)."""
+        if self.loss != "mc":
+            return
+        n = self.smoothing.shape[-1]
+        eye = torch.eye(n, dtype=self.smoothing.dtype, device=self.smoothing.device)
+        self.smoothing_is_identity = bool(torch.equal(self.smoothing, eye.expand(2, n, n)))
 
     def check_parameters(self, name: str = "ConvGMM") -> None:
         """Finite parameters, sigma > 0: done when the layer is loaded (``name`` goes into the message)."""

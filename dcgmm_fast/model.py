@@ -252,7 +252,7 @@ class DCGMM(nn.Module):
 
     # -------------------------------------------------------------------------------------------- training
     def fit(self, x, y=None, *, epochs: Optional[float] = None, batch_size: Optional[int] = None, optimizer=None,
-            lr: Optional[float] = None, seed: Optional[int] = None, compile: bool = False,
+            lr: Optional[float] = None, seed: Optional[int] = None, compile=False,
             resume: bool = False, stop_step: Optional[int] = None, callback=None, should_stop=None) -> History:
         """Train layer by layer (``train.Trainer``), as the original: bottom-up, no gradient between layers.
 
@@ -262,7 +262,8 @@ class DCGMM(nn.Module):
             epochs: default the preset's; batch_size: default the preset's (100).
             optimizer: None (the original rule), "sgd", "adam" or a factory (see ``Trainer``).
             seed: seeds the training order (None: torch's global RNG).
-            compile: compile each GMM step with torch.compile(fullgraph=True).
+            compile: capture the whole training step with torch.compile(fullgraph=True): True (inductor) or a
+                torch.compile backend name (see ``Trainer``).
             resume: continue the same schedule (same epochs, batch size and seed) after ``steps_done`` steps.
             stop_step: stop before this step of the schedule (None: train to the end).
             callback: called after every step with (step, total_steps, history).

@@ -15,91 +15,18 @@ Update rules:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .anneal import SingleExp, anneal_  # noqa: F401  (SingleExp: the host reference)
 from .guard import StepGuard
 from .layers import ConvGMM, LinearClassifier, MaxPool
 from .validation import check_images
 
 OptimizerFactory = Callable[[List[dict]], torch.optim.Optimizer]
-
-
-def _f32(v: float) -> float:
-    """Round to float32, as the original keeps eps and som_sigma in float32 TF variables."""
-    return float(np.float32(v))
-
-
-class SingleExp:
-    """The original's annealing controller (``layer/regularizer/SingleExp.py``, spec 1.8).
-
-    Fed one loss per training step (the layer's mean score, smoothing included). Every ``window`` steps it
-    compares the mean of the window's first W-1 losses with the previous window's: when the improvement
-    ratio r = (avg - last) / (last - first) lies in (-2 delta, delta), eps and som_sigma shrink by gamma,
-    floored at eps_inf and som_sigma_inf.
-    """
-
-    def __init__(self, eps0: float, eps_inf: float, som_sigma0: float, som_sigma_inf: float, window: int,
-                 gamma: float = 0.9, delta: float = 0.05):
-        self.eps, self.som_sigma = _f32(eps0), _f32(som_sigma0)
-        self.eps_inf, self.som_sigma_inf = _f32(eps_inf), _f32(som_sigma_inf)
-        self.window, self.gamma, self.delta = int(window), _f32(gamma), float(delta)
-        self.it, self.avg, self.first, self.last, self.events = 0, 0.0, 0.0, 0.0, 0
-
-    def add(self, loss: float) -> None:
-        """Running mean of the current window."""
-        i = self.it % self.window
-        if i == 0:
-            self.avg = 0.0
-        self.avg = self.avg * i / (i + 1) + float(loss) / (i + 1)
-        self.it += 1
-
-    def check(self) -> bool:
-        """At the end of a window, compare with the last one; returns True when eps and som_sigma shrank."""
-        if self.it % self.window != self.window - 1:
-            return False
-        reduced = False
-        if self.events == 0:
-            self.first = self.last = self.avg
-        elif self.events == 1:
-            self.last = self.avg
-        else:
-            with np.errstate(divide="ignore", invalid="ignore"):  # numpy semantics: x/0 -> inf/nan -> no change
-                r = float(np.float64(self.avg - self.last) / np.float64(self.last - self.first))
-            if -2 * self.delta < r < self.delta:
-                self.eps = max(_f32(self.eps * self.gamma), self.eps_inf)
-                self.som_sigma = max(_f32(self.som_sigma * self.gamma), self.som_sigma_inf)
-                reduced = True
-            self.last = self.avg
-        self.events += 1
-        return reduced
-
-    def step(self, loss: float) -> bool:
-        """``add`` then ``check``: what the original does after every training step."""
-        self.add(loss)
-        return self.check()
-
-    def counters(self) -> List[float]:
-        """(it, avg, first, last, events), for ``ConvGMM.anneal_state``."""
-        return [float(self.it), self.avg, self.first, self.last, float(self.events)]
-
-    def load_counters(self, values: Sequence[float], eps: float, som_sigma: float) -> None:
-        it, self.avg, self.first, self.last, events = (float(v) for v in values)
-        self.it, self.events = int(it), int(events)
-        self.eps, self.som_sigma = _f32(eps), _f32(som_sigma)
-
-    @classmethod
-    def for_layer(cls, layer: ConvGMM) -> "SingleExp":
-        """A controller with the layer's hyper-parameters and its saved state."""
-        c = cls(layer.eps0, layer.eps_inf, layer.som_sigma0, layer.som_sigma_inf, layer.window,
-                layer.gamma, layer.delta)
-        c.load_counters(layer.anneal_state.tolist(), float(layer.eps), float(layer.som_sigma))
-        return c
 
 
 # -------------------------------------------------------------------------------------------------- steps
@@ -128,10 +55,10 @@ def gmm_step(layer: ConvGMM, x: torch.Tensor):
     out = layer.cgmm(x, check=False)
     g_mu, g_sigma, g_pi = torch.autograd.grad(out.score.mean(), (layer.mu, layer.sigma, layer.pi_logits))
     scale = layer.eps.to(layer.mu.dtype) * layer.loss_mult  # eps is a float32 buffer; step in the params dtype
-    with torch.no_grad():
-        layer.mu.add_(g_mu * (scale * layer.lambda_mu))
-        layer.sigma.add_(g_sigma * (scale * layer.lambda_sigma)).clamp_(layer.sigma_min, layer.sigma_max)
-        layer.pi_logits.add_(g_pi * (scale * layer.lambda_pi))
+    with torch.no_grad():  # one pass per parameter (addcmul with a () step tensor: no temporary, no host read)
+        layer.mu.addcmul_(g_mu, scale * layer.lambda_mu)
+        layer.sigma.addcmul_(g_sigma, scale * layer.lambda_sigma).clamp_(layer.sigma_min, layer.sigma_max)
+        layer.pi_logits.addcmul_(g_pi, scale * layer.lambda_pi)
     return out.resp.detach(), fixed_order_mean(out.score)
 
 
@@ -177,9 +104,10 @@ def _dynamo_config():
     return cfg.patch(**patch)
 
 
-def compile_step(step: Callable) -> Callable:
-    """``torch.compile(step, fullgraph=True, dynamic=False)`` run under the dynamo settings it needs."""
-    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+def compile_step(step: Callable, backend: str = "inductor") -> Callable:
+    """``torch.compile(step, fullgraph=True, dynamic=False, backend=backend)`` run under the dynamo settings it
+    needs. fullgraph: a host read or any other graph break inside the step is an error, not a silent slow path."""
+    compiled = torch.compile(step, fullgraph=True, dynamic=False, backend=backend)
 
     def run(*args):
         with _dynamo_config():
@@ -189,15 +117,65 @@ def compile_step(step: Callable) -> Callable:
 
 
 # -------------------------------------------------------------------------------------------------- trainer
-@dataclass
 class History:
-    """Per-step records of a ``fit``: mean score and som_sigma per GMM layer, classifier loss and accuracy."""
+    """Per-step records of a ``fit``: mean score and som_sigma per GMM layer, classifier loss and accuracy.
 
-    steps: int = 0
-    score: Dict[str, List[float]] = field(default_factory=dict)
-    som_sigma: Dict[str, List[float]] = field(default_factory=dict)
-    classifier_loss: List[float] = field(default_factory=list)
-    classifier_accuracy: List[float] = field(default_factory=list)
+    A step appends its values as one small device tensor (no host read); the lists are filled from them with
+    one transfer when any of them is read (``score``, ``som_sigma``, ``classifier_loss``,
+    ``classifier_accuracy``) or at ``flush()``: ``fit`` reads them only at its check interval.
+    """
+
+    def __init__(self):
+        self.steps = 0
+        self._score: Dict[str, List[float]] = {}
+        self._som_sigma: Dict[str, List[float]] = {}
+        self._loss: List[float] = []
+        self._accuracy: List[float] = []
+        self._pending: List[torch.Tensor] = []
+        self._layout: Optional[tuple] = None  # (GMM names, has classifier) of the pending rows
+
+    def record(self, gmm_names: Sequence[str], values: torch.Tensor, classifier: bool) -> None:
+        """values (2 * len(gmm_names) [+ 2],) float64: (score, som_sigma) per GMM layer [, loss, accuracy]."""
+        layout = (tuple(gmm_names), classifier)
+        if self._layout is not None and layout != self._layout:
+            self.flush()
+        self._layout = layout
+        self._pending.append(values)
+
+    def flush(self) -> None:
+        """Move the pending device records into the lists (one host transfer)."""
+        if not self._pending:
+            return
+        rows = torch.stack(self._pending).cpu().tolist()
+        names, classifier = self._layout
+        self._pending = []
+        for row in rows:
+            for j, name in enumerate(names):
+                self._score.setdefault(name, []).append(row[2 * j])
+                self._som_sigma.setdefault(name, []).append(row[2 * j + 1])
+            if classifier:
+                self._loss.append(row[-2])
+                self._accuracy.append(row[-1])
+
+    @property
+    def score(self) -> Dict[str, List[float]]:
+        self.flush()
+        return self._score
+
+    @property
+    def som_sigma(self) -> Dict[str, List[float]]:
+        self.flush()
+        return self._som_sigma
+
+    @property
+    def classifier_loss(self) -> List[float]:
+        self.flush()
+        return self._loss
+
+    @property
+    def classifier_accuracy(self) -> List[float]:
+        self.flush()
+        return self._accuracy
 
 
 def optimizer_param_groups(layers: Sequence[nn.Module]) -> List[dict]:
@@ -220,15 +198,21 @@ class Trainer:
         optimizer: None for the original update rule; "sgd" / "adam" (lr 0.01 / 0.001); or a factory called with
             ``optimizer_param_groups(layers)`` (each group has an ``lr_mult`` key) returning a torch optimizer.
         lr: base learning rate for the "sgd" / "adam" shortcuts.
-        compile: compile each GMM step with ``torch.compile(fullgraph=True)`` (original rule only).
+        compile: capture the whole multi-layer step (every layer's forward, backward, update, annealing, guard and
+            history row) with ``torch.compile(fullgraph=True, dynamic=False)``: True for the default (inductor), or
+            a torch.compile backend name (e.g. "aot_eager": traced, then run by the eager kernels). Original
+            update rule only. One graph per set of training layers (a layer's ``wait`` ending recompiles once).
 
     ``guard`` (a ``StepGuard``) records divergence on the device at every step; ``fit`` reads it every
     ``check_every`` steps and at its end and raises ``DivergenceError`` naming the layer, step and quantity.
+    A step reads nothing back to the host (the annealing controller, its counters, the smoothing factors and the
+    history stay on the device), except on CPU in eager mode, where each layer checks whether its smoothing
+    became the identity (then skipped: the same result, cheaper).
     """
 
     def __init__(self, layers: Sequence[nn.Module], names: Sequence[str], *,
                  optimizer: Union[None, str, OptimizerFactory] = None, lr: Optional[float] = None,
-                 compile: bool = False):
+                 compile: Union[bool, str] = False):
         self.layers, self.names = list(layers), list(names)
         if len(self.layers) != len(self.names):
             raise ValueError("names: expected one name per layer")
@@ -243,13 +227,21 @@ class Trainer:
             elif not isinstance(layer, (ConvGMM, MaxPool)):
                 raise TypeError(f"layers: unsupported layer {type(layer).__name__}")
         self.gmms = [i for i, layer in enumerate(self.layers) if isinstance(layer, ConvGMM)]
-        self.controllers = {i: SingleExp.for_layer(self.layers[i]) for i in self.gmms}
         self.optimizer = self._make_optimizer(optimizer, lr)
         if compile and self.optimizer is not None:
             raise ValueError("compile: only the original update rule is compiled; use optimizer=None")
-        self._step = compile_step(gmm_step) if compile else gmm_step
-        device = next((p.device for layer in self.layers for p in layer.parameters()), torch.device("cpu"))
+        if compile not in (False, True) and not isinstance(compile, str):
+            raise ValueError(f"compile: expected a bool or a torch.compile backend name, got {compile!r}")
+        params = [p for layer in self.layers for p in layer.parameters()]
+        device = params[0].device if params else torch.device("cpu")
+        self.dtype = params[0].dtype if params else torch.float32
         self.guard = StepGuard(self.names, device, classifier=self.classifier_input is not None)
+        if compile:
+            backend = "inductor" if compile is True else compile
+            self._run = compile_step(self._step_all, backend)
+        else:
+            self._run = self._step_all
+        self._host_identity = device.type == "cpu" and not compile
 
     def _make_optimizer(self, optimizer, lr):
         if optimizer is None:
@@ -277,48 +269,58 @@ class Trainer:
             group["lr"] = group["base_lr"] * group["lr_mult"] * float(layer.eps) / layer.eps0
 
     def train_step(self, x: torch.Tensor, y: Optional[torch.Tensor], progress: float, history: History) -> None:
-        """One mini-batch through every layer; ``progress`` = fraction of training done (for waits)."""
-        outputs = []
+        """One mini-batch through every layer; ``progress`` = fraction of training done (for waits).
+
+        x: (N, H, W, C) float in [0, 1], or uint8 (scaled by 1/255 inside the step). No host reads: the annealing
+        runs on the device (``anneal.anneal_``) and the step's records go to ``history`` as one device tensor.
+        """
+        active = tuple(isinstance(layer, ConvGMM) and progress >= layer.wait for layer in self.layers)
+        values = self._run(x, y, active)
+        names = [self.names[i] for i in self.gmms]
+        history.record(names, values, y is not None and self.classifier_input is not None)
+        if self._host_identity:
+            for i in self.gmms:  # CPU eager: skip an identity smoothing (exact either way); free without a device
+                self.layers[i].refresh_identity()
+
+    def _step_all(self, x: torch.Tensor, y: Optional[torch.Tensor], active: Tuple[bool, ...]) -> torch.Tensor:
+        """The whole step as tensor ops (what ``compile`` captures); returns the history row (see History)."""
+        if x.dtype == torch.uint8:
+            x = x.to(self.dtype) / 255.0  # as data.to_images: the same float32 values
+        outputs, values = [], []
         h = x
-        for i, (layer, name) in enumerate(zip(self.layers, self.names)):
+        for i, layer in enumerate(self.layers):
             if isinstance(layer, ConvGMM):
-                if progress < layer.wait:  # waiting: forward only, controller not fed
+                if not active[i]:  # waiting: forward only, controller not fed
                     with torch.no_grad():
                         out = layer.cgmm(h, check=False)
                     h, score = out.resp, fixed_order_mean(out.score)
                 else:
                     if self.optimizer is None:
-                        h, score = self._step(layer, h)
+                        h, score = gmm_step(layer, h)
                     else:
                         self._set_learning_rates()
                         # every other layer's grads are None after zero_grad, so the step moves only this one
                         h, score = gmm_step_optimizer(layer, h, self.optimizer)
                     self.guard.record_gmm(i, score, layer.mu, layer.pi_logits)
-                    self._anneal(i, float(score))
-                history.score.setdefault(name, []).append(float(score))
-                history.som_sigma.setdefault(name, []).append(float(layer.som_sigma))
+                    anneal_(layer, score)
+                values += [score.double(), layer.som_sigma.double()]
             elif isinstance(layer, MaxPool):
                 with torch.no_grad():
                     h = layer(h)
             elif y is not None:  # classifier
                 loss, acc = classifier_step(layer, outputs[self.classifier_input].detach(), y)
                 self.guard.record_classifier(i, loss)
-                history.classifier_loss.append(float(loss))
-                history.classifier_accuracy.append(float(acc))
+                values += [loss.double(), acc.double()]
             outputs.append(h)
         self.guard.advance()
-
-    def _anneal(self, i: int, score: float) -> None:
-        layer, ctrl = self.layers[i], self.controllers[i]
-        ctrl.step(score)
-        layer.anneal_state.copy_(torch.tensor(ctrl.counters(), dtype=torch.float64))
-        layer.set_annealing(ctrl.eps, ctrl.som_sigma)
+        return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64, device=x.device)
 
     def fit(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, epochs: float, batch_size: int = 100,
             seed: Optional[int] = None, start_step: int = 0, stop_step: Optional[int] = None,
             callback: Optional[Callable[[int, int, History], None]] = None, check_every: int = 50,
             should_stop: Optional[Callable[[], bool]] = None, check_data: bool = True) -> History:
-        """Train on x (N, H, W, C) float in [0, 1] (and labels y (N,) for the classifier).
+        """Train on x (N, H, W, C) float in [0, 1] or uint8 (and labels y (N,) for the classifier), on x's device:
+        a data set that fits stays there (uint8 is scaled inside each step), batches are indexed in place.
 
         As the original: the training order is shuffled once (seeded) and the same order of full batches
         (remainder dropped) repeats every epoch; steps = (N // batch_size) * epochs.
@@ -344,22 +346,28 @@ class Trainer:
             raise ValueError(f"batch_size: {batch_size} is larger than the {n} training images")
         if y is not None and y.shape[0] != n:
             raise ValueError(f"y: expected {n} labels, got {y.shape[0]}")
-        if check_data:
+        if check_data and x.dtype != torch.uint8:
             check_images("x", x)  # once, here: the steps run the ops without data scans
         total = int(round(per_epoch * epochs))
         g = torch.Generator().manual_seed(seed if seed is not None else int(torch.initial_seed()) % 2**63)
         order = torch.randperm(n, generator=g)[: per_epoch * batch_size].reshape(per_epoch, batch_size)
+        order = order.to(x.device)  # once: a step indexes the data where it lies
         history = History()
         self.guard.set_step(start_step)
         for step in range(start_step, total if stop_step is None else min(total, stop_step)):
-            idx = order[step % per_epoch].to(x.device)
+            idx = order[step % per_epoch]
             self.train_step(x[idx], None if y is None else y[idx], step / (total + 1), history)
             history.steps += 1
             if (step + 1) % check_every == 0:
                 self.guard.check()
+                history.flush()
             if callback is not None:
                 callback(step + 1, total, history)
             if should_stop is not None and should_stop():
                 break
         self.guard.check()
+        history.flush()
+        if not self._host_identity:
+            for i in self.gmms:
+                self.layers[i].refresh_identity()
         return history

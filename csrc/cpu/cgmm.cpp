@@ -310,21 +310,44 @@ DCGMM_MULTIVERSION void block_finish(double* lt, const double* ranked, int64_t K
 // (K, K) smoothing, or factors (2, n, n) when n > 0, or null.
 template <typename T>
 struct ForwardArgs {
-  const T *x, *mu, *sig, *c, *ls, *G;
+  const T *x, *mu, *sig, *log_pi, *ls, *G;
   int64_t n;
   bool is_mc;
   T *resp, *score, *lse;
   int32_t* kstar;
 };
 
-// The whole forward after the parameter constants: blocks of RL rows of one GMM, one parallel region.
+// c[k] = log_pi[k] + sum_d log sigma[k, d] of one GMM, in double: the log of each product of 8 entries (one log per
+// 8, and closer to the exact sum than float logs); a product outside [1e-300, 1e300] sums its 8 logs instead.
+template <typename T>
+void gmm_constants(const T* log_pi, const T* sig, int64_t K, int64_t D, T* c) {
+  for (int64_t k = 0; k < K; ++k) {
+    const T* s = sig + k * D;
+    double acc = double(log_pi[k]);
+    for (int64_t d0 = 0; d0 < D; d0 += 8) {
+      const int64_t d1 = std::min(D, d0 + 8);
+      double p = 1.0;
+      for (int64_t d = d0; d < d1; ++d) p *= double(s[d]);
+      if (p > 1e-300 && p < 1e300) {
+        acc += std::log(p);
+      } else {
+        for (int64_t d = d0; d < d1; ++d) acc += std::log(double(s[d]));
+      }
+    }
+    c[k] = T(acc);
+  }
+}
+
+// The whole forward: blocks of RL rows of one GMM, one parallel region. A GMM's constants c are computed by the
+// thread that meets its first block (consecutive tasks share the GMM).
 template <typename T>
 void forward_blocks(const Geometry& g, const ForwardArgs<T>& a) {
   const int64_t rows = rows_per_gmm(g), blocks = (rows + RL - 1) / RL, K = g.K, D = g.D;
   const T cst = T(0.5 * double(D) * std::log(2.0 * M_PI));
   at::parallel_for(0, g.G * blocks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> xt(a.ls ? 0 : D * RL), row(a.ls ? 0 : g.D_pad), lt(K * RL), tmp(K * RL), sm(K * RL);
+    std::vector<T> xt(a.ls ? 0 : D * RL), row(a.ls ? 0 : g.D_pad), lt(K * RL), tmp(K * RL), sm(K * RL), c(K);
     T lse[RL], best[RL], kb[RL];
+    int64_t c_of = -1;  // the GMM whose constants c holds
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t gi = t / blocks, j0 = (t % blocks) * RL, nvalid = std::min<int64_t>(RL, rows - j0);
       if (a.ls == nullptr) {
@@ -337,7 +360,8 @@ void forward_blocks(const Geometry& g, const ForwardArgs<T>& a) {
             for (int64_t d = 0; d < D; ++d) xt[d * RL + i] = T(0);
           }
         }
-        block_scores(xt.data(), D, a.mu + gi * K * D, a.sig + gi * K * D, a.c + gi * K, K, lt.data());
+        if (c_of != gi) gmm_constants(a.log_pi + gi * K, a.sig + gi * K * D, K, D, c.data()), c_of = gi;
+        block_scores(xt.data(), D, a.mu + gi * K * D, a.sig + gi * K * D, c.data(), K, lt.data());
       } else {
         for (int64_t i = 0; i < RL; ++i) {
           const T* src = a.ls + row_of(g, gi, j0 + std::min(i, nvalid - 1)) * K;
@@ -459,11 +483,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_fwd_cpu(
     ls = at::empty({g.M, g.K}, opts);
     log_scores_gemm(g, x, mu, sigma, log_pi, ls);
   }
-  // c = log_pi + sum_d log sigma (vectorised logs, summed in double)
-  auto c = (log_pi.to(at::kDouble) + sigma.log().to(at::kDouble).sum(-1)).to(x.scalar_type()).contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cgmm_fwd_cpu", [&] {
     using T = scalar_t;
-    ForwardArgs<T> args{x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), c.data_ptr<T>(),
+    ForwardArgs<T> args{x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), log_pi.data_ptr<T>(),
                         gemm ? ls.data_ptr<T>() : nullptr, G.defined() ? G.data_ptr<T>() : nullptr,
                         G.defined() && G.dim() == 3 ? G.size(1) : 0, is_mc, resp.data_ptr<T>(),
                         score.data_ptr<T>(), lse.data_ptr<T>(), kstar.data_ptr<int32_t>()};
