@@ -23,6 +23,13 @@ _GMM_QUANTITIES = ("mean score is not finite", f"max |mu| exceeds {PARAM_LIMIT:g
 _CLASSIFIER_QUANTITIES = ("loss is not finite", f"loss exceeds {LOSS_LIMIT:g}")
 
 
+def _abs_max(t: torch.Tensor) -> torch.Tensor:
+    """max |t| in one pass with no temporary (aminmax; NaN propagates). linalg.vector_norm(inf) is 20x slower on
+    CPU, abs().amax() writes a copy."""
+    lo, hi = torch.aminmax(t.detach())
+    return torch.maximum(-lo, hi)
+
+
 class DivergenceError(RuntimeError):
     """Training diverged: the message names the layer, the step and the quantity (and its value)."""
 
@@ -62,7 +69,7 @@ class StepGuard:
     @torch.no_grad()
     def record_gmm(self, i: int, score: torch.Tensor, mu: torch.Tensor, pi_logits: torch.Tensor) -> None:
         """A GMM layer's step: its mean score () and parameters after the update."""
-        mu_max, pi_max = (torch.linalg.vector_norm(t, float("inf")) for t in (mu, pi_logits))  # max |.|, one pass
+        mu_max, pi_max = (_abs_max(t) for t in (mu, pi_logits))
         values = torch.stack([score.to(mu_max.dtype), mu_max, pi_max])
         # "not <= limit" is also true for NaN
         bad = torch.stack([~torch.isfinite(score), ~(mu_max <= PARAM_LIMIT), ~(pi_max <= PARAM_LIMIT)])

@@ -86,8 +86,8 @@ def classifier_step(clf: LinearClassifier, features: torch.Tensor, y: torch.Tens
         g = logp.exp()
         g[torch.arange(g.shape[0], device=g.device), y] -= 1.0
         g /= g.shape[0]
-        clf.weight.sub_((g.t() @ f).t() * clf.lr)
-        clf.bias.sub_(g.sum(0) * clf.lr)
+        clf.weight.t().sub_(g.t() @ f, alpha=clf.lr)  # lr: a host float (no device read)
+        clf.bias.sub_(g.sum(0), alpha=clf.lr)
     return loss, (logits.argmax(1) == y).float().mean()
 
 
@@ -205,9 +205,10 @@ class Trainer:
 
     ``guard`` (a ``StepGuard``) records divergence on the device at every step; ``fit`` reads it every
     ``check_every`` steps and at its end and raises ``DivergenceError`` naming the layer, step and quantity.
-    A step reads nothing back to the host (the annealing controller, its counters, the smoothing factors and the
-    history stay on the device), except on CPU in eager mode, where each layer checks whether its smoothing
-    became the identity (then skipped: the same result, cheaper).
+    On a GPU, or compiled, a step reads nothing back to the host: the annealing controller (``anneal.anneal_``),
+    its counters, the smoothing factors and the history stay on the device. On CPU in eager mode the annealing
+    runs on the host (``SingleExp``, the same decisions bit for bit; a CPU read costs no sync) and a smoothing that
+    became the identity is skipped (the same result, cheaper).
     """
 
     def __init__(self, layers: Sequence[nn.Module], names: Sequence[str], *,
@@ -241,7 +242,10 @@ class Trainer:
             self._run = compile_step(self._step_all, backend)
         else:
             self._run = self._step_all
-        self._host_identity = device.type == "cpu" and not compile
+        # CPU eager: the host controller (``SingleExp``, bit-identical to ``anneal_``): reading a CPU tensor costs
+        # no sync, and it refreshes the smoothing (and whether it is the identity) only when som_sigma changes
+        self._host_control = device.type == "cpu" and not compile
+        self.controllers = {i: SingleExp.for_layer(self.layers[i]) for i in self.gmms} if self._host_control else {}
 
     def _make_optimizer(self, optimizer, lr):
         if optimizer is None:
@@ -262,6 +266,12 @@ class Trainer:
             group["base_lr"], group["layer"] = group["lr"], spec["layer"]
         return opt
 
+    def _anneal_host(self, i: int, score: torch.Tensor) -> None:
+        layer, ctrl = self.layers[i], self.controllers[i]
+        ctrl.step(float(score))
+        layer.anneal_state.copy_(torch.tensor(ctrl.counters(), dtype=torch.float64))
+        layer.set_annealing(ctrl.eps, ctrl.som_sigma)
+
     def _set_learning_rates(self) -> None:
         """Optimizer path: lr = base_lr * lambda * eps / eps0 for each group (annealing and lambdas)."""
         for group in self.optimizer.param_groups:
@@ -278,9 +288,6 @@ class Trainer:
         values = self._run(x, y, active)
         names = [self.names[i] for i in self.gmms]
         history.record(names, values, y is not None and self.classifier_input is not None)
-        if self._host_identity:
-            for i in self.gmms:  # CPU eager: skip an identity smoothing (exact either way); free without a device
-                self.layers[i].refresh_identity()
 
     def _step_all(self, x: torch.Tensor, y: Optional[torch.Tensor], active: Tuple[bool, ...]) -> torch.Tensor:
         """The whole step as tensor ops (what ``compile`` captures); returns the history row (see History)."""
@@ -302,7 +309,10 @@ class Trainer:
                         # every other layer's grads are None after zero_grad, so the step moves only this one
                         h, score = gmm_step_optimizer(layer, h, self.optimizer)
                     self.guard.record_gmm(i, score, layer.mu, layer.pi_logits)
-                    anneal_(layer, score)
+                    if self._host_control:  # CPU eager: the same decisions, without ~25 tiny tensor ops
+                        self._anneal_host(i, score)
+                    else:
+                        anneal_(layer, score)
                 values += [score.double(), layer.som_sigma.double()]
             elif isinstance(layer, MaxPool):
                 with torch.no_grad():
@@ -367,7 +377,7 @@ class Trainer:
                 break
         self.guard.check()
         history.flush()
-        if not self._host_identity:
-            for i in self.gmms:
+        if not self._host_control:
+            for i in self.gmms:  # the device path passes the smoothing even once it is the identity (exact)
                 self.layers[i].refresh_identity()
         return history

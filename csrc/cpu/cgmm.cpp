@@ -505,33 +505,37 @@ void weights(const Geometry& g, const T* resp, const T* g_resp, const T* g_score
   });
 }
 
-// Parameter gradients in the direct form, centred on each component's own mean (no cancellation when mu sits on the
-// data and sigma near its ceiling):
-//   w[k] = sum_r W[r, k],  A1[k, d] = sum_r W[r, k] (x[r, d] - mu[k, d]),  A2[k, d] = sum_r W[r, k] (x[r, d] - mu[k, d])^2
-//   d log_pi = w,  d mu = sigma^2 A1,  d sigma = w / sigma - sigma A2.
-// Tasks are (GMM, chunk of PG_CHUNK rows, range of PG_DRANGE patch entries): each gathers its rows' entries block by
-// block (PG_ROWS rows) and runs a register-tiled micro-kernel (PG_KB components x one vector of patch entries, the
-// rows streamed); a block's float sums are added to double totals in block order, chunks in chunk order. The order of
-// every addition is fixed by these constants, never by the thread count. One parallel region (two when a GMM has
-// more than PG_CHUNK rows), no BLAS inside.
+// Parameter gradients. With t = x - mu[k] the gradients are
+//   d log_pi = w,  d mu = sigma^2 sum_r W (x - mu),  d sigma = w / sigma - sigma sum_r W (x - mu)^2,  w = sum_r W.
+// The sums are accumulated centred on the GMM's own mean of means, ctr[d] = mean_k mu[k, d]:
+//   w[k] = sum_r W[r, k],  A1c[k, d] = sum_r W[r, k] xc[r, d],  A2c[k, d] = sum_r W[r, k] xc[r, d]^2,  xc = x - ctr
+// (xc and xc^2 computed once per row and shared by every component: 2 multiply-adds per (row, component, entry),
+// half the direct form's 4), then re-centred per component in double: with mc = mu - ctr,
+//   sum W (x - mu) = A1c - w mc,   sum W (x - mu)^2 = A2c - 2 mc A1c + w mc^2.
+// Centring on ctr, not on 0, keeps the cancellation of that last line small (|mc| is the spread of the means,
+// not their distance to 0: the trained-regime tests hold it to the float32 rule). Tasks are (GMM, chunk of
+// PG_CHUNK rows, range of PG_DRANGE patch entries): each gathers its rows' entries block by block (PG_ROWS rows)
+// and runs a register-tiled micro-kernel (PG_KB components x one vector of entries, the rows streamed); a
+// block's float sums are added to double totals in block order, chunks in chunk order. The order of every
+// addition is fixed by these constants, never by the thread count. One parallel region (two when a GMM has more
+// than PG_CHUNK rows), no BLAS inside.
 constexpr int64_t PG_ROWS = 128;
 constexpr int64_t PG_DRANGE = 128;
 constexpr int64_t PG_CHUNK = 8192;
 constexpr int PG_KB = 4;
 
-// a1[j, :] = sum_i wb[i, j] (xb[i, :] - m[j, :]), a2[j, :] = ... squared, for the PG_KB components j of the tile and
-// one vector of patch entries; rows whose PG_KB weights are all zero are skipped (one-hot W of an identity G).
+// For the PG_KB components j of the tile and one vector of patch entries: the block's float sums
+// a1[j, :] = sum_i wb[i, j] xc[i, :] and a2[j, :] = sum_i wb[i, j] xc[i, :]^2 (xc = xb - ctr) added to the double
+// totals A1, A2 of the first kn components; rows whose PG_KB weights are all zero are skipped (one-hot W).
 template <typename T>
 inline __attribute__((always_inline)) void pg_tile_impl(const T* __restrict__ xb, int64_t ldx, int64_t nb,
                                                         const T* __restrict__ wb, int64_t ldw,
-                                                        const T* __restrict__ m, int64_t ldm, T* __restrict__ a1,
-                                                        T* __restrict__ a2) {
+                                                        const T* __restrict__ ctr, int kn, double* __restrict__ A1,
+                                                        double* __restrict__ A2) {
   using V = typename Vec<T>::type;
-  V acc1[PG_KB], acc2[PG_KB], mv[PG_KB];
-  for (int j = 0; j < PG_KB; ++j) {
-    acc1[j] = V{} * T(0), acc2[j] = V{} * T(0);
-    __builtin_memcpy(&mv[j], m + j * ldm, sizeof(V));
-  }
+  V acc1[PG_KB], acc2[PG_KB], cv;
+  __builtin_memcpy(&cv, ctr, sizeof(V));
+  for (int j = 0; j < PG_KB; ++j) acc1[j] = V{} * T(0), acc2[j] = V{} * T(0);
   for (int64_t i = 0; i < nb; ++i) {
     const T* w = wb + i * ldw;
     bool any = false;
@@ -539,25 +543,56 @@ inline __attribute__((always_inline)) void pg_tile_impl(const T* __restrict__ xb
     if (!any) continue;
     V xv;
     __builtin_memcpy(&xv, xb + i * ldx, sizeof(V));
+    const V xc = xv - cv;
+    const V x2 = xc * xc;
     for (int j = 0; j < PG_KB; ++j) {
-      const V t = xv - mv[j];
-      const V wt = w[j] * t;
-      acc1[j] += wt;
-      acc2[j] += wt * t;
+      acc1[j] += w[j] * xc;
+      acc2[j] += w[j] * x2;
     }
   }
-  for (int j = 0; j < PG_KB; ++j) {
-    __builtin_memcpy(a1 + j * Lanes<T>::value, &acc1[j], sizeof(V));
-    __builtin_memcpy(a2 + j * Lanes<T>::value, &acc2[j], sizeof(V));
+  constexpr int L = Lanes<T>::value;  // the block's float sums into the double totals (stride ldx per component)
+  for (int j = 0; j < kn; ++j) {
+    T t1[L], t2[L];
+    __builtin_memcpy(t1, &acc1[j], sizeof(V));
+    __builtin_memcpy(t2, &acc2[j], sizeof(V));
+    for (int l = 0; l < L; ++l) A1[j * ldx + l] += double(t1[l]), A2[j * ldx + l] += double(t2[l]);
   }
 }
-DCGMM_MULTIVERSION void pg_tile(const float* xb, int64_t ldx, int64_t nb, const float* wb, int64_t ldw, const float* m,
-                                int64_t ldm, float* a1, float* a2) {
-  pg_tile_impl<float>(xb, ldx, nb, wb, ldw, m, ldm, a1, a2);
+DCGMM_MULTIVERSION void pg_tile(const float* xb, int64_t ldx, int64_t nb, const float* wb, int64_t ldw,
+                                const float* ctr, int kn, double* A1, double* A2) {
+  pg_tile_impl<float>(xb, ldx, nb, wb, ldw, ctr, kn, A1, A2);
 }
 DCGMM_MULTIVERSION void pg_tile(const double* xb, int64_t ldx, int64_t nb, const double* wb, int64_t ldw,
-                                const double* m, int64_t ldm, double* a1, double* a2) {
-  pg_tile_impl<double>(xb, ldx, nb, wb, ldw, m, ldm, a1, a2);
+                                const double* ctr, int kn, double* A1, double* A2) {
+  pg_tile_impl<double>(xb, ldx, nb, wb, ldw, ctr, kn, A1, A2);
+}
+
+// d_mu, d_sigma of K components over dn entries (row stride D) from the centred totals (row stride ldx), in double.
+template <typename T>
+inline __attribute__((always_inline)) void pg_finish_impl(int64_t K, int64_t dn, int64_t D, int64_t ldx,
+                                                          const T* __restrict__ mu, const T* __restrict__ sigma,
+                                                          const T* __restrict__ ctr, const double* __restrict__ A1,
+                                                          const double* __restrict__ A2, const double* __restrict__ wt,
+                                                          T* __restrict__ d_mu, T* __restrict__ d_sigma) {
+  for (int64_t k = 0; k < K; ++k) {
+    const double w = wt[k];
+    for (int64_t d = 0; d < dn; ++d) {
+      const double s = sigma[k * D + d], mc = double(mu[k * D + d]) - double(ctr[d]);
+      const double a1 = A1[k * ldx + d], a2 = A2[k * ldx + d];
+      d_mu[k * D + d] = T(s * s * (a1 - w * mc));
+      d_sigma[k * D + d] = T(w / s - s * (a2 - 2.0 * mc * a1 + w * mc * mc));
+    }
+  }
+}
+DCGMM_MULTIVERSION void pg_finish(int64_t K, int64_t dn, int64_t D, int64_t ldx, const float* mu, const float* sigma,
+                                  const float* ctr, const double* A1, const double* A2, const double* wt, float* d_mu,
+                                  float* d_sigma) {
+  pg_finish_impl<float>(K, dn, D, ldx, mu, sigma, ctr, A1, A2, wt, d_mu, d_sigma);
+}
+DCGMM_MULTIVERSION void pg_finish(int64_t K, int64_t dn, int64_t D, int64_t ldx, const double* mu,
+                                  const double* sigma, const double* ctr, const double* A1, const double* A2,
+                                  const double* wt, double* d_mu, double* d_sigma) {
+  pg_finish_impl<double>(K, dn, D, ldx, mu, sigma, ctr, A1, A2, wt, d_mu, d_sigma);
 }
 
 // Entries [d0, d0 + dn) of patch row (n, p) into buf.
@@ -586,27 +621,31 @@ void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, con
   std::vector<double> part1(chunks > 1 ? g.G * chunks * dranges * tile : 0), part2(part1.size()),
       partw(chunks > 1 ? g.G * chunks * dranges * K : 0);
   // d_mu, d_sigma (and d_log_pi on the first range) of GMM gi's entries [d0, d0 + dn) from its totals
-  auto finish = [&](int64_t gi, int64_t d0, int64_t dn, const double* A1, const double* A2, const double* wt) {
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t o = gi * K + k;
-      if (d0 == 0) d_log_pi[o] = T(wt[k]);
-      for (int64_t d = 0; d < dn; ++d) {
-        const double s = sigma[o * D + d0 + d];
-        d_mu[o * D + d0 + d] = T(s * s * A1[k * ldx + d]);
-        d_sigma[o * D + d0 + d] = T(wt[k] / s - s * A2[k * ldx + d]);
-      }
+  // d_mu, d_sigma (and d_log_pi on the first range) of GMM gi's entries [d0, d0 + dn) from its centred totals;
+  // ctr as the tasks rounded it
+  auto finish = [&](int64_t gi, int64_t d0, int64_t dn, const T* ctr, const double* A1, const double* A2,
+                    const double* wt) {
+    if (d0 == 0)
+      for (int64_t k = 0; k < K; ++k) d_log_pi[gi * K + k] = T(wt[k]);
+    const int64_t off = gi * K * D + d0;
+    pg_finish(K, dn, D, ldx, mu + off, sigma + off, ctr, A1, A2, wt, d_mu + off, d_sigma + off);
+  };
+  auto centre = [&](int64_t gi, int64_t d0, int64_t dn, T* ctr) {  // the GMM's mean of means, in double
+    std::fill(ctr, ctr + ldx, T(0));
+    for (int64_t d = 0; d < dn; ++d) {
+      double acc = 0.0;
+      for (int64_t k = 0; k < K; ++k) acc += double(mu[(gi * K + k) * D + d0 + d]);
+      ctr[d] = T(acc / double(K));
     }
   };
   at::parallel_for(0, g.G * chunks * dranges, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> xb(PG_ROWS * ldx), wb(PG_ROWS * ldw, T(0)), m(ldw * ldx), a1(PG_KB * L), a2(PG_KB * L), ws(K);
+    std::vector<T> xb(PG_ROWS * ldx), wb(PG_ROWS * ldw, T(0)), ctr(ldx), ws(K);
     std::vector<double> A1(tile), A2(tile), wt(K);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t gi = t / (chunks * dranges), c = (t / dranges) % chunks, dr = t % dranges;
       const int64_t d0 = dr * PG_DRANGE, dn = std::min(PG_DRANGE, D - d0);
       const int64_t j_begin = c * PG_CHUNK, j_end = std::min(rows, j_begin + PG_CHUNK);
-      std::fill(m.begin(), m.end(), T(0));
-      for (int64_t k = 0; k < K; ++k)
-        std::memcpy(m.data() + k * ldx, mu + (gi * K + k) * D + d0, dn * sizeof(T));
+      centre(gi, d0, dn, ctr.data());
       std::fill(A1.begin(), A1.end(), 0.0), std::fill(A2.begin(), A2.end(), 0.0), std::fill(wt.begin(), wt.end(), 0.0);
       for (int64_t j0 = j_begin; j0 < j_end; j0 += PG_ROWS) {
         const int64_t nb = std::min(PG_ROWS, j_end - j0);
@@ -622,16 +661,12 @@ void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, con
         for (int64_t k = 0; k < K; ++k) wt[k] += double(ws[k]);
         for (int64_t kb = 0; kb < K; kb += PG_KB)
           for (int64_t dv = 0; dv < ldx; dv += L) {
-            pg_tile(xb.data() + dv, ldx, nb, wb.data() + kb, ldw, m.data() + kb * ldx + dv, ldx, a1.data(), a2.data());
-            for (int64_t j = 0; j < PG_KB && kb + j < K; ++j)
-              for (int64_t l = 0; l < L; ++l) {
-                A1[(kb + j) * ldx + dv + l] += double(a1[j * L + l]);
-                A2[(kb + j) * ldx + dv + l] += double(a2[j * L + l]);
-              }
+            pg_tile(xb.data() + dv, ldx, nb, wb.data() + kb, ldw, ctr.data() + dv, int(std::min<int64_t>(PG_KB, K - kb)),
+                    A1.data() + kb * ldx + dv, A2.data() + kb * ldx + dv);
           }
       }
       if (chunks == 1) {
-        finish(gi, d0, dn, A1.data(), A2.data(), wt.data());
+        finish(gi, d0, dn, ctr.data(), A1.data(), A2.data(), wt.data());
       } else {
         const int64_t slot = (gi * chunks + c) * dranges + dr;
         std::copy(A1.begin(), A1.end(), part1.begin() + slot * tile);
@@ -643,6 +678,7 @@ void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, con
   if (chunks == 1) return;
   at::parallel_for(0, g.G * dranges, 1, [&](int64_t t0, int64_t t1) {
     std::vector<double> A1(tile), A2(tile), wt(K);
+    std::vector<T> ctr(ldx);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t gi = t / dranges, dr = t % dranges, d0 = dr * PG_DRANGE;
       std::fill(A1.begin(), A1.end(), 0.0), std::fill(A2.begin(), A2.end(), 0.0), std::fill(wt.begin(), wt.end(), 0.0);
@@ -651,7 +687,9 @@ void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, con
         for (int64_t i = 0; i < tile; ++i) A1[i] += part1[slot * tile + i], A2[i] += part2[slot * tile + i];
         for (int64_t k = 0; k < K; ++k) wt[k] += partw[slot * K + k];
       }
-      finish(gi, d0, std::min(PG_DRANGE, D - d0), A1.data(), A2.data(), wt.data());
+      const int64_t dn = std::min(PG_DRANGE, D - d0);
+      centre(gi, d0, dn, ctr.data());
+      finish(gi, d0, dn, ctr.data(), A1.data(), A2.data(), wt.data());
     }
   });
 }
