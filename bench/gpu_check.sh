@@ -16,7 +16,7 @@ export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 DCGMM_NO_EXTENSION=1
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/dcgmm-triton-cache}"   # shared by every stage
 PY=python3
 log="$out/gpu_check.log"
-declare -A LIMIT=([env]=20 [ceilings]=40 [tests]=110 [accuracy]=60 [timings]=75 [sweep]=40 [train]=40 [sanitizer]=50 [summary]=20)
+declare -A LIMIT=([env]=20 [ceilings]=40 [tests]=110 [accuracy]=60 [timings]=75 [sweep]=40 [train]=90 [sanitizer]=50 [summary]=20)
 ORDER=(env ceilings tests accuracy timings sweep train sanitizer)
 stages=("$@"); [ ${#stages[@]} -eq 0 ] && stages=("${ORDER[@]}")
 echo "== gpu_check $(date -u +%FT%TZ) stages: ${stages[*]}" | tee -a "$log"

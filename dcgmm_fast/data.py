@@ -33,11 +33,12 @@ class Dataset(NamedTuple):
     n_classes: int
 
 
-def to_images(x, *, name: str = "x") -> torch.Tensor:
+def to_images(x, *, name: str = "x", keep_uint8: bool = False) -> torch.Tensor:
     """Images (N, H, W) or (N, H, W, C), uint8 in [0, 255] or float in [0, 1] -> float32 (N, H, W, C) in [0, 1].
 
-    uint8 is divided by 255 as the original does (no mean/std normalisation). Float input must be finite
-    and is taken as already scaled.
+    uint8 is divided by 255 as the original does (no mean/std normalisation); with ``keep_uint8`` it is returned
+    as uint8 (N, H, W, C), for training that scales each batch inside its step (a quarter of the memory, and a
+    data set that fits stays on the device). Float input must be finite and is taken as already scaled.
 
     Raises:
         ValueError: wrong rank, NaN/Inf, or float values outside [0, 1].
@@ -48,7 +49,7 @@ def to_images(x, *, name: str = "x") -> torch.Tensor:
     if t.dim() != 4:
         raise ValueError(f"{name}: expected images (N, H, W) or (N, H, W, C), got shape {tuple(t.shape)}")
     if t.dtype == torch.uint8:
-        return t.to(torch.float32) / 255.0
+        return t if keep_uint8 else t.to(torch.float32) / 255.0
     if not t.is_floating_point():
         raise TypeError(f"{name}: expected uint8 or floating images, got {t.dtype}")
     check_images(name, t)

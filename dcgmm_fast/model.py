@@ -102,14 +102,15 @@ class DCGMM(nn.Module):
     def gmm_layers(self) -> Dict[str, ConvGMM]:
         return OrderedDict((n, m) for n, m in zip(self.names, self.layers) if isinstance(m, ConvGMM))
 
-    def _images(self, x) -> torch.Tensor:
-        """Images to float (N, H, W, C) in [0, 1] on the model's device, shape-checked."""
-        t = data.to_images(x)
+    def _images(self, x, keep_uint8: bool = False) -> torch.Tensor:
+        """Images to float (N, H, W, C) in [0, 1] on the model's device, shape-checked (uint8 stays uint8 with
+        ``keep_uint8``: training scales each batch inside its step)."""
+        t = data.to_images(x, keep_uint8=keep_uint8)
         if tuple(t.shape[1:]) != self.input_shape:
             raise ValueError(f"x: expected images of shape (N, {', '.join(map(str, self.input_shape))}), "
                              f"got {tuple(t.shape)}")
         p = next(self.parameters())
-        return t.to(device=p.device, dtype=p.dtype)
+        return t.to(device=p.device) if t.dtype == torch.uint8 else t.to(device=p.device, dtype=p.dtype)
 
     # -------------------------------------------------------------------------------------------- inference
     def forward(self, x) -> Dict[str, torch.Tensor]:
@@ -273,7 +274,7 @@ class DCGMM(nn.Module):
         """
         epochs = (self.preset.epochs if self.preset else 10) if epochs is None else epochs
         batch_size = (self.preset.batch_size if self.preset else 100) if batch_size is None else batch_size
-        x = self._images(x)
+        x = self._images(x, keep_uint8=True)  # a uint8 data set stays uint8 on the device
         if y is not None:
             y = _class_ids("y", y).to(x.device)
             if y.dim() != 1 or y.shape[0] != x.shape[0]:

@@ -292,7 +292,7 @@ class Trainer:
     def _step_all(self, x: torch.Tensor, y: Optional[torch.Tensor], active: Tuple[bool, ...]) -> torch.Tensor:
         """The whole step as tensor ops (what ``compile`` captures); returns the history row (see History)."""
         if x.dtype == torch.uint8:
-            x = x.to(self.dtype) / 255.0  # as data.to_images: the same float32 values
+            x = (x.to(torch.float32) / 255.0).to(self.dtype)  # exactly data.to_images' values
         outputs, values = [], []
         h = x
         for i, layer in enumerate(self.layers):
