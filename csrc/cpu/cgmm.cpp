@@ -275,36 +275,6 @@ inline __attribute__((always_inline)) void block_finish_impl(T* __restrict__ lt,
   store_rv(kbest, kv);
 }
 
-DCGMM_MULTIVERSION void block_scores(const float* xt, int64_t D, const float* mu, const float* sig, const float* c,
-                                     int64_t K, float* lt) {
-  block_scores_impl<float>(xt, D, mu, sig, c, K, lt);
-}
-DCGMM_MULTIVERSION void block_scores(const double* xt, int64_t D, const double* mu, const double* sig, const double* c,
-                                     int64_t K, double* lt) {
-  block_scores_impl<double>(xt, D, mu, sig, c, K, lt);
-}
-DCGMM_MULTIVERSION void smooth_factored(const float* lt, const float* gy, const float* gx, int64_t n, float* tmp,
-                                        float* out) {
-  smooth_factored_impl<float>(lt, gy, gx, n, tmp, out);
-}
-DCGMM_MULTIVERSION void smooth_factored(const double* lt, const double* gy, const double* gx, int64_t n, double* tmp,
-                                        double* out) {
-  smooth_factored_impl<double>(lt, gy, gx, n, tmp, out);
-}
-DCGMM_MULTIVERSION void smooth_dense(const float* lt, const float* G, int64_t K, float* out) {
-  smooth_dense_impl<float>(lt, G, K, out);
-}
-DCGMM_MULTIVERSION void smooth_dense(const double* lt, const double* G, int64_t K, double* out) {
-  smooth_dense_impl<double>(lt, G, K, out);
-}
-DCGMM_MULTIVERSION void block_finish(float* lt, const float* ranked, int64_t K, float* lse, float* best,
-                                     float* kbest) {
-  block_finish_impl<float>(lt, ranked, K, lse, best, kbest);
-}
-DCGMM_MULTIVERSION void block_finish(double* lt, const double* ranked, int64_t K, double* lse, double* best,
-                                     double* kbest) {
-  block_finish_impl<double>(lt, ranked, K, lse, best, kbest);
-}
 
 // Where the forward's inputs and outputs are: ls (M, K) precomputed log scores (the GEMM form) or null; G a dense
 // (K, K) smoothing, or factors (2, n, n) when n > 0, or null.
@@ -338,53 +308,80 @@ void gmm_constants(const T* log_pi, const T* sig, int64_t K, int64_t D, T* c) {
   }
 }
 
+// One block: rows j0 .. j0 + nvalid - 1 of GMM gi, from the image (gathered transposed into xt) or from ls; log
+// scores, smoothing, max/argmax, softmax and logsumexp, scattered into the outputs. Compiled per ISA as a whole
+// (the helpers above are inlined into it), so the gathers and scatters are vectorised too.
+template <typename T>
+inline __attribute__((always_inline)) void forward_block_impl(const Geometry& g, const ForwardArgs<T>& a,
+                                                              int64_t gi, int64_t j0, int64_t nvalid, const T* c,
+                                                              T* xt, T* lt, T* tmp, T* sm) {
+  const int64_t K = g.K, D = g.D, seg = g.kw * g.C;
+  if (a.ls == nullptr) {
+    for (int64_t i = 0; i < RL; ++i) {
+      if (i < nvalid) {  // row (n, p): kh segments of kw * C values, straight into lane i of xt
+        const int64_t r = row_of(g, gi, j0 + i), n = r / g.P, p = r % g.P, oy = p / g.Wo, ox = p % g.Wo;
+        const T* base = a.x + ((n * g.H + oy * g.sh) * g.W + ox * g.sw) * g.C;
+        for (int64_t ky = 0; ky < g.kh; ++ky) {
+          const T* src = base + ky * g.W * g.C;
+          T* dst = xt + ky * seg * RL + i;
+          for (int64_t e = 0; e < seg; ++e) dst[e * RL] = src[e];
+        }
+      } else {
+        for (int64_t d = 0; d < D; ++d) xt[d * RL + i] = T(0);
+      }
+    }
+    block_scores_impl<T>(xt, D, a.mu + gi * K * D, a.sig + gi * K * D, c, K, lt);
+  } else {
+    for (int64_t i = 0; i < RL; ++i) {
+      const T* src = a.ls + row_of(g, gi, j0 + std::min(i, nvalid - 1)) * K;
+      for (int64_t k = 0; k < K; ++k) lt[k * RL + i] = src[k];
+    }
+  }
+  const T* ranked = lt;
+  if (a.is_mc && a.G != nullptr) {
+    if (a.n > 0)
+      smooth_factored_impl<T>(lt, a.G, a.G + a.n * a.n, a.n, tmp, sm);
+    else
+      smooth_dense_impl<T>(lt, a.G, K, sm);
+    ranked = sm;
+  }
+  T lse[RL], best[RL], kb[RL];
+  block_finish_impl<T>(lt, ranked, K, lse, best, kb);
+  const T cst = T(0.5 * double(D) * std::log(2.0 * M_PI));
+  for (int64_t i = 0; i < nvalid; ++i) {
+    const int64_t r = row_of(g, gi, j0 + i);
+    T* out = a.resp + r * K;
+    for (int64_t k = 0; k < K; ++k) out[k] = lt[k * RL + i];
+    a.lse[r] = lse[i];
+    a.kstar[r] = int32_t(kb[i]);
+    a.score[r] = (a.is_mc ? best[i] : lse[i]) - cst;
+  }
+}
+DCGMM_MULTIVERSION void forward_block(const Geometry& g, const ForwardArgs<float>& a, int64_t gi, int64_t j0,
+                                      int64_t nvalid, const float* c, float* xt, float* lt, float* tmp, float* sm) {
+  forward_block_impl<float>(g, a, gi, j0, nvalid, c, xt, lt, tmp, sm);
+}
+DCGMM_MULTIVERSION void forward_block(const Geometry& g, const ForwardArgs<double>& a, int64_t gi, int64_t j0,
+                                      int64_t nvalid, const double* c, double* xt, double* lt, double* tmp,
+                                      double* sm) {
+  forward_block_impl<double>(g, a, gi, j0, nvalid, c, xt, lt, tmp, sm);
+}
+
 // The whole forward: blocks of RL rows of one GMM, one parallel region. A GMM's constants c are computed by the
 // thread that meets its first block (consecutive tasks share the GMM).
 template <typename T>
 void forward_blocks(const Geometry& g, const ForwardArgs<T>& a) {
   const int64_t rows = rows_per_gmm(g), blocks = (rows + RL - 1) / RL, K = g.K, D = g.D;
-  const T cst = T(0.5 * double(D) * std::log(2.0 * M_PI));
   at::parallel_for(0, g.G * blocks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> xt(a.ls ? 0 : D * RL), row(a.ls ? 0 : g.D_pad), lt(K * RL), tmp(K * RL), sm(K * RL), c(K);
-    T lse[RL], best[RL], kb[RL];
+    std::vector<T> xt(a.ls ? 0 : D * RL), lt(K * RL), tmp(K * RL), sm(K * RL), c(K);
     int64_t c_of = -1;  // the GMM whose constants c holds
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t gi = t / blocks, j0 = (t % blocks) * RL, nvalid = std::min<int64_t>(RL, rows - j0);
-      if (a.ls == nullptr) {
-        for (int64_t i = 0; i < RL; ++i) {
-          if (i < nvalid) {
-            const int64_t r = row_of(g, gi, j0 + i);
-            gather_row(a.x, g, r / g.P, r % g.P, row.data());
-            for (int64_t d = 0; d < D; ++d) xt[d * RL + i] = row[d];
-          } else {
-            for (int64_t d = 0; d < D; ++d) xt[d * RL + i] = T(0);
-          }
-        }
-        if (c_of != gi) gmm_constants(a.log_pi + gi * K, a.sig + gi * K * D, K, D, c.data()), c_of = gi;
-        block_scores(xt.data(), D, a.mu + gi * K * D, a.sig + gi * K * D, c.data(), K, lt.data());
-      } else {
-        for (int64_t i = 0; i < RL; ++i) {
-          const T* src = a.ls + row_of(g, gi, j0 + std::min(i, nvalid - 1)) * K;
-          for (int64_t k = 0; k < K; ++k) lt[k * RL + i] = src[k];
-        }
+      if (a.ls == nullptr && c_of != gi) {
+        gmm_constants(a.log_pi + gi * K, a.sig + gi * K * D, K, D, c.data());
+        c_of = gi;
       }
-      const T* ranked = lt.data();
-      if (a.is_mc && a.G != nullptr) {
-        if (a.n > 0)
-          smooth_factored(lt.data(), a.G, a.G + a.n * a.n, a.n, tmp.data(), sm.data());
-        else
-          smooth_dense(lt.data(), a.G, K, sm.data());
-        ranked = sm.data();
-      }
-      block_finish(lt.data(), ranked, K, lse, best, kb);
-      for (int64_t i = 0; i < nvalid; ++i) {
-        const int64_t r = row_of(g, gi, j0 + i);
-        T* out = a.resp + r * K;
-        for (int64_t k = 0; k < K; ++k) out[k] = lt[k * RL + i];
-        a.lse[r] = lse[i];
-        a.kstar[r] = int32_t(kb[i]);
-        a.score[r] = (a.is_mc ? best[i] : lse[i]) - cst;
-      }
+      forward_block(g, a, gi, j0, nvalid, c.data(), xt.data(), lt.data(), tmp.data(), sm.data());
     }
   });
 }
@@ -597,7 +594,8 @@ DCGMM_MULTIVERSION void pg_finish(int64_t K, int64_t dn, int64_t D, int64_t ldx,
 
 // Entries [d0, d0 + dn) of patch row (n, p) into buf.
 template <typename T>
-inline void gather_range(const T* x, const Geometry& g, int64_t n, int64_t p, int64_t d0, int64_t dn, T* buf) {
+inline __attribute__((always_inline)) void gather_range(const T* x, const Geometry& g, int64_t n, int64_t p,
+                                                        int64_t d0, int64_t dn, T* buf) {
   const int64_t oy = p / g.Wo, ox = p % g.Wo, seg = g.kw * g.C;
   const T* base = x + ((n * g.H + oy * g.sh) * g.W + ox * g.sw) * g.C;
   for (int64_t d = d0, end = d0 + dn; d < end;) {
@@ -607,6 +605,34 @@ inline void gather_range(const T* x, const Geometry& g, int64_t n, int64_t p, in
     for (int64_t l = 0; l < len; ++l) dst[l] = src[l];
     d += len;
   }
+}
+
+// A block's rows (entries [d0, d0 + dn), zero-padded to ldx) into xb, their weights into wb (stride ldw) and the
+// weights' float sums over the block into ws.
+template <typename T>
+inline __attribute__((always_inline)) void pg_gather_impl(const Geometry& g, const T* x, const T* W, int64_t gi,
+                                                          int64_t j0, int64_t nb, int64_t d0, int64_t dn,
+                                                          int64_t ldx, int64_t ldw, T* xb, T* wb, T* ws) {
+  const int64_t K = g.K;
+  for (int64_t k = 0; k < K; ++k) ws[k] = T(0);
+  for (int64_t i = 0; i < nb; ++i) {
+    const int64_t r = row_of(g, gi, j0 + i);
+    T* xr = xb + i * ldx;
+    gather_range(x, g, r / g.P, r % g.P, d0, dn, xr);
+    for (int64_t d = dn; d < ldx; ++d) xr[d] = T(0);
+    const T* w = W + r * K;
+    for (int64_t k = 0; k < K; ++k) wb[i * ldw + k] = w[k], ws[k] += w[k];
+  }
+}
+DCGMM_MULTIVERSION void pg_gather(const Geometry& g, const float* x, const float* W, int64_t gi, int64_t j0,
+                                  int64_t nb, int64_t d0, int64_t dn, int64_t ldx, int64_t ldw, float* xb, float* wb,
+                                  float* ws) {
+  pg_gather_impl<float>(g, x, W, gi, j0, nb, d0, dn, ldx, ldw, xb, wb, ws);
+}
+DCGMM_MULTIVERSION void pg_gather(const Geometry& g, const double* x, const double* W, int64_t gi, int64_t j0,
+                                  int64_t nb, int64_t d0, int64_t dn, int64_t ldx, int64_t ldw, double* xb,
+                                  double* wb, double* ws) {
+  pg_gather_impl<double>(g, x, W, gi, j0, nb, d0, dn, ldx, ldw, xb, wb, ws);
 }
 
 template <typename T>
@@ -649,20 +675,12 @@ void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, con
       std::fill(A1.begin(), A1.end(), 0.0), std::fill(A2.begin(), A2.end(), 0.0), std::fill(wt.begin(), wt.end(), 0.0);
       for (int64_t j0 = j_begin; j0 < j_end; j0 += PG_ROWS) {
         const int64_t nb = std::min(PG_ROWS, j_end - j0);
-        std::fill(ws.begin(), ws.end(), T(0));
-        for (int64_t i = 0; i < nb; ++i) {
-          const int64_t r = row_of(g, gi, j0 + i);
-          T* xr = xb.data() + i * ldx;
-          gather_range(x, g, r / g.P, r % g.P, d0, dn, xr);
-          std::fill(xr + dn, xr + ldx, T(0));
-          std::memcpy(wb.data() + i * ldw, W + r * K, K * sizeof(T));
-          for (int64_t k = 0; k < K; ++k) ws[k] += W[r * K + k];
-        }
+        pg_gather(g, x, W, gi, j0, nb, d0, dn, ldx, ldw, xb.data(), wb.data(), ws.data());
         for (int64_t k = 0; k < K; ++k) wt[k] += double(ws[k]);
         for (int64_t kb = 0; kb < K; kb += PG_KB)
           for (int64_t dv = 0; dv < ldx; dv += L) {
-            pg_tile(xb.data() + dv, ldx, nb, wb.data() + kb, ldw, ctr.data() + dv, int(std::min<int64_t>(PG_KB, K - kb)),
-                    A1.data() + kb * ldx + dv, A2.data() + kb * ldx + dv);
+            pg_tile(xb.data() + dv, ldx, nb, wb.data() + kb, ldw, ctr.data() + dv,
+                    int(std::min<int64_t>(PG_KB, K - kb)), A1.data() + kb * ldx + dv, A2.data() + kb * ldx + dv);
           }
       }
       if (chunks == 1) {
@@ -767,7 +785,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_bwd_cpu(
     TORCH_CHECK(g_score.numel() == g.M, "g_score: expected (N, H', W'), got ", g_score.sizes());
   }
   // the backward reads rows G[kstar, :] of the dense matrix: kron(Gy, Gx) of a factored smoothing (K^2, once)
-  if (smoothing.has_value() && smoothing->defined()) G = dense_smoothing(checked_smoothing(*smoothing, g.K, x.scalar_type()));
+  if (smoothing.has_value() && smoothing->defined())
+    G = dense_smoothing(checked_smoothing(*smoothing, g.K, x.scalar_type()));
   auto d_mu = new_output(mu.sizes(), mu.options()), d_sigma = new_output(sigma.sizes(), sigma.options());
   auto d_log_pi = new_output(log_pi_.sizes(), log_pi_.options());
   auto dx = need_x_grad ? new_output(x.sizes(), x.options()) : at::empty({0}, x.options());
