@@ -38,9 +38,12 @@ MEASURE = (
 
 def measure(preset: str, backend: str, steps: int, policy: str, loaded: bool) -> float:
     env = dict(os.environ)
-    env.pop("OMP_WAIT_POLICY", None)
-    if policy == "ACTIVE":
-        env["OMP_WAIT_POLICY"] = "ACTIVE"
+    for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        env.pop(k, None)
+    if policy in ("ACTIVE", "PASSIVE"):
+        env["OMP_WAIT_POLICY"] = policy
+    elif policy.startswith("SPIN"):  # libgomp: spin this many iterations at a barrier, then sleep
+        env["GOMP_SPINCOUNT"] = policy[4:]
     competitor = None
     if loaded:
         competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR], env=dict(os.environ))
@@ -61,7 +64,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["B-class", "D"])
     parser.add_argument("--backends", nargs="+", default=["cpp", "reference"])
-    parser.add_argument("--policies", nargs="+", default=["PASSIVE", "ACTIVE"])
+    parser.add_argument("--policies", nargs="+", default=["default", "ACTIVE"],
+                        help="default (what dcgmm_fast sets), PASSIVE, ACTIVE, or SPIN<n> (GOMP_SPINCOUNT=n)")
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

@@ -32,19 +32,33 @@ OptimizerFactory = Callable[[List[dict]], torch.optim.Optimizer]
 # -------------------------------------------------------------------------------------------------- steps
 #: rows of the fixed-order mean's blocks
 _MEAN_BLOCK = 256
+_MEAN_ROWS_PER_OP = 120  # 120 * 256 = 30720 elements per op: below torch's parallel grain
 
 
 def fixed_order_mean(t: torch.Tensor) -> torch.Tensor:
     """Mean of all entries, summed in float64 in fixed blocks of 256 (each block by one thread: torch splits a
-    row-wise sum over its rows), level by level: the same bits for any thread count. ``Tensor.mean`` of 67,600
+    row-wise sum over its rows; a last partial block summed alone), level by level: the same bits for any thread
+    count. ``Tensor.mean`` of 67,600
     scores differs by ~5e-7 between 1 and 2 threads, and the annealing controller takes threshold decisions on
     it. Returns a () tensor of t's dtype; not differentiable (the step's gradient uses ``mean``)."""
-    flat = t.detach().reshape(-1).double()
+    flat = t.detach().reshape(-1)
     n = flat.numel()
     while flat.numel() > _MEAN_BLOCK:
-        pad = (-flat.numel()) % _MEAN_BLOCK
-        flat = torch.cat([flat, flat.new_zeros(pad)]).view(-1, _MEAN_BLOCK).sum(1)
-    return (flat.sum() / n).to(t.dtype)
+        full = flat.numel() // _MEAN_BLOCK * _MEAN_BLOCK
+        rows = flat[:full].view(-1, _MEAN_BLOCK)
+        # row sums in float64, a few rows per op: each op stays under torch's parallel grain (32768 elements), so
+        # no OpenMP region is started for it (a region costs ~0.1 ms when idle workers sleep)
+        sums = [r.sum(1, dtype=torch.float64) for r in rows.split(_MEAN_ROWS_PER_OP)]
+        if full < flat.numel():  # the last partial block
+            sums.append(flat[full:].sum(0, keepdim=True, dtype=torch.float64))
+        flat = torch.cat(sums) if len(sums) > 1 else sums[0]
+    return (flat.sum(dtype=torch.float64) / n).to(t.dtype)
+
+
+def mean_grad(t: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``t.mean()`` with respect to t: 1 / numel, one value expanded to t's shape (no memory, no
+    op: the C++ backward reads it as a single value, and no mean is computed that nobody reads)."""
+    return torch.full((), 1.0, dtype=t.dtype, device=t.device).div(t.numel()).expand(t.shape)
 
 
 def gmm_step(layer: ConvGMM, x: torch.Tensor):
@@ -53,7 +67,8 @@ def gmm_step(layer: ConvGMM, x: torch.Tensor):
     No Python branching on tensor values: ``torch.compile(fullgraph=True)`` compiles it (see ``compile_step``).
     """
     out = layer.cgmm(x, check=False)
-    g_mu, g_sigma, g_pi = torch.autograd.grad(out.score.mean(), (layer.mu, layer.sigma, layer.pi_logits))
+    g_mu, g_sigma, g_pi = torch.autograd.grad(out.score, (layer.mu, layer.sigma, layer.pi_logits),
+                                              grad_outputs=mean_grad(out.score))
     scale = layer.eps.to(layer.mu.dtype) * layer.loss_mult  # eps is a float32 buffer; step in the params dtype
     with torch.no_grad():  # one pass per parameter (addcmul with a () step tensor: no temporary, no host read)
         layer.mu.addcmul_(g_mu, scale * layer.lambda_mu)

@@ -261,3 +261,19 @@ def test_training_is_bit_identical_for_one_and_two_threads(shipped):
             torch.testing.assert_close(states[0][key], states[1][key], rtol=1e-5, atol=1e-7)
         else:
             assert torch.equal(states[0][key], states[1][key]), key
+
+
+# ------------------------------------------------------------------------------------------------ history
+def test_history_keeps_device_rows_until_read():
+    """A step appends one tensor; the lists fill at the first read (one transfer), in step order."""
+    from dcgmm_fast.train import History
+
+    h = History()
+    h.record(["gmm1", "gmm2"], torch.tensor([1.0, 0.5, 2.0, 0.25, 3.0, 0.75], dtype=torch.float64), True)
+    h.record(["gmm1", "gmm2"], torch.tensor([1.5, 0.5, 2.5, 0.25, 2.0, 1.0], dtype=torch.float64), True)
+    assert len(h._pending) == 2 and h._score == {}  # nothing read back yet
+    assert h.score == {"gmm1": [1.0, 1.5], "gmm2": [2.0, 2.5]} and h._pending == []
+    assert h.som_sigma == {"gmm1": [0.5, 0.5], "gmm2": [0.25, 0.25]}
+    assert h.classifier_loss == [3.0, 2.0] and h.classifier_accuracy == [0.75, 1.0]
+    h.record(["gmm1", "gmm2"], torch.tensor([9.0, 0.1, 8.0, 0.2], dtype=torch.float64), False)  # no labels
+    assert h.score["gmm1"] == [1.0, 1.5, 9.0] and h.classifier_loss == [3.0, 2.0]

@@ -5,10 +5,10 @@
 //   dense G), max / argmax, softmax and logsumexp all on the block in registers and L1, written once into resp,
 //   score, lse and kstar: one parallel region per forward (shared layers with D, K >= 64 take the log scores from
 //   GEMMs first).
-// cgmm_bwd_cpu: W (rows x K) from the saved resp and kstar, then the parameter gradients in the direct form by a
-//   register-tiled micro-kernel over fixed blocks of rows (float sums per block added in block order to double
-//   totals: deterministic and independent of the thread count), and the x gradient folded back to pixels one image
-//   per task (no races).
+// cgmm_bwd_cpu: the parameter gradients, the backward weights W of each row computed from the saved resp and kstar
+//   where they are used; centred sums by a register-tiled micro-kernel over fixed blocks of rows (float sums per
+//   block added in block order to double totals: deterministic and independent of the thread count); the x
+//   gradient folded back to pixels one image per task (no races).
 // patch_average_cpu, sample_components_cpu: the sampling helpers.
 // Includes ATen and torch/library.h only (torch/extension.h costs ~23 s per file).
 #include <ATen/ATen.h>
@@ -492,15 +492,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_fwd_cpu(
 }
 
 // ---------------------------------------------------------------------------------------------------- backward
+// Where the backward weights W (cgmm_math.h backward_weights_row) come from: computed row by row where they are
+// used, by the task that uses them (no (M, K) buffer and no parallel region of their own).
 template <typename T>
-void weights(const Geometry& g, const T* resp, const T* g_resp, const T* g_score, bool is_mc, const T* Gm,
-             const int32_t* kstar, T* W) {
-  at::parallel_for(0, g.M, 256, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      backward_weights_row(resp + r * g.K, g_resp ? g_resp + r * g.K : nullptr, g_score ? g_score[r] : T(0), is_mc,
-                           Gm, int64_t(kstar[r]), g.K, W + r * g.K);
-  });
-}
+struct WeightSource {
+  const T *resp, *g_resp, *g_score, *G;
+  T g_score_all;  // g_score of every row when g_score is null (a mean's backward: one value; 0 when absent)
+  const int32_t* kstar;
+  bool is_mc;
+  int64_t K;
+  inline __attribute__((always_inline)) void row(int64_t r, T* W) const {
+    backward_weights_row(resp + r * K, g_resp ? g_resp + r * K : nullptr, g_score ? g_score[r] : g_score_all, is_mc,
+                         G, int64_t(kstar[r]), K, W);
+  }
+};
 
 // Parameter gradients. With t = x - mu[k] the gradients are
 //   d log_pi = w,  d mu = sigma^2 sum_r W (x - mu),  d sigma = w / sigma - sigma sum_r W (x - mu)^2,  w = sum_r W.
@@ -607,11 +612,11 @@ inline __attribute__((always_inline)) void gather_range(const T* x, const Geomet
   }
 }
 
-// A block's rows (entries [d0, d0 + dn), zero-padded to ldx) into xb, their weights into wb (stride ldw) and the
-// weights' float sums over the block into ws.
+// A block's rows (entries [d0, d0 + dn), zero-padded to ldx) into xb, their weights W into wb (stride ldw) and
+// the weights' float sums over the block into ws.
 template <typename T>
-inline __attribute__((always_inline)) void pg_gather_impl(const Geometry& g, const T* x, const T* W, int64_t gi,
-                                                          int64_t j0, int64_t nb, int64_t d0, int64_t dn,
+inline __attribute__((always_inline)) void pg_gather_impl(const Geometry& g, const T* x, const WeightSource<T>& W,
+                                                          int64_t gi, int64_t j0, int64_t nb, int64_t d0, int64_t dn,
                                                           int64_t ldx, int64_t ldw, T* xb, T* wb, T* ws) {
   const int64_t K = g.K;
   for (int64_t k = 0; k < K; ++k) ws[k] = T(0);
@@ -620,23 +625,25 @@ inline __attribute__((always_inline)) void pg_gather_impl(const Geometry& g, con
     T* xr = xb + i * ldx;
     gather_range(x, g, r / g.P, r % g.P, d0, dn, xr);
     for (int64_t d = dn; d < ldx; ++d) xr[d] = T(0);
-    const T* w = W + r * K;
-    for (int64_t k = 0; k < K; ++k) wb[i * ldw + k] = w[k], ws[k] += w[k];
+    T* w = wb + i * ldw;
+    W.row(r, w);
+    for (int64_t k = 0; k < K; ++k) ws[k] += w[k];
   }
 }
-DCGMM_MULTIVERSION void pg_gather(const Geometry& g, const float* x, const float* W, int64_t gi, int64_t j0,
-                                  int64_t nb, int64_t d0, int64_t dn, int64_t ldx, int64_t ldw, float* xb, float* wb,
-                                  float* ws) {
+DCGMM_MULTIVERSION void pg_gather(const Geometry& g, const float* x, const WeightSource<float>& W, int64_t gi,
+                                  int64_t j0, int64_t nb, int64_t d0, int64_t dn, int64_t ldx, int64_t ldw, float* xb,
+                                  float* wb, float* ws) {
   pg_gather_impl<float>(g, x, W, gi, j0, nb, d0, dn, ldx, ldw, xb, wb, ws);
 }
-DCGMM_MULTIVERSION void pg_gather(const Geometry& g, const double* x, const double* W, int64_t gi, int64_t j0,
-                                  int64_t nb, int64_t d0, int64_t dn, int64_t ldx, int64_t ldw, double* xb,
+DCGMM_MULTIVERSION void pg_gather(const Geometry& g, const double* x, const WeightSource<double>& W, int64_t gi,
+                                  int64_t j0, int64_t nb, int64_t d0, int64_t dn, int64_t ldx, int64_t ldw, double* xb,
                                   double* wb, double* ws) {
   pg_gather_impl<double>(g, x, W, gi, j0, nb, d0, dn, ldx, ldw, xb, wb, ws);
 }
 
 template <typename T>
-void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, const T* W, T* d_mu, T* d_sigma,
+void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, const WeightSource<T>& W, T* d_mu,
+                 T* d_sigma,
                  T* d_log_pi) {
   constexpr int64_t L = Lanes<T>::value;
   const int64_t K = g.K, D = g.D, rows = rows_per_gmm(g), ldw = round_up(K, PG_KB);
@@ -737,10 +744,10 @@ DCGMM_MULTIVERSION void dx_row(const double* W, int64_t K, const double* s2, con
 
 // dx: per image, every patch's dpatch = sum_k W[k] sigma^2 (mu - x) folded onto its pixels (one task per image).
 template <typename T>
-void x_grad(const Geometry& g, const T* x, const T* mu_p, const T* s2_p, const T* W, T* dx) {
+void x_grad(const Geometry& g, const T* x, const T* mu_p, const T* s2_p, const WeightSource<T>& W, T* dx) {
   const int64_t K = g.K, D_pad = g.D_pad, seg = g.kw * g.C;
   at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<T> xb(D_pad, T(0)), b1(D_pad);
+    std::vector<T> xb(D_pad, T(0)), b1(D_pad), wr(K);
     for (int64_t n = n0; n < n1; ++n) {
       T* img = dx + n * g.H * g.W * g.C;
       std::fill(img, img + g.H * g.W * g.C, T(0));
@@ -748,7 +755,8 @@ void x_grad(const Geometry& g, const T* x, const T* mu_p, const T* s2_p, const T
         const int64_t r = n * g.P + p, gi = g.independent ? p : 0;
         std::fill(b1.begin(), b1.end(), T(0));
         gather_row(x, g, n, p, xb.data());
-        dx_row(W + r * K, K, s2_p + gi * K * D_pad, mu_p + gi * K * D_pad, xb.data(), b1.data(), D_pad);
+        W.row(r, wr.data());
+        dx_row(wr.data(), K, s2_p + gi * K * D_pad, mu_p + gi * K * D_pad, xb.data(), b1.data(), D_pad);
         const int64_t oy = p / g.Wo, ox = p % g.Wo;
         T* base = img + ((oy * g.sh) * g.W + ox * g.sw) * g.C;
         for (int64_t ky = 0; ky < g.kh; ++ky) {
@@ -780,9 +788,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_bwd_cpu(
     g_resp = g_resp_->contiguous().to(x.scalar_type());
     TORCH_CHECK(g_resp.numel() == g.M * g.K, "g_resp: expected the shape of resp, got ", g_resp.sizes());
   }
+  double g_score_all = 0.0;
   if (g_score_.has_value() && g_score_->defined()) {
-    g_score = g_score_->contiguous().to(x.scalar_type());
-    TORCH_CHECK(g_score.numel() == g.M, "g_score: expected (N, H', W'), got ", g_score.sizes());
+    TORCH_CHECK(g_score_->numel() == g.M, "g_score: expected (N, H', W'), got ", g_score_->sizes());
+    const auto st = g_score_->strides();
+    if (g.M > 0 && std::all_of(st.begin(), st.end(), [](int64_t v) { return v == 0; }))
+      g_score_all = g_score_->reshape(-1)[0].item<double>();  // one value expanded (a mean's backward): no copy
+    else
+      g_score = g_score_->contiguous().to(x.scalar_type());
   }
   // the backward reads rows G[kstar, :] of the dense matrix: kron(Gy, Gx) of a factored smoothing (K^2, once)
   if (smoothing.has_value() && smoothing->defined())
@@ -792,18 +805,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_bwd_cpu(
   auto dx = need_x_grad ? new_output(x.sizes(), x.options()) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cgmm_bwd_cpu", [&] {
     using T = scalar_t;
-    std::vector<T> W(g.M * g.K);
-    weights<T>(g, resp.data_ptr<T>(), g_resp.defined() ? g_resp.data_ptr<T>() : nullptr,
-               g_score.defined() ? g_score.data_ptr<T>() : nullptr, is_mc, G.defined() ? G.data_ptr<T>() : nullptr,
-               kstar.data_ptr<int32_t>(), W.data());
-    param_grads<T>(g, x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), W.data(), d_mu.data_ptr<T>(),
+    const WeightSource<T> W{resp.data_ptr<T>(), g_resp.defined() ? g_resp.data_ptr<T>() : nullptr,
+                            g_score.defined() ? g_score.data_ptr<T>() : nullptr,
+                            G.defined() ? G.data_ptr<T>() : nullptr, T(g_score_all), kstar.data_ptr<int32_t>(),
+                            is_mc, g.K};
+    param_grads<T>(g, x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), W, d_mu.data_ptr<T>(),
                    d_sigma.data_ptr<T>(), d_log_pi.data_ptr<T>());
     if (need_x_grad) {
       const T* m = mu.data_ptr<T>();
       const T* s = sigma.data_ptr<T>();
       auto mu_p = padded<T>(m, g.G * g.K, g.D, g.D_pad, [&](int64_t i) { return m[i]; });
       auto s2 = padded<T>(s, g.G * g.K, g.D, g.D_pad, [&](int64_t i) { return s[i] * s[i]; });
-      x_grad<T>(g, x.data_ptr<T>(), mu_p.data(), s2.data(), W.data(), dx.data_ptr<T>());
+      x_grad<T>(g, x.data_ptr<T>(), mu_p.data(), s2.data(), W, dx.data_ptr<T>());
     }
   });
   return {dx, d_mu, d_sigma, d_log_pi};
