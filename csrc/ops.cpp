@@ -18,8 +18,8 @@ TORCH_LIBRARY(dcgmm, m) {
       "Tensor? smoothing) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "cgmm_bwd_cpp(Tensor? g_resp, Tensor? g_score, Tensor x, Tensor mu, Tensor sigma, Tensor log_pi, int[2] kernel, "
-      "int[2] stride, str loss, Tensor? smoothing, Tensor resp, Tensor lse, Tensor kstar, bool need_x_grad) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "int[2] stride, str loss, Tensor? smoothing, Tensor resp, Tensor lse, Tensor kstar, bool need_x_grad, "
+      "bool need_param_grads=True) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("patch_average_cpp(Tensor v, int[2] image_hw, int[2] kernel, int[2] stride) -> Tensor");
   m.def(
       "sample_components_cpp(Tensor topdown, Tensor mu, Tensor sigma, int top_s, float divisor, Tensor u, "

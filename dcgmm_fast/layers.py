@@ -199,19 +199,25 @@ class ConvGMM(nn.Module):
             return torch.log_softmax(self.pi_logits.reshape(-1), 0).reshape(self.pi_logits.shape)
         return torch.log_softmax(self.pi_logits, -1)
 
-    def cgmm(self, x: torch.Tensor, loss: Optional[Loss] = None, *, check: bool = True) -> CGMMOut:
+    def cgmm(self, x: torch.Tensor, loss: Optional[Loss] = None, *, check: bool = True,
+             frozen: bool = False) -> CGMMOut:
         """The full op output for x (N, H, W, C): resp, score, lse, kstar.
 
         Args:
             loss: None for the layer's own loss (with the current smoothing), or "loglik" / "mc" to evaluate.
             check: every argument check of ``ops.cgmm`` (a user's call); training, sampling and the model pass
                 False (their data was checked once, at the boundary, and the shapes are the layer's own).
+            frozen: the parameters as constants (detached): a backward then computes the x gradient only
+                (sharpening), not the parameter gradients nobody reads.
         """
         loss = self.loss if loss is None else loss
         G = None if loss == "loglik" or self.smoothing_is_identity else self.smoothing
         op = ops.cgmm if check else ops._cgmm_unchecked
-        return op(x, self.mu, self.sigma, self.log_pi(), kernel=self.kernel, stride=self.stride, loss=loss,
-                  smoothing=G, backend=self.backend)
+        mu, sigma, log_pi = self.mu, self.sigma, self.log_pi()
+        if frozen:
+            mu, sigma, log_pi = mu.detach(), sigma.detach(), log_pi.detach()
+        return op(x, mu, sigma, log_pi, kernel=self.kernel, stride=self.stride, loss=loss, smoothing=G,
+                  backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, H, W, C) -> responsibilities (N, H', W', K)."""

@@ -55,7 +55,7 @@ def sharpen(layer: ConvGMM, x0: torch.Tensor, spec: Sharpening, history: Optiona
     for _ in range(spec.iterations):
         x.requires_grad_(True)
         with torch.enable_grad():
-            score = layer.cgmm(x, check=False).score.mean()
+            score = layer.cgmm(x, check=False, frozen=True).score.mean()  # d/dx only
             objective = score - spec.reconstruction_weight * (x - x0).square().mean()
             (grad,) = torch.autograd.grad(objective, x)
         if history is not None:

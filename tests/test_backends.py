@@ -151,6 +151,34 @@ def _check_float32_rule(backend, device, inputs64, inputs32, G64, G32, kw, seed)
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[5], SHAPES[6]], ids=[IDS[0], IDS[5], IDS[6]])
+def test_x_only_backward_skips_parameter_gradients(backend, shape, fresh_seed):
+    """With constant parameters (sharpening) the backward op is asked for dx alone: the same dx as the full
+    backward, bit for bit, and empty parameter gradients (their sums are skipped)."""
+    name, device = _split(backend)
+    (x, mu, sigma, log_pi), G, kw = _inputs(shape, torch.float32, fresh_seed)
+    x, mu, sigma, log_pi = (t.detach().to(device) for t in (x, mu, sigma, log_pi))
+    G = None if G is None else G.to(device)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    full = ops.cgmm(xa, mu.requires_grad_(True), sigma.requires_grad_(True), log_pi.requires_grad_(True),
+                    smoothing=G, backend=name, **kw)
+    (dx_full,) = torch.autograd.grad(full.score.mean(), xa)
+    frozen = ops.cgmm(xb, mu.detach(), sigma.detach(), log_pi.detach(), smoothing=G, backend=name, **kw)
+    (dx_only,) = torch.autograd.grad(frozen.score.mean(), xb)
+    assert torch.equal(dx_full, dx_only)
+    assert float(dx_full.abs().max()) > 0
+    op = getattr(torch.ops.dcgmm, f"cgmm_bwd_{name}")
+    out = ops.cgmm(x, mu.detach(), sigma.detach(), log_pi.detach(), smoothing=G, backend=name, **kw)
+    g_score = torch.ones_like(out.score)
+    res = op(None, g_score, x, mu.detach(), sigma.detach(), log_pi.detach(), list(geometry.pair(kw["kernel"])),
+             list(geometry.pair(kw["stride"])), kw["loss"], G, out.resp, out.lse, out.kstar, True, False)
+    assert torch.equal(res[0], op(None, g_score, x, mu.detach(), sigma.detach(), log_pi.detach(),
+                                  list(geometry.pair(kw["kernel"])), list(geometry.pair(kw["stride"])), kw["loss"],
+                                  G, out.resp, out.lse, out.kstar, True, True)[0])
+    assert [t.numel() for t in res[1:]] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 def test_float32_within_design_rule(backend, shape, fresh_seed):
     backend, device = _split(backend)

@@ -534,8 +534,9 @@ def cgmm_fwd(x, mu, sigma, log_pi, kernel, stride, loss, smoothing, precision: s
 
 
 def cgmm_bwd(g_resp, g_score, x, mu, sigma, log_pi, kernel, stride, loss, smoothing, resp, lse, kstar, need_x_grad,
-             precision: str = "ieee"):
-    """Backward launcher: returns (dx or an empty tensor, d_mu, d_sigma, d_log_pi)."""
+             precision: str = "ieee", need_param_grads: bool = True):
+    """Backward launcher: returns (dx or an empty tensor, d_mu, d_sigma, d_log_pi; empty tensors without
+    need_param_grads)."""
     precision = _check_precision(precision)
     x, mu, sigma = x.contiguous(), mu.contiguous(), sigma.contiguous()
     resp, kstar = resp.contiguous(), kstar.contiguous()
@@ -553,10 +554,32 @@ def cgmm_bwd(g_resp, g_score, x, mu, sigma, log_pi, kernel, stride, loss, smooth
             HAS_G_RESP=g_resp is not None, HAS_G_SCORE=g_score is not None, num_warps=4,
         )
         direct = D <= DIRECT_MAX_D
+        (block_k, block_d, warps), (block_kx, block_dx) = bwd_config(K, D)
+        if need_param_grads:
+            d_mu, d_sigma, d_log_pi = _param_grads(g, Wm, x, mu, sigma, log_pi, direct, block_k, block_d, warps,
+                                                   precision)
+        else:
+            d_mu, d_sigma, d_log_pi = (mu.new_empty(0) for _ in range(3))  # distinct: outputs must not alias
+        dx = x.new_empty(0)
+        if need_x_grad:
+            s2 = (sigma * sigma).contiguous()
+            dpatch = new_output(g["N"], g["Ho"], g["Wo"], D, like=x)
+            tiles = triton.cdiv(g["ROWS"], BWD_BLOCK_R)
+            _cgmm_bwd_x_kernel[(G * tiles, triton.cdiv(D, block_dx))](
+                dpatch, Wm, x, mu, s2, *_shape_args(g), tiles,
+                BLOCK_R=BWD_BLOCK_R, BLOCK_K=block_kx, BLOCK_D=block_dx, INDEP=g["INDEP"], num_warps=4,
+            )
+            dx = fold(dpatch, (g["H"], g["W"]), kernel, stride, average=False)
+    return dx, d_mu, d_sigma, d_log_pi
+
+
+def _param_grads(g, Wm, x, mu, sigma, log_pi, direct, block_k, block_d, warps, precision):
+    """d_mu, d_sigma, d_log_pi from the backward weights Wm (M, K): chunked sums, then the float64 finalize."""
+    G, K, D = g["G"], g["K"], g["D"]
+    with device_guard(x):
         # the centre of the sums: each component's own mean (direct), or their mean (G, D) for the GEMM form
         ctr = mu if direct else mu.reshape(G, K, D).mean(1).contiguous()
         chunks = triton.cdiv(g["ROWS"], CHUNK_ROWS)
-        (block_k, block_d, warps), (block_kx, block_dx) = bwd_config(K, D)
         pw = new_output(G * chunks, K, like=x)
         pa1, pa2 = new_output(G * chunks, K, D, like=x), new_output(G * chunks, K, D, like=x)
         _cgmm_bwd_param_kernel[(G * chunks, triton.cdiv(K, block_k), triton.cdiv(D, block_d))](
@@ -572,17 +595,7 @@ def cgmm_bwd(g_resp, g_score, x, mu, sigma, log_pi, kernel, stride, loss, smooth
             d_mu, d_sigma, d_log_pi, pw, pa1, pa2, mu, sigma, ctr, K, D, chunks, total, BLOCK=block_f,
             DIRECT=direct, num_warps=4,
         )
-        dx = x.new_empty(0)
-        if need_x_grad:
-            s2 = (sigma * sigma).contiguous()
-            dpatch = new_output(g["N"], g["Ho"], g["Wo"], D, like=x)
-            tiles = triton.cdiv(g["ROWS"], BWD_BLOCK_R)
-            _cgmm_bwd_x_kernel[(G * tiles, triton.cdiv(D, block_dx))](
-                dpatch, Wm, x, mu, s2, *_shape_args(g), tiles,
-                BLOCK_R=BWD_BLOCK_R, BLOCK_K=block_kx, BLOCK_D=block_dx, INDEP=g["INDEP"], num_warps=4,
-            )
-            dx = fold(dpatch, (g["H"], g["W"]), kernel, stride, average=False)
-    return dx, d_mu, d_sigma, d_log_pi
+    return d_mu, d_sigma, d_log_pi
 
 
 def fold(v, image_hw, kernel, stride, average: bool):

@@ -772,7 +772,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_bwd_cpu(
     const std::optional<at::Tensor>& g_resp_, const std::optional<at::Tensor>& g_score_, const at::Tensor& x_,
     const at::Tensor& mu_, const at::Tensor& sigma_, const at::Tensor& log_pi_, at::IntArrayRef kernel,
     at::IntArrayRef stride, c10::string_view loss, const std::optional<at::Tensor>& smoothing, const at::Tensor& resp_,
-    const at::Tensor& lse, const at::Tensor& kstar_, bool need_x_grad) {
+    const at::Tensor& lse, const at::Tensor& kstar_, bool need_x_grad, bool need_param_grads) {
   check_params(x_, mu_, sigma_, log_pi_);
   const Geometry g = make_geometry(x_, mu_, kernel, stride);
   TORCH_CHECK(loss == "mc" || loss == "loglik", "loss: expected 'mc' or 'loglik', got ", loss);
@@ -800,8 +800,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_bwd_cpu(
   // the backward reads rows G[kstar, :] of the dense matrix: kron(Gy, Gx) of a factored smoothing (K^2, once)
   if (smoothing.has_value() && smoothing->defined())
     G = dense_smoothing(checked_smoothing(*smoothing, g.K, x.scalar_type()));
-  auto d_mu = new_output(mu.sizes(), mu.options()), d_sigma = new_output(sigma.sizes(), sigma.options());
-  auto d_log_pi = new_output(log_pi_.sizes(), log_pi_.options());
+  // parameter gradients only when asked (sharpening differentiates x alone): empty tensors otherwise
+  auto empty = [&] { return at::empty({0}, mu.options()); };  // distinct tensors: outputs must not alias
+  auto d_mu = need_param_grads ? new_output(mu.sizes(), mu.options()) : empty();
+  auto d_sigma = need_param_grads ? new_output(sigma.sizes(), sigma.options()) : empty();
+  auto d_log_pi = need_param_grads ? new_output(log_pi_.sizes(), log_pi_.options()) : empty();
   auto dx = need_x_grad ? new_output(x.sizes(), x.options()) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cgmm_bwd_cpu", [&] {
     using T = scalar_t;
@@ -809,8 +812,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_bwd_cpu(
                             g_score.defined() ? g_score.data_ptr<T>() : nullptr,
                             G.defined() ? G.data_ptr<T>() : nullptr, T(g_score_all), kstar.data_ptr<int32_t>(),
                             is_mc, g.K};
-    param_grads<T>(g, x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), W, d_mu.data_ptr<T>(),
-                   d_sigma.data_ptr<T>(), d_log_pi.data_ptr<T>());
+    if (need_param_grads)
+      param_grads<T>(g, x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), W, d_mu.data_ptr<T>(),
+                     d_sigma.data_ptr<T>(), d_log_pi.data_ptr<T>());
     if (need_x_grad) {
       const T* m = mu.data_ptr<T>();
       const T* s = sigma.data_ptr<T>();

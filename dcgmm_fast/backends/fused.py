@@ -26,8 +26,10 @@ def cgmm_fwd_fake(x, mu, sigma, log_pi, kernel, stride, loss, smoothing):
 
 
 def cgmm_bwd_fake(g_resp, g_score, x, mu, sigma, log_pi, kernel, stride, loss, smoothing, resp, lse, kstar,
-                  need_x_grad):
+                  need_x_grad, need_param_grads=True):
     dx = torch.empty_like(x) if need_x_grad else x.new_empty(0)
+    if not need_param_grads:
+        return dx, mu.new_empty(0), mu.new_empty(0), mu.new_empty(0)
     return dx, torch.empty_like(mu), torch.empty_like(sigma), torch.empty_like(log_pi)
 
 
@@ -57,9 +59,11 @@ def _make_cgmm_backward(bwd_op: Callable):
 
     def backward(ctx, g_resp, g_score, _g_lse, _g_kstar):
         x, mu, sigma, log_pi, smoothing, resp, lse, kstar = ctx.saved_tensors
-        need_x = ctx.needs_input_grad[0]
+        need_x, need_params = ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:4])
         dx, d_mu, d_sigma, d_log_pi = bwd_op(g_resp, g_score, x, mu, sigma, log_pi, ctx.kernel, ctx.stride,
-                                             ctx.loss, smoothing, resp, lse, kstar, need_x)
+                                             ctx.loss, smoothing, resp, lse, kstar, need_x, need_params)
+        if not need_params:  # e.g. sharpening: only x is differentiated
+            d_mu = d_sigma = d_log_pi = None
         return (dx if need_x else None), d_mu, d_sigma, d_log_pi, None, None, None, None
 
     return backward

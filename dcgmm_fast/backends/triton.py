@@ -68,10 +68,11 @@ def _define_ops() -> None:
     def cgmm_bwd_triton(g_resp: Optional[torch.Tensor], g_score: Optional[torch.Tensor], x: torch.Tensor,
                         mu: torch.Tensor, sigma: torch.Tensor, log_pi: torch.Tensor, kernel: List[int],
                         stride: List[int], loss: str, smoothing: Optional[torch.Tensor], resp: torch.Tensor,
-                        lse: torch.Tensor, kstar: torch.Tensor, need_x_grad: bool
+                        lse: torch.Tensor, kstar: torch.Tensor, need_x_grad: bool, need_param_grads: bool = True
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return tk.cgmm_bwd(g_resp, g_score, x, mu, sigma, log_pi, tuple(kernel), tuple(stride), loss,
-                           _dense(smoothing), resp, lse, kstar, need_x_grad, precision=_precision())
+                           _dense(smoothing), resp, lse, kstar, need_x_grad, precision=_precision(),
+                           need_param_grads=need_param_grads)
 
     @torch.library.custom_op("dcgmm::patch_average_triton", mutates_args=(), device_types=devices)
     def patch_average_triton(v: torch.Tensor, image_hw: List[int], kernel: List[int], stride: List[int]
