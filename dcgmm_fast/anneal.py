@@ -117,9 +117,9 @@ def anneal_(layer: ConvGMM, score: torch.Tensor) -> torch.Tensor:
     last = torch.where(at_end, avg, last)
     events = torch.where(at_end, events + 1, events)
     st.copy_(torch.stack([it, avg, first, last, events]))
-    gamma = torch.tensor(layer.gamma, dtype=torch.float32).double()
+    gamma = _f32(layer.gamma)  # a Python float: the float32 value, multiplied in float64 as SingleExp does
     for buf, floor in ((layer.eps, layer.eps_inf), (layer.som_sigma, layer.som_sigma_inf)):
-        shrunk = torch.clamp_min((buf.double() * gamma).float(), float(np.float32(floor)))
+        shrunk = torch.clamp_min((buf.double() * gamma).float(), _f32(floor))
         buf.copy_(torch.where(reduce, shrunk, buf))
     if layer.loss == "mc":
         layer.smoothing.copy_(smoothing_factors_of(layer.n_components, layer.som_sigma, dtype=layer.smoothing.dtype))

@@ -36,11 +36,10 @@ _MEAN_ROWS_PER_OP = 120  # 120 * 256 = 30720 elements per op: below torch's para
 
 
 def fixed_order_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean of all entries, summed in float64 in fixed blocks of 256 (each block by one thread: torch splits a
-    row-wise sum over its rows; a last partial block summed alone), level by level: the same bits for any thread
-    count. ``Tensor.mean`` of 67,600
-    scores differs by ~5e-7 between 1 and 2 threads, and the annealing controller takes threshold decisions on
-    it. Returns a () tensor of t's dtype; not differentiable (the step's gradient uses ``mean``)."""
+    """Mean of all entries, summed in float64 in fixed blocks of 256 (each block by one thread; a last partial
+    block summed alone), level by level: the same bits for any thread count. ``Tensor.mean`` of 67,600 scores
+    differs by ~5e-7 between 1 and 2 threads, and the annealing controller takes threshold decisions on it.
+    Returns a () tensor of t's dtype; not differentiable (the step's gradient comes from ``mean_grad``)."""
     flat = t.detach().reshape(-1)
     n = flat.numel()
     while flat.numel() > _MEAN_BLOCK:
@@ -296,8 +295,9 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: Optional[torch.Tensor], progress: float, history: History) -> None:
         """One mini-batch through every layer; ``progress`` = fraction of training done (for waits).
 
-        x: (N, H, W, C) float in [0, 1], or uint8 (scaled by 1/255 inside the step). No host reads: the annealing
-        runs on the device (``anneal.anneal_``) and the step's records go to ``history`` as one device tensor.
+        x: (N, H, W, C) float in [0, 1], or uint8 (scaled by 1/255 inside the step). The step's records go to
+        ``history`` as one device tensor; on a GPU or compiled the annealing runs on the device too
+        (``anneal.anneal_``), so the step reads nothing back to the host.
         """
         active = tuple(isinstance(layer, ConvGMM) and progress >= layer.wait for layer in self.layers)
         values = self._run(x, y, active)
