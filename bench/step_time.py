@@ -17,6 +17,7 @@ import torch
 
 from dcgmm_fast import data
 from dcgmm_fast.model import DCGMM
+from dcgmm_fast.presets import get_preset
 from dcgmm_fast.train import History, Trainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -28,11 +29,11 @@ ORIGINAL_MS = {"B-class": 417.0, "D": 387.0}
 def images(preset: str):
     """(x, y) to train on: the shipped Fashion-MNIST images, or random images of the preset's input shape (svhn)."""
     ds = data.load_shipped()
-    model = DCGMM(preset, seed=0)
-    if tuple(ds.x_train.shape[1:]) == model.input_shape:
+    shape = get_preset(preset).input_shape
+    if tuple(ds.x_train.shape[1:]) == shape:
         return ds.x_train, ds.y_train
     g = torch.Generator().manual_seed(0)
-    return torch.rand(ds.x_train.shape[0], *model.input_shape, generator=g), ds.y_train
+    return torch.rand(ds.x_train.shape[0], *shape, generator=g), ds.y_train
 
 
 def step_ms(preset: str, backend: str, steps: int, batch: int) -> float:

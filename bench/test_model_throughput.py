@@ -20,11 +20,12 @@ import time
 import pytest
 import torch
 
-from dcgmm_fast import data, ops
+from dcgmm_fast import ops
 from dcgmm_fast.model import DCGMM
 from dcgmm_fast.presets import PRESETS, get_preset
 from dcgmm_fast.sampling import Sharpening
 from dcgmm_fast.train import History, Trainer
+from step_time import images  # bench/ is on sys.path under pytest (rootdir conftest)
 
 PRESET_NAMES = os.environ.get("DCGMM_BENCH_PRESETS", "A B B-class C D E F G demo svhn").split()
 BATCHES = [100, 1000]
@@ -52,13 +53,9 @@ def _status(key: str) -> int:
 
 
 def _images(preset: str, n: int) -> torch.Tensor:
-    shape = get_preset(preset).input_shape
-    ds = data.load_shipped()
-    if shape == tuple(ds.x_train.shape[1:]):
-        reps = (n + ds.x_train.shape[0] - 1) // ds.x_train.shape[0]
-        return ds.x_train.repeat(reps, 1, 1, 1)[:n]
-    g = torch.Generator().manual_seed(0)  # svhn: no shipped colour images; random ones of its shape
-    return torch.rand(n, *shape, generator=g)
+    """n training images of the preset's shape (step_time.images, repeated up to n)."""
+    x, _ = images(preset)
+    return x.repeat((n + x.shape[0] - 1) // x.shape[0], 1, 1, 1)[:n]
 
 
 def _labels(n: int) -> torch.Tensor:

@@ -12,6 +12,8 @@ PyObject* PyInit__C(void) {
 }
 }
 
+// cgmm_bwd_*: need_param_grads (an addition to design.md's contract, default true) lets a caller that
+// differentiates x alone (sharpening) skip the parameter sums; the parameter gradients are then empty tensors.
 TORCH_LIBRARY(dcgmm, m) {
   m.def(
       "cgmm_fwd_cpp(Tensor x, Tensor mu, Tensor sigma, Tensor log_pi, int[2] kernel, int[2] stride, str loss, "

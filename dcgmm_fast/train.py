@@ -242,6 +242,7 @@ class Trainer:
             elif not isinstance(layer, (ConvGMM, MaxPool)):
                 raise TypeError(f"layers: unsupported layer {type(layer).__name__}")
         self.gmms = [i for i, layer in enumerate(self.layers) if isinstance(layer, ConvGMM)]
+        self.gmm_names = [self.names[i] for i in self.gmms]
         self.optimizer = self._make_optimizer(optimizer, lr)
         if compile and self.optimizer is not None:
             raise ValueError("compile: only the original update rule is compiled; use optimizer=None")
@@ -301,8 +302,7 @@ class Trainer:
         """
         active = tuple(isinstance(layer, ConvGMM) and progress >= layer.wait for layer in self.layers)
         values = self._run(x, y, active)
-        names = [self.names[i] for i in self.gmms]
-        history.record(names, values, y is not None and self.classifier_input is not None)
+        history.record(self.gmm_names, values, y is not None and self.classifier_input is not None)
 
     def _step_all(self, x: torch.Tensor, y: Optional[torch.Tensor], active: Tuple[bool, ...]) -> torch.Tensor:
         """The whole step as tensor ops (what ``compile`` captures); returns the history row (see History)."""

@@ -76,17 +76,25 @@ std::vector<T> padded(const T* src, int64_t rows, int64_t D, int64_t D_pad, F f)
   return out;
 }
 
-// Patch row (n, p) of the NHWC input into buf[0:D]; buf[D:D_pad] stays zero. kh contiguous segments of kw*C values.
+// Entries [d0, d0 + dn) of patch row (n, p) of the NHWC input, d in (ky, kx, c) order: the kh contiguous
+// segments of kw * C values it overlaps, into dst[(d - d0) * stride] (stride 1: a row buffer; RL: one lane of a
+// rows-in-lanes block).
 template <typename T>
-inline void gather_row(const T* x, const Geometry& g, int64_t n, int64_t p, T* buf) {
+inline __attribute__((always_inline)) void gather_range(const T* x, const Geometry& g, int64_t n, int64_t p,
+                                                        int64_t d0, int64_t dn, T* dst, int64_t stride = 1) {
   const int64_t oy = p / g.Wo, ox = p % g.Wo, seg = g.kw * g.C;
   const T* base = x + ((n * g.H + oy * g.sh) * g.W + ox * g.sw) * g.C;
-  if (seg <= 8) {  // short segments (3x3 one-channel patches): a library memcpy call per segment costs more
-    for (int64_t ky = 0; ky < g.kh; ++ky)
-      for (int64_t i = 0; i < seg; ++i) buf[ky * seg + i] = base[ky * g.W * g.C + i];
-    return;
+  int64_t ky = d0 / seg, i = d0 - ky * seg;  // one division per row; then segment by segment
+  for (int64_t d = d0, end = d0 + dn; d < end; ++ky, i = 0) {
+    const int64_t len = std::min(seg - i, end - d);
+    const T* src = base + ky * g.W * g.C + i;
+    T* out = dst + (d - d0) * stride;
+    if (stride == 1 && len > 8)  // long segments: one library copy (short ones, 3x3 one-channel: a loop is cheaper)
+      std::memcpy(out, src, len * sizeof(T));
+    else
+      for (int64_t l = 0; l < len; ++l) out[l * stride] = src[l];
+    d += len;
   }
-  for (int64_t ky = 0; ky < g.kh; ++ky) std::memcpy(buf + ky * seg, base + ky * g.W * g.C, seg * sizeof(T));
 }
 
 // Tests set DCGMM_POISON=1: outputs are then filled with NaN (-1 for kstar) before a kernel writes them, so a
@@ -257,7 +265,7 @@ inline __attribute__((always_inline)) void block_finish_impl(T* __restrict__ lt,
   V bv = load_rv(ranked), kv = V{} * T(0), mx = load_rv(lt);
   for (int64_t k = 1; k < K; ++k) {
     const V r = load_rv(ranked + k * RL), l = load_rv(lt + k * RL);
-    const auto gt = r > bv;  // ties and NaN keep the lowest index, as argmax_first
+    const auto gt = r > bv;  // first maximum: ties (and NaN) keep the lowest index
     bv = gt ? r : bv;
     kv = gt ? V{} + T(k) : kv;
     mx = l > mx ? l : mx;
@@ -315,17 +323,12 @@ template <typename T>
 inline __attribute__((always_inline)) void forward_block_impl(const Geometry& g, const ForwardArgs<T>& a,
                                                               int64_t gi, int64_t j0, int64_t nvalid, const T* c,
                                                               T* xt, T* lt, T* tmp, T* sm) {
-  const int64_t K = g.K, D = g.D, seg = g.kw * g.C;
+  const int64_t K = g.K, D = g.D;
   if (a.ls == nullptr) {
     for (int64_t i = 0; i < RL; ++i) {
-      if (i < nvalid) {  // row (n, p): kh segments of kw * C values, straight into lane i of xt
-        const int64_t r = row_of(g, gi, j0 + i), n = r / g.P, p = r % g.P, oy = p / g.Wo, ox = p % g.Wo;
-        const T* base = a.x + ((n * g.H + oy * g.sh) * g.W + ox * g.sw) * g.C;
-        for (int64_t ky = 0; ky < g.kh; ++ky) {
-          const T* src = base + ky * g.W * g.C;
-          T* dst = xt + ky * seg * RL + i;
-          for (int64_t e = 0; e < seg; ++e) dst[e * RL] = src[e];
-        }
+      if (i < nvalid) {  // the row straight into lane i of xt
+        const int64_t r = row_of(g, gi, j0 + i);
+        gather_range(a.x, g, r / g.P, r % g.P, 0, D, xt + i, RL);
       } else {
         for (int64_t d = 0; d < D; ++d) xt[d * RL + i] = T(0);
       }
@@ -427,7 +430,7 @@ void log_scores_gemm(const Geometry& g, const at::Tensor& x, const at::Tensor& m
           for (int64_t i = i0; i < i1; ++i) {
             const int64_t r = row_of(g, gi, j0 + i);
             T* row = xbp + i * g.D;
-            gather_row(xp, g, r / g.P, r % g.P, row);
+            gather_range(xp, g, r / g.P, r % g.P, 0, g.D, row);
             for (int64_t d = 0; d < g.D; ++d) row[d] -= cen[d];
           }
         });
@@ -597,21 +600,6 @@ DCGMM_MULTIVERSION void pg_finish(int64_t K, int64_t dn, int64_t D, int64_t ldx,
   pg_finish_impl<double>(K, dn, D, ldx, mu, sigma, ctr, A1, A2, wt, d_mu, d_sigma);
 }
 
-// Entries [d0, d0 + dn) of patch row (n, p) into buf.
-template <typename T>
-inline __attribute__((always_inline)) void gather_range(const T* x, const Geometry& g, int64_t n, int64_t p,
-                                                        int64_t d0, int64_t dn, T* buf) {
-  const int64_t oy = p / g.Wo, ox = p % g.Wo, seg = g.kw * g.C;
-  const T* base = x + ((n * g.H + oy * g.sh) * g.W + ox * g.sw) * g.C;
-  for (int64_t d = d0, end = d0 + dn; d < end;) {
-    const int64_t ky = d / seg, i = d - ky * seg, len = std::min(seg - i, end - d);
-    const T* src = base + ky * g.W * g.C + i;
-    T* dst = buf + (d - d0);
-    for (int64_t l = 0; l < len; ++l) dst[l] = src[l];
-    d += len;
-  }
-}
-
 // A block's rows (entries [d0, d0 + dn), zero-padded to ldx) into xb, their weights W into wb (stride ldw) and
 // the weights' float sums over the block into ws.
 template <typename T>
@@ -754,7 +742,7 @@ void x_grad(const Geometry& g, const T* x, const T* mu_p, const T* s2_p, const W
       for (int64_t p = 0; p < g.P; ++p) {
         const int64_t r = n * g.P + p, gi = g.independent ? p : 0;
         std::fill(b1.begin(), b1.end(), T(0));
-        gather_row(x, g, n, p, xb.data());
+        gather_range(x, g, n, p, 0, g.D, xb.data());
         W.row(r, wr.data());
         dx_row(wr.data(), K, s2_p + gi * K * D_pad, mu_p + gi * K * D_pad, xb.data(), b1.data(), D_pad);
         const int64_t oy = p / g.Wo, ox = p % g.Wo;
