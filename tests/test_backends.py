@@ -71,16 +71,29 @@ def _inputs(shape, dtype, seed, requires_grad=True):
     return cast, (None if G is None else G.to(dtype)), dict(kernel=kernel, stride=stride, loss=loss)
 
 
-def _upstream(out, seed):
+UPSTREAM = ("both", "score", "mean")  # random gradients of resp and score / of score alone / score.mean()
+
+
+def _upstream(out, seed, kind="both"):
+    """(g_resp, g_score) of an objective: random of resp's and score's shapes ("both"); None and random ("score");
+    None and None ("mean": the objective is score.mean(), the training step's, one value expanded)."""
+    assert kind in UPSTREAM
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(out.resp.shape, generator=g, dtype=torch.float64),
-            torch.randn(out.score.shape, generator=g, dtype=torch.float64))
+    g_resp = torch.randn(out.resp.shape, generator=g, dtype=torch.float64)
+    g_score = torch.randn(out.score.shape, generator=g, dtype=torch.float64)
+    return (g_resp if kind == "both" else None), (None if kind == "mean" else g_score)
 
 
 def _grads(out, inputs, g_resp, g_score):
     dtype = out.resp.dtype
-    objective = (out.resp * g_resp.to(dtype)).sum() + (out.score * g_score.to(dtype)).sum()
+    objective = out.score.mean() if g_score is None else (out.score * g_score.to(dtype)).sum()
+    if g_resp is not None:
+        objective = objective + (out.resp * g_resp.to(dtype)).sum()
     return torch.autograd.grad(objective, inputs)
+
+
+def _on(device, t):
+    return None if t is None else t.to(device)
 
 
 def _top2_margin(inputs64, G, kw):
@@ -118,14 +131,14 @@ def test_float64_matches_reference(backend, shape, fresh_seed):
         assert_close(a, b, 1e-10, name)
 
 
-def _check_float32_rule(backend, device, inputs64, inputs32, G64, G32, kw, seed):
+def _check_float32_rule(backend, device, inputs64, inputs32, G64, G32, kw, seed, upstream="both"):
     """design.md's float32 rule on every output and gradient of ``backend`` (tensors on ``device``): error against
     the float64 reference at most 4x the float32 reference's own + 1e-6; kstar on clear-margin rows; gradients
-    given the kernel's own kstar, for random upstream gradients of resp and score."""
+    given the kernel's own kstar, for the upstream gradients ``upstream`` names (see _upstream)."""
     on_dev = [t.detach().to(device).requires_grad_(True) for t in inputs32]
     dev_out = ops.cgmm(*on_dev, smoothing=None if G32 is None else G32.to(device), backend=backend, **kw)
-    g_dev = _upstream(dev_out, seed + 1)
-    dev_grads = _grads(dev_out, on_dev, *(t.to(device) for t in g_dev))
+    g_dev = _upstream(dev_out, seed + 1, upstream)
+    dev_grads = _grads(dev_out, on_dev, *(_on(device, t) for t in g_dev))
     out = ops.CGMMOut(*(t.detach().cpu() for t in dev_out))
     ref64 = reference.cgmm(*inputs64, smoothing=G64, **kw)
     ref32 = reference.cgmm(*inputs32, smoothing=G32, **kw)
@@ -141,7 +154,7 @@ def _check_float32_rule(backend, device, inputs64, inputs32, G64, G32, kw, seed)
     kstar = out.kstar if kw["loss"] == "mc" else None
     ref64 = reference.cgmm(*inputs64, smoothing=G64, kstar=kstar, **kw)
     ref32 = reference.cgmm(*inputs32, smoothing=G32, kstar=kstar, **kw)
-    g_resp, g_score = _upstream(ref64, seed + 1)
+    g_resp, g_score = _upstream(ref64, seed + 1, upstream)
     got = [t.cpu() for t in dev_grads]
     want = _grads(ref64, inputs64, g_resp, g_score)
     own = _grads(ref32, inputs32, g_resp, g_score)
@@ -214,6 +227,36 @@ def test_factored_smoothing_equals_dense(backend, shape, fresh_seed):
         assert_close(a, b, 1e-10, name)
 
 
+MC = [(s, i) for s, i in zip(SHAPES, IDS) if s[8] == "mc"]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("upstream", ["score", "mean"])
+@pytest.mark.parametrize("shape", [s for s, _ in MC], ids=[i for _, i in MC])
+def test_score_only_backward(backend, shape, upstream, fresh_seed):
+    """The mc loss with no gradient on resp, as every training step differentiates it (the cpp backward then sums
+    the rows by their winner, W = g G[kstar]): float64 to 1e-10 with the dense G, its factors and no smoothing,
+    for a per-row g_score and for score.mean(); float32 within the rule."""
+    name, device = _split(backend)
+    if name == "cpp":
+        inputs, G, kw = _inputs(shape, torch.float64, fresh_seed)
+        factors = None if G is None else geometry.smoothing_factors(shape[6], shape[9], dtype=torch.float64)
+        ref = reference.cgmm(*inputs, smoothing=G, **kw)
+        g_resp, g_score = _upstream(ref, fresh_seed + 1, upstream)
+        want = _grads(ref, inputs, g_resp, g_score)
+        for smoothing in ([G, factors] if G is not None else [None]):
+            out = ops.cgmm(*inputs, smoothing=smoothing, backend=name, **kw)
+            got = _grads(out, inputs, g_resp, g_score)
+            for gname, a, b in zip(("dx", "d_mu", "d_sigma", "d_log_pi"), got, want):
+                assert not torch.isnan(a).any(), gname
+                assert_close(a, b, 1e-10, f"{gname} (smoothing {None if smoothing is None else smoothing.dim()}-d)")
+    inputs64, G64, kw = _inputs(shape, torch.float64, fresh_seed)
+    inputs32, G32, _ = _inputs(shape, torch.float32, fresh_seed)
+    if G32 is not None:  # the layers pass factors
+        G32 = geometry.smoothing_factors(shape[6], shape[9], dtype=torch.float32)
+    _check_float32_rule(name, device, inputs64, inputs32, G64, G32, kw, fresh_seed, upstream)
+
+
 # ------------------------------------------------------------------------------------------------ trained regime
 TRAINED = [  # (name, input, kernel, stride, K, independent, loss, som_sigma); input "images[SIZE]" or "resp"
     ("3x3-K25-S-mc", "images", 3, 1, 25, False, "mc", 1.2),  # D = 9, the first layer of D, E, F
@@ -256,18 +299,22 @@ def _trained_inputs(case, shipped, seed):
     return [x, mu, sigma, log_pi], G, dict(kernel=kernel, stride=stride, loss=loss)
 
 
+TRAINED_UPSTREAM = [(c, "both") for c in TRAINED] + [(c, "mean") for c in TRAINED if c[6] == "mc"]
+
+
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("case", TRAINED, ids=[c[0] for c in TRAINED])
-def test_trained_regime_float32_within_design_rule(backend, case, shipped, fresh_seed):
+@pytest.mark.parametrize("case,upstream", TRAINED_UPSTREAM, ids=[f"{c[0]}-{u}" for c, u in TRAINED_UPSTREAM])
+def test_trained_regime_float32_within_design_rule(backend, case, upstream, shipped, fresh_seed):
     """Every float32 output and gradient within the 4x rule where expanded sums cancel (design.md): mu on the data,
-    sigma near its ceiling, real images and sharp responsibilities, with the factored smoothing the layers pass.
+    sigma near its ceiling, real images and sharp responsibilities, with the factored smoothing the layers pass,
+    for random upstream gradients and for the training step's score.mean() (the cpp winner sums on mc layers).
     Random parameters alone cannot see cancellation (the dx of classifier-B's first layer failed here at 7.8x)."""
     backend, device = _split(backend)
     inputs64, G64, kw = _trained_inputs(case, shipped, fresh_seed)
     inputs64 = [t.requires_grad_(True) for t in inputs64]
     inputs32 = [t.detach().float().requires_grad_(True) for t in inputs64]
     G32 = None if G64 is None else G64.float()
-    _check_float32_rule(backend, device, inputs64, inputs32, G64, G32, kw, fresh_seed)
+    _check_float32_rule(backend, device, inputs64, inputs32, G64, G32, kw, fresh_seed, upstream)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -342,13 +389,15 @@ def test_parameter_gradients_bit_identical_across_runs_and_threads(backend):
             for indep in (False, True):
                 inputs, G, kw = _inputs(shape[:7] + (indep,) + shape[8:], torch.float32, 5)
                 inputs = [t.detach().to(device).requires_grad_() for t in inputs]
-                out = ops.cgmm(*inputs, smoothing=None if G is None else G.to(device), backend=backend, **kw)
-                grads = torch.autograd.grad(out.score.sum() + out.resp[..., :3].sum(), inputs)
-                results.append((indep, [g.clone() for g in grads]))
+                for objective in ("score+resp", "mean"):  # the general sums; the winner sums (cpp)
+                    out = ops.cgmm(*inputs, smoothing=None if G is None else G.to(device), backend=backend, **kw)
+                    loss = out.score.mean() if objective == "mean" else out.score.sum() + out.resp[..., :3].sum()
+                    grads = torch.autograd.grad(loss, inputs)
+                    results.append(((indep, objective), [g.clone() for g in grads]))
     finally:
         torch.set_num_threads(threads)
-    for indep in (False, True):
-        runs = [g for i, g in results if i == indep]
+    for key in {k for k, _ in results}:
+        runs = [g for k, g in results if k == key]
         for other in runs[1:]:
             for a, b in zip(runs[0], other):
                 assert torch.equal(a, b)

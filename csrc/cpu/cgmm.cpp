@@ -5,10 +5,11 @@
 //   dense G), max / argmax, softmax and logsumexp all on the block in registers and L1, written once into resp,
 //   score, lse and kstar: one parallel region per forward (shared layers with D, K >= 64 take the log scores from
 //   GEMMs first).
-// cgmm_bwd_cpu: the parameter gradients, the backward weights W of each row computed from the saved resp and kstar
-//   where they are used; centred sums by a register-tiled micro-kernel over fixed blocks of rows (float sums per
-//   block added in block order to double totals: deterministic and independent of the thread count); the x
-//   gradient folded back to pixels one image per task (no races).
+// cgmm_bwd_cpu: the parameter gradients as centred sums over fixed blocks of rows (float sums per block added in
+//   block order to double totals: deterministic and independent of the thread count). The mc loss with no
+//   gradient on resp (a training step) sums each row into its winner alone and multiplies by G^T once; otherwise
+//   the backward weights W of each row are computed from the saved resp and kstar where they are used and a
+//   register-tiled micro-kernel sums them. The x gradient is folded back to pixels one image per task (no races).
 // patch_average_cpu, sample_components_cpu: the sampling helpers.
 // Includes ATen and torch/library.h only (torch/extension.h costs ~23 s per file).
 #include <ATen/ATen.h>
@@ -76,25 +77,33 @@ std::vector<T> padded(const T* src, int64_t rows, int64_t D, int64_t D_pad, F f)
   return out;
 }
 
-// Entries [d0, d0 + dn) of patch row (n, p) of the NHWC input, d in (ky, kx, c) order: the kh contiguous
-// segments of kw * C values it overlaps, into dst[(d - d0) * stride] (stride 1: a row buffer; RL: one lane of a
-// rows-in-lanes block).
-template <typename T>
-inline __attribute__((always_inline)) void gather_range(const T* x, const Geometry& g, int64_t n, int64_t p,
-                                                        int64_t d0, int64_t dn, T* dst, int64_t stride = 1) {
+// Calls f(src, o, len) for the (at most kh) contiguous input segments that hold entries [d0, d0 + dn) of patch row
+// (n, p) of the NHWC input, d in (ky, kx, c) order: src[0 .. len) are entries d0 + o .. d0 + o + len - 1.
+template <typename T, typename F>
+inline __attribute__((always_inline)) void for_each_segment(const T* x, const Geometry& g, int64_t n, int64_t p,
+                                                            int64_t d0, int64_t dn, F&& f) {
   const int64_t oy = p / g.Wo, ox = p % g.Wo, seg = g.kw * g.C;
   const T* base = x + ((n * g.H + oy * g.sh) * g.W + ox * g.sw) * g.C;
   int64_t ky = d0 / seg, i = d0 - ky * seg;  // one division per row; then segment by segment
   for (int64_t d = d0, end = d0 + dn; d < end; ++ky, i = 0) {
     const int64_t len = std::min(seg - i, end - d);
-    const T* src = base + ky * g.W * g.C + i;
-    T* out = dst + (d - d0) * stride;
+    f(base + ky * g.W * g.C + i, d - d0, len);
+    d += len;
+  }
+}
+
+// Entries [d0, d0 + dn) of patch row (n, p) into dst[(d - d0) * stride] (stride 1: a row buffer; RL: one lane of
+// a rows-in-lanes block).
+template <typename T>
+inline __attribute__((always_inline)) void gather_range(const T* x, const Geometry& g, int64_t n, int64_t p,
+                                                        int64_t d0, int64_t dn, T* dst, int64_t stride = 1) {
+  for_each_segment(x, g, n, p, d0, dn, [&](const T* src, int64_t o, int64_t len) {
+    T* out = dst + o * stride;
     if (stride == 1 && len > 8)  // long segments: one library copy (short ones, 3x3 one-channel: a loop is cheaper)
       std::memcpy(out, src, len * sizeof(T));
     else
       for (int64_t l = 0; l < len; ++l) out[l * stride] = src[l];
-    d += len;
-  }
+  });
 }
 
 // Tests set DCGMM_POISON=1: outputs are then filled with NaN (-1 for kstar) before a kernel writes them, so a
@@ -523,7 +532,8 @@ struct WeightSource {
 // and runs a register-tiled micro-kernel (PG_KB components x one vector of entries, the rows streamed); a
 // block's float sums are added to double totals in block order, chunks in chunk order. The order of every
 // addition is fixed by these constants, never by the thread count. One parallel region (two when a GMM has more
-// than PG_CHUNK rows), no BLAS inside.
+// than PG_CHUNK rows), no BLAS inside. The mc loss with no gradient on resp takes the winner sums (pw_block) in the
+// same tasks.
 constexpr int64_t PG_ROWS = 128;
 constexpr int64_t PG_DRANGE = 128;
 constexpr int64_t PG_CHUNK = 8192;
@@ -629,19 +639,196 @@ DCGMM_MULTIVERSION void pg_gather(const Geometry& g, const double* x, const Weig
   pg_gather_impl<double>(g, x, W, gi, j0, nb, d0, dn, ldx, ldw, xb, wb, ws);
 }
 
+// The mc loss with no gradient on resp (every training step): a row's weights are one row of G, scaled,
+// W[r, :] = g_r G[kstar_r, :] (one-hot without a smoothing), so the sums over rows factor through the winners:
+//   b0[j] = sum_{r: kstar_r = j} g_r,  B1[j, d] = sum_{r: kstar_r = j} g_r xc[r, d],  B2[j, d] = same of g_r xc^2,
+//   w = G^T b0,  A1c = G^T B1,  A2c = G^T B2.
+// A row is added to its winner alone (2 multiply-adds per (row, entry), not 2 K), then one product by G^T per task
+// in double: separable with the factors (2 n K per entry), else over the task's winners only (a dense G). The
+// tasks, blocks and orders are the general path's: float sums per block of PG_ROWS rows, added to double totals.
+
+// One block of rows into its winners' float sums f1, f2 (K, ldx); hit[j] marks the winners of the block; the
+// block's sums are then added to the double totals B1, B2 and b0.
 template <typename T>
-void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, const WeightSource<T>& W, T* d_mu,
-                 T* d_sigma,
-                 T* d_log_pi) {
+inline __attribute__((always_inline)) void pw_block_impl(const Geometry& g, const T* __restrict__ x,
+                                                         const WeightSource<T>& W, int64_t gi, int64_t j0, int64_t nb,
+                                                         int64_t d0, int64_t dn, int64_t ldx,
+                                                         const T* __restrict__ ctr, T* __restrict__ xr,
+                                                         T* __restrict__ f1, T* __restrict__ f2,
+                                                         uint8_t* __restrict__ hit, double* __restrict__ bs,
+                                                         uint8_t* __restrict__ used, double* __restrict__ b0, double* __restrict__ B1,
+                                                         double* __restrict__ B2) {
+  const int64_t K = g.K;
+  const bool long_segments = g.kw * g.C >= 16;
+  for (int64_t j = 0; j < K; ++j) hit[j] = 0;
+  for (int64_t d = dn; d < ldx; ++d) xr[d] = T(0);
+  for (int64_t i = 0; i < nb; ++i) {
+    const int64_t r = row_of(g, gi, j0 + i);
+    const T gr = W.g_score != nullptr ? W.g_score[r] : W.g_score_all;
+    if (gr == T(0)) continue;
+    const int64_t j = W.kstar[r];
+    T* __restrict__ a1 = f1 + j * ldx;
+    T* __restrict__ a2 = f2 + j * ldx;
+    if (!hit[j]) {
+      hit[j] = 1, bs[j] = 0.0;
+      for (int64_t d = 0; d < ldx; ++d) a1[d] = T(0), a2[d] = T(0);
+    }
+    auto add = [&](const T* __restrict__ src, int64_t o, int64_t len) {
+      for (int64_t d = 0; d < len; ++d) {
+        const T xc = src[d] - ctr[o + d], gx = gr * xc;
+        a1[o + d] += gx;
+        a2[o + d] += gx * xc;
+      }
+    };
+    if (long_segments) {  // straight from the input, segment by segment
+      for_each_segment(x, g, r / g.P, r % g.P, d0, dn, add);
+    } else {  // short segments (3x3 one-channel patches): gathered, then one pass over the padded row
+      gather_range(x, g, r / g.P, r % g.P, d0, dn, xr);
+      add(xr, 0, ldx);
+    }
+    bs[j] += double(gr);
+  }
+  for (int64_t j = 0; j < K; ++j) {
+    if (!hit[j]) continue;
+    if (!used[j]) {  // the task's first rows of winner j
+      used[j] = 1, b0[j] = 0.0;
+      std::fill(B1 + j * ldx, B1 + (j + 1) * ldx, 0.0), std::fill(B2 + j * ldx, B2 + (j + 1) * ldx, 0.0);
+    }
+    b0[j] += bs[j];
+    for (int64_t d = 0; d < dn; ++d) B1[j * ldx + d] += double(f1[j * ldx + d]);
+    for (int64_t d = 0; d < dn; ++d) B2[j * ldx + d] += double(f2[j * ldx + d]);
+  }
+}
+DCGMM_MULTIVERSION void pw_block(const Geometry& g, const float* x, const WeightSource<float>& W, int64_t gi,
+                                 int64_t j0, int64_t nb, int64_t d0, int64_t dn, int64_t ldx, const float* ctr,
+                                 float* xr, float* f1, float* f2, uint8_t* hit, double* bs, uint8_t* used, double* b0,
+                                 double* B1, double* B2) {
+  pw_block_impl<float>(g, x, W, gi, j0, nb, d0, dn, ldx, ctr, xr, f1, f2, hit, bs, used, b0, B1, B2);
+}
+DCGMM_MULTIVERSION void pw_block(const Geometry& g, const double* x, const WeightSource<double>& W, int64_t gi,
+                                 int64_t j0, int64_t nb, int64_t d0, int64_t dn, int64_t ldx, const double* ctr,
+                                 double* xr, double* f1, double* f2, uint8_t* hit, double* bs, uint8_t* used,
+                                 double* b0, double* B1, double* B2) {
+  pw_block_impl<double>(g, x, W, gi, j0, nb, d0, dn, ldx, ctr, xr, f1, f2, hit, bs, used, b0, B1, B2);
+}
+
+// The smoothing as the backward reads it: dense (K, K) G and, when the layer passed them, its factors (Gy, Gx) of
+// side n (G = kron(Gy, Gx)); both null: identity.
+template <typename T>
+struct Smoothing {
+  const T *dense, *gy, *gx;
+  int64_t n;
+};
+
+// out[i, :] = sum_t w[t] src[t, :] over nt terms (rows of length len, a multiple of 8 or 1), written once.
+inline __attribute__((always_inline)) void pw_rows_sum(int64_t nt, const double* w, const double* const* src,
+                                                        int64_t len, double* __restrict__ out) {
+  using V = Vec<double>::type;
+  constexpr int64_t L = Lanes<double>::value;
+  if (len % L != 0) {
+    for (int64_t d = 0; d < len; ++d) {
+      double acc = 0.0;
+      for (int64_t t = 0; t < nt; ++t) acc += w[t] * src[t][d];
+      out[d] = acc;
+    }
+    return;
+  }
+  constexpr int U = 4;  // independent accumulators: the sums over t are a dependency chain per vector
+  int64_t d = 0;
+  for (; d + U * L <= len; d += U * L) {
+    V acc[U];
+    for (int u = 0; u < U; ++u) acc[u] = V{} * 0.0;
+    for (int64_t t = 0; t < nt; ++t)
+      for (int u = 0; u < U; ++u) {
+        V b;
+        __builtin_memcpy(&b, src[t] + d + u * L, sizeof(V));
+        acc[u] += w[t] * b;
+      }
+    __builtin_memcpy(out + d, acc, sizeof(acc));
+  }
+  for (; d < len; d += L) {
+    V acc = V{} * 0.0;
+    for (int64_t t = 0; t < nt; ++t) {
+      V b;
+      __builtin_memcpy(&b, src[t] + d, sizeof(V));
+      acc += w[t] * b;
+    }
+    __builtin_memcpy(out + d, &acc, sizeof(V));
+  }
+}
+
+// A (K, len) = G^T B (K, len) in double (rows at stride ld), where only B's rows j with used[j] are defined (the others are zero):
+// B itself without G; separable with the factors, A[(ky, kx)] = sum_jy Gy[jy, ky] sum_jx Gx[jx, kx] B[(jy, jx)],
+// when that takes fewer operations than the dense product over the used rows. tmp: (K, len) scratch.
+template <typename T>
+inline __attribute__((always_inline)) void pw_combine_impl(const Smoothing<T>& G, int64_t K, int64_t len,
+                                                           int64_t ld, const uint8_t* __restrict__ used,
+                                                           const double* __restrict__ B, double* __restrict__ tmp,
+                                                           double* __restrict__ A) {
+  std::vector<double> w(K);
+  std::vector<const double*> src(K);
+  std::vector<int64_t> js;
+  for (int64_t j = 0; j < K; ++j)
+    if (used[j]) js.push_back(j);
+  const int64_t nused = int64_t(js.size());
+  if (G.dense == nullptr) {  // identity: the used rows, zeros elsewhere
+    for (int64_t k = 0; k < K; ++k)
+      if (used[k])
+        std::copy(B + k * ld, B + k * ld + len, A + k * ld);
+      else
+        std::fill(A + k * ld, A + k * ld + len, 0.0);
+    return;
+  }
+  if (G.gy != nullptr && 2 * G.n < nused) {
+    const int64_t n = G.n;
+    std::vector<uint8_t> row_used(n, 0);
+    std::vector<int64_t> jx_of(n);
+    for (int64_t jy = 0; jy < n; ++jy) {  // tmp[(jy, kx)] = sum_jx Gx[jx, kx] B[(jy, jx)]
+      int64_t nt = 0;
+      for (int64_t jx = 0; jx < n; ++jx)
+        if (used[jy * n + jx]) src[nt] = B + (jy * n + jx) * ld, jx_of[nt++] = jx;
+      row_used[jy] = nt > 0;
+      for (int64_t kx = 0; kx < n && nt > 0; ++kx) {
+        for (int64_t t = 0; t < nt; ++t) w[t] = double(G.gx[jx_of[t] * n + kx]);
+        pw_rows_sum(nt, w.data(), src.data(), len, tmp + (jy * n + kx) * ld);
+      }
+    }
+    for (int64_t ky = 0; ky < n; ++ky)  // A[(ky, kx)] = sum_jy Gy[jy, ky] tmp[(jy, kx)]
+      for (int64_t kx = 0; kx < n; ++kx) {
+        int64_t nt = 0;
+        for (int64_t jy = 0; jy < n; ++jy)
+          if (row_used[jy]) src[nt] = tmp + (jy * n + kx) * ld, w[nt++] = double(G.gy[jy * n + ky]);
+        pw_rows_sum(nt, w.data(), src.data(), len, A + (ky * n + kx) * ld);
+      }
+    return;
+  }
+  for (int64_t t = 0; t < nused; ++t) src[t] = B + js[t] * ld;
+  for (int64_t k = 0; k < K; ++k) {  // dense, over the used rows
+    for (int64_t t = 0; t < nused; ++t) w[t] = double(G.dense[js[t] * K + k]);
+    pw_rows_sum(nused, w.data(), src.data(), len, A + k * ld);
+  }
+}
+DCGMM_MULTIVERSION void pw_combine(const Smoothing<float>& G, int64_t K, int64_t len, int64_t ld,
+                                   const uint8_t* used, const double* B, double* tmp, double* A) {
+  pw_combine_impl<float>(G, K, len, ld, used, B, tmp, A);
+}
+DCGMM_MULTIVERSION void pw_combine(const Smoothing<double>& G, int64_t K, int64_t len, int64_t ld,
+                                   const uint8_t* used, const double* B, double* tmp, double* A) {
+  pw_combine_impl<double>(G, K, len, ld, used, B, tmp, A);
+}
+
+template <typename T>
+void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, const WeightSource<T>& W,
+                 const Smoothing<T>& S, T* d_mu, T* d_sigma, T* d_log_pi) {
   constexpr int64_t L = Lanes<T>::value;
   const int64_t K = g.K, D = g.D, rows = rows_per_gmm(g), ldw = round_up(K, PG_KB);
   const int64_t chunks = (rows + PG_CHUNK - 1) / PG_CHUNK, dranges = (D + PG_DRANGE - 1) / PG_DRANGE;
   const int64_t ldx = round_up(std::min(D, PG_DRANGE), PAD_LANES);  // one task's (K, ldx) totals
   const int64_t tile = K * ldx;
+  const bool winners = W.is_mc && W.g_resp == nullptr;  // every row's W is a scaled row of G (see pw_block)
   // with several chunks: every task's totals, reduced in chunk order afterwards
   std::vector<double> part1(chunks > 1 ? g.G * chunks * dranges * tile : 0), part2(part1.size()),
       partw(chunks > 1 ? g.G * chunks * dranges * K : 0);
-  // d_mu, d_sigma (and d_log_pi on the first range) of GMM gi's entries [d0, d0 + dn) from its totals
   // d_mu, d_sigma (and d_log_pi on the first range) of GMM gi's entries [d0, d0 + dn) from its centred totals;
   // ctr as the tasks rounded it
   auto finish = [&](int64_t gi, int64_t d0, int64_t dn, const T* ctr, const double* A1, const double* A2,
@@ -652,23 +839,39 @@ void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, con
     pg_finish(K, dn, D, ldx, mu + off, sigma + off, ctr, A1, A2, wt, d_mu + off, d_sigma + off);
   };
   auto centre = [&](int64_t gi, int64_t d0, int64_t dn, T* ctr) {  // the GMM's mean of means, in double
-    std::fill(ctr, ctr + ldx, T(0));
-    for (int64_t d = 0; d < dn; ++d) {
-      double acc = 0.0;
-      for (int64_t k = 0; k < K; ++k) acc += double(mu[(gi * K + k) * D + d0 + d]);
-      ctr[d] = T(acc / double(K));
+    double acc[PG_DRANGE] = {};  // k outer, entries inner: the same order of additions per entry, vectorised
+    for (int64_t k = 0; k < K; ++k) {
+      const T* m = mu + (gi * K + k) * D + d0;
+      for (int64_t d = 0; d < dn; ++d) acc[d] += double(m[d]);
     }
+    std::fill(ctr, ctr + ldx, T(0));
+    for (int64_t d = 0; d < dn; ++d) ctr[d] = T(acc[d] / double(K));
   };
   at::parallel_for(0, g.G * chunks * dranges, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> xb(PG_ROWS * ldx), wb(PG_ROWS * ldw, T(0)), ctr(ldx), ws(K);
+    std::vector<T> xb(winners ? ldx : PG_ROWS * ldx), wb(winners ? 0 : PG_ROWS * ldw, T(0)), ctr(ldx), ws(K);
+    std::vector<T> f1(winners ? tile : 0), f2(f1.size());  // winners: a block's float sums
+    std::vector<double> B1(f1.size()), B2(f1.size()), b0(winners ? K : 0), bs(b0.size()), tmp(f1.size());
+    std::vector<uint8_t> hit(K), used(K);
     std::vector<double> A1(tile), A2(tile), wt(K);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t gi = t / (chunks * dranges), c = (t / dranges) % chunks, dr = t % dranges;
       const int64_t d0 = dr * PG_DRANGE, dn = std::min(PG_DRANGE, D - d0);
       const int64_t j_begin = c * PG_CHUNK, j_end = std::min(rows, j_begin + PG_CHUNK);
       centre(gi, d0, dn, ctr.data());
-      std::fill(A1.begin(), A1.end(), 0.0), std::fill(A2.begin(), A2.end(), 0.0), std::fill(wt.begin(), wt.end(), 0.0);
-      for (int64_t j0 = j_begin; j0 < j_end; j0 += PG_ROWS) {
+      if (winners) {
+        std::fill(used.begin(), used.end(), uint8_t(0));
+        for (int64_t j0 = j_begin; j0 < j_end; j0 += PG_ROWS)
+          pw_block(g, x, W, gi, j0, std::min(PG_ROWS, j_end - j0), d0, dn, ldx, ctr.data(), xb.data(), f1.data(),
+                   f2.data(), hit.data(), bs.data(), used.data(), b0.data(), B1.data(), B2.data());
+        const int64_t len = round_up(dn, Lanes<double>::value);  // the columns that hold entries
+        pw_combine(S, K, len, ldx, used.data(), B1.data(), tmp.data(), A1.data());
+        pw_combine(S, K, len, ldx, used.data(), B2.data(), tmp.data(), A2.data());
+        pw_combine(S, K, 1, 1, used.data(), b0.data(), tmp.data(), wt.data());
+      } else {
+        std::fill(A1.begin(), A1.end(), 0.0), std::fill(A2.begin(), A2.end(), 0.0);
+        std::fill(wt.begin(), wt.end(), 0.0);
+      }
+      for (int64_t j0 = j_begin; !winners && j0 < j_end; j0 += PG_ROWS) {
         const int64_t nb = std::min(PG_ROWS, j_end - j0);
         pg_gather(g, x, W, gi, j0, nb, d0, dn, ldx, ldw, xb.data(), wb.data(), ws.data());
         for (int64_t k = 0; k < K; ++k) wt[k] += double(ws[k]);
@@ -786,8 +989,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_bwd_cpu(
       g_score = g_score_->contiguous().to(x.scalar_type());
   }
   // the backward reads rows G[kstar, :] of the dense matrix: kron(Gy, Gx) of a factored smoothing (K^2, once)
-  if (smoothing.has_value() && smoothing->defined())
-    G = dense_smoothing(checked_smoothing(*smoothing, g.K, x.scalar_type()));
+  at::Tensor Gf;  // the factors, when the layer passed them (the winner sums use them)
+  if (smoothing.has_value() && smoothing->defined()) {
+    Gf = checked_smoothing(*smoothing, g.K, x.scalar_type());
+    G = dense_smoothing(Gf);
+    if (Gf.dim() != 3) Gf = at::Tensor();
+  }
   // parameter gradients only when asked (sharpening differentiates x alone): empty tensors otherwise
   auto empty = [&] { return at::empty({0}, mu.options()); };  // distinct tensors: outputs must not alias
   auto d_mu = need_param_grads ? new_output(mu.sizes(), mu.options()) : empty();
@@ -800,8 +1007,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_bwd_cpu(
                             g_score.defined() ? g_score.data_ptr<T>() : nullptr,
                             G.defined() ? G.data_ptr<T>() : nullptr, T(g_score_all), kstar.data_ptr<int32_t>(),
                             is_mc, g.K};
+    const Smoothing<T> S{G.defined() ? G.data_ptr<T>() : nullptr, Gf.defined() ? Gf.data_ptr<T>() : nullptr,
+                         Gf.defined() ? Gf.data_ptr<T>() + Gf.size(1) * Gf.size(2) : nullptr,
+                         Gf.defined() ? Gf.size(1) : 0};
     if (need_param_grads)
-      param_grads<T>(g, x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), W, d_mu.data_ptr<T>(),
+      param_grads<T>(g, x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), W, S, d_mu.data_ptr<T>(),
                      d_sigma.data_ptr<T>(), d_log_pi.data_ptr<T>());
     if (need_x_grad) {
       const T* m = mu.data_ptr<T>();
