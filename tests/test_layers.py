@@ -94,6 +94,19 @@ def test_maxpool_ceil_mode_in_range_only(H, k, s, Ho):
             assert torch.equal(y[:, oy, ox], win.amax(dim=(1, 2)))
 
 
+@pytest.mark.parametrize("shape,k", [((26, 26, 25), 2), ((10, 6, 3), 2), ((9, 6, 2), 3), ((8, 8, 1), (2, 4))])
+def test_maxpool_tiled_windows_equal_max_pool2d(shape, k):
+    """Windows that tile the image take the strided-maximum path: the same values as max_pool2d, NaN included."""
+    pool = MaxPool(shape, k, k)
+    x = torch.randn(3, *shape)
+    x[1, 0, 0, 0] = float("nan")
+    want = F.max_pool2d(x.permute(0, 3, 1, 2), pool.kernel, pool.stride, ceil_mode=True).permute(0, 2, 3, 1)
+    got = pool(x)
+    assert got.shape == want.shape and got.is_contiguous()
+    assert torch.equal(got.isnan(), want.isnan()) and bool(got[1, 0, 0, 0].isnan())
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))
+
+
 def test_linear_classifier_init_and_forward():
     g = torch.Generator().manual_seed(0)
     clf = LinearClassifier((13, 13, 25), 10, reads="pool1", generator=g)
