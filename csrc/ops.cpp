@@ -23,6 +23,10 @@ TORCH_LIBRARY(dcgmm, m) {
       "int[2] stride, str loss, Tensor? smoothing, Tensor resp, Tensor lse, Tensor kstar, bool need_x_grad, "
       "bool need_param_grads=True) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("patch_average_cpp(Tensor v, int[2] image_hw, int[2] kernel, int[2] stride) -> Tensor");
+  // the update rule in place, one pass; returns (max |mu|, max |log_pi|) after it (csrc/cpu/update.cpp)
+  m.def(
+      "gmm_update_cpp(Tensor(a!) mu, Tensor(b!) sigma, Tensor(c!) log_pi, Tensor g_mu, Tensor g_sigma, "
+      "Tensor g_pi, Tensor s_mu, Tensor s_sigma, Tensor s_pi, float sigma_min, float sigma_max) -> Tensor");
   m.def(
       "sample_components_cpp(Tensor topdown, Tensor mu, Tensor sigma, int top_s, float divisor, Tensor u, "
       "Tensor eps, float sigma_ceiling) -> Tensor");

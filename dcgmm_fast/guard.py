@@ -11,7 +11,7 @@ by the guard writes no checkpoint after the flagged step.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -67,9 +67,14 @@ class StepGuard:
         self.value[i] = torch.where(new, picked.to(torch.float64), self.value[i])
 
     @torch.no_grad()
-    def record_gmm(self, i: int, score: torch.Tensor, mu: torch.Tensor, pi_logits: torch.Tensor) -> None:
-        """A GMM layer's step: its mean score () and parameters after the update."""
-        mu_max, pi_max = (_abs_max(t) for t in (mu, pi_logits))
+    def record_gmm(self, i: int, score: torch.Tensor, mu: torch.Tensor, pi_logits: torch.Tensor,
+                   maxima: Optional[torch.Tensor] = None) -> None:
+        """A GMM layer's step: its mean score () and parameters after the update; maxima: their (max |mu|,
+        max |pi_logits|) (2,) when the update already took them (``train.update_``), else taken here."""
+        if maxima is None:
+            mu_max, pi_max = (_abs_max(t) for t in (mu, pi_logits))
+        else:
+            mu_max, pi_max = maxima.unbind()
         values = torch.stack([score.to(mu_max.dtype), mu_max, pi_max])
         # "not <= limit" is also true for NaN
         bad = torch.stack([~torch.isfinite(score), ~(mu_max <= PARAM_LIMIT), ~(pi_max <= PARAM_LIMIT)])

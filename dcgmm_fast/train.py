@@ -65,15 +65,43 @@ def gmm_step(layer: ConvGMM, x: torch.Tensor):
 
     No Python branching on tensor values: ``torch.compile(fullgraph=True)`` compiles it (see ``compile_step``).
     """
+    resp, score, _ = _gmm_step(layer, x)
+    return resp, score
+
+
+def _gmm_step(layer: ConvGMM, x: torch.Tensor):
+    """gmm_step, plus (max |mu|, max |pi_logits|) (2,) after the update when the fused update took them (else
+    None: the step guard takes them itself)."""
     out = layer.cgmm(x, check=False)
     g_mu, g_sigma, g_pi = torch.autograd.grad(out.score, (layer.mu, layer.sigma, layer.pi_logits),
                                               grad_outputs=mean_grad(out.score))
+    maxima = update_(layer, g_mu, g_sigma, g_pi)
+    return out.resp.detach(), fixed_order_mean(out.score), maxima
+
+
+def _fused_update(layer: ConvGMM) -> bool:
+    """The one-pass C++ update serves cpp layers in eager mode (compiled steps keep the ATen ops, which give the
+    same bits: both are single-rounding multiply-adds)."""
+    p = layer.mu
+    return (layer.backend == "cpp" and p.device.type == "cpu" and hasattr(torch.ops.dcgmm, "gmm_update_cpp")
+            and not torch.compiler.is_compiling() and p.is_contiguous() and layer.sigma.is_contiguous()
+            and layer.pi_logits.is_contiguous())
+
+
+def update_(layer: ConvGMM, g_mu: torch.Tensor, g_sigma: torch.Tensor, g_pi: torch.Tensor) -> Optional[torch.Tensor]:
+    """The original update rule in place: theta += lambda_theta * eps * loss_mult * g_theta, sigma clipped. Returns
+    (max |mu|, max |pi_logits|) (2,) after it from the fused C++ pass (``csrc/cpu/update.cpp``: one parallel
+    region instead of six), or None from the ATen ops (addcmul with () step tensors: no temporary, no host read)."""
     scale = layer.eps.to(layer.mu.dtype) * layer.loss_mult  # eps is a float32 buffer; step in the params dtype
-    with torch.no_grad():  # one pass per parameter (addcmul with a () step tensor: no temporary, no host read)
-        layer.mu.addcmul_(g_mu, scale * layer.lambda_mu)
-        layer.sigma.addcmul_(g_sigma, scale * layer.lambda_sigma).clamp_(layer.sigma_min, layer.sigma_max)
-        layer.pi_logits.addcmul_(g_pi, scale * layer.lambda_pi)
-    return out.resp.detach(), fixed_order_mean(out.score)
+    s_mu, s_sigma, s_pi = scale * layer.lambda_mu, scale * layer.lambda_sigma, scale * layer.lambda_pi
+    with torch.no_grad():
+        if _fused_update(layer):
+            return torch.ops.dcgmm.gmm_update_cpp(layer.mu, layer.sigma, layer.pi_logits, g_mu, g_sigma, g_pi,
+                                                  s_mu, s_sigma, s_pi, layer.sigma_min, layer.sigma_max)
+        layer.mu.addcmul_(g_mu, s_mu)
+        layer.sigma.addcmul_(g_sigma, s_sigma).clamp_(layer.sigma_min, layer.sigma_max)
+        layer.pi_logits.addcmul_(g_pi, s_pi)
+    return None
 
 
 def gmm_step_optimizer(layer: ConvGMM, x: torch.Tensor, optimizer: torch.optim.Optimizer):
@@ -317,13 +345,14 @@ class Trainer:
                         out = layer.cgmm(h, check=False)
                     h, score = out.resp, fixed_order_mean(out.score)
                 else:
+                    maxima = None
                     if self.optimizer is None:
-                        h, score = gmm_step(layer, h)
+                        h, score, maxima = _gmm_step(layer, h)
                     else:
                         self._set_learning_rates()
                         # every other layer's grads are None after zero_grad, so the step moves only this one
                         h, score = gmm_step_optimizer(layer, h, self.optimizer)
-                    self.guard.record_gmm(i, score, layer.mu, layer.pi_logits)
+                    self.guard.record_gmm(i, score, layer.mu, layer.pi_logits, maxima)
                     if self._host_control:  # CPU eager: the same decisions, without ~25 tiny tensor ops
                         self._anneal_host(i, score)
                     else:

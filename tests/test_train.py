@@ -119,6 +119,35 @@ def test_one_step_equals_hand_written_update(mode, pi_norm, loss, som, fresh_see
     assert bool((layer.sigma == math.sqrt(20)).any()), "the clip ceiling should have been hit"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["shared", "independent"])
+def test_fused_update_equals_the_aten_ops(dtype, mode, fresh_seed):
+    """The one-pass C++ update (cpp layers, eager) gives ATen's addcmul_ / clamp_ bits and the guard's maxima,
+    with the clip floor and ceiling hit and a NaN propagated; the ATen path returns no maxima."""
+    from dcgmm_fast.guard import _abs_max
+    from dcgmm_fast.train import update_
+
+    if backends.problem("cpp") is not None:
+        pytest.skip(backends.problem("cpp"))
+    g = torch.Generator().manual_seed(fresh_seed)
+    layers = [ConvGMM((20, 20, 3), 3, 1, 16, mode=mode, eps0=0.05, lambda_pi=0.3, lambda_sigma=0.7, dtype=dtype,
+                      generator=g, backend=b) for b in ("cpp", "reference")]
+    layers[1].load_state_dict(layers[0].state_dict())
+    grads = [torch.randn(p.shape, generator=g, dtype=dtype) * 50 for p in (layers[0].mu, layers[0].sigma,
+                                                                              layers[0].pi_logits)]
+    maxima = [update_(layer, *grads) for layer in layers]
+    assert maxima[1] is None and maxima[0].shape == (2,)
+    for name in ("mu", "sigma", "pi_logits"):
+        assert torch.equal(getattr(layers[0], name), getattr(layers[1], name)), name
+    sig = layers[0].sigma
+    assert bool((sig == layers[0].sigma_min).any()) and bool((sig == layers[0].sigma_max).any())
+    assert torch.equal(maxima[0], torch.stack([_abs_max(layers[1].mu), _abs_max(layers[1].pi_logits)]))
+    grads[0].view(-1)[grads[0].numel() // 2] = float("nan")
+    maxima = [update_(layer, *grads) for layer in layers]
+    assert bool(maxima[0][0].isnan()) and not bool(maxima[0][1].isnan())
+    assert torch.equal(layers[0].mu.isnan(), layers[1].mu.isnan())
+
+
 # ------------------------------------------------------------------------------------------------ device annealing
 def test_device_annealing_equals_the_host_controller(fresh_seed):
     """anneal_ (tensor ops on the layer's buffers) takes SingleExp's decisions at the same steps, bit for bit."""

@@ -153,12 +153,6 @@ struct Vec {
 // 64-byte vectors by value does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DCGMM_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DCGMM_MULTIVERSION
-#endif
-
 // exp of 16 floats: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial, exponent by integer
 // add), within 2 ulp of expf; exp(x) = 0 below -87 (true value < 1.7e-38), +inf above 88.37, NaN stays NaN.
 typedef RowVec<float>::type VF;
