@@ -227,7 +227,10 @@ def test_factored_smoothing_equals_dense(backend, shape, fresh_seed):
         assert_close(a, b, 1e-10, name)
 
 
-MC = [(s, i) for s, i in zip(SHAPES, IDS) if s[8] == "mc"]
+# + an independent layer with enough rows per GMM (24 > 5 x the 2 n = 4 rows of the product by G^T) for the cpp
+# winner sums (the independent SHAPES have 1-4 rows per GMM and take the general sums)
+MC = [(s, i) for s, i in zip(SHAPES, IDS) if s[8] == "mc"] + [((24, 5, 6, 2, 3, 1, 4, True, "mc", 0.8),
+                                                               "N24-5x6x2-k3-s1-K4-I-mc-0.8")]
 
 
 @pytest.mark.parametrize("backend", FUSED)
