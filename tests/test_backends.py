@@ -260,6 +260,19 @@ def test_score_only_backward(backend, shape, upstream, fresh_seed):
     _check_float32_rule(name, device, inputs64, inputs32, G64, G32, kw, fresh_seed, upstream)
 
 
+def test_winner_sums_over_several_row_chunks(fresh_seed):
+    """A shared layer with more rows than one task's chunk (13,520 > 8,192): the winner sums of each chunk are
+    combined in chunk order, float64 to 1e-10 against the reference."""
+    _cpp_only("cpp" if "cpp" in FUSED else "")
+    x, mu, sigma, log_pi = make_inputs(20, 28, 28, 1, 3, 1, 25, False, seed=fresh_seed, requires_grad=True)
+    G = geometry.smoothing_factors(25, 1.0, dtype=torch.float64)
+    out = ops.cgmm(x, mu, sigma, log_pi, kernel=3, stride=1, loss="mc", smoothing=G, backend="cpp")
+    ref = reference.cgmm(x, mu, sigma, log_pi, kernel=3, stride=1, loss="mc", smoothing=geometry.smoothing_dense(G))
+    for name, a, b in zip(("dx", "d_mu", "d_sigma", "d_log_pi"), _grads(out, (x, mu, sigma, log_pi), None, None),
+                          _grads(ref, (x, mu, sigma, log_pi), None, None)):
+        assert_close(a, b, 1e-10, name)
+
+
 # ------------------------------------------------------------------------------------------------ trained regime
 TRAINED = [  # (name, input, kernel, stride, K, independent, loss, som_sigma); input "images[SIZE]" or "resp"
     ("3x3-K25-S-mc", "images", 3, 1, 25, False, "mc", 1.2),  # D = 9, the first layer of D, E, F
