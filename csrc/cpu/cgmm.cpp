@@ -178,6 +178,43 @@ inline __attribute__((always_inline)) VF vexp(VF x) {
   res = x > hi ? zero + std::numeric_limits<float>::infinity() : res;
   return x != x ? x : res;
 }
+// log of 16 floats in [1e-30, 3e38] (Cephes' logf: frexp by integer ops, degree-8 polynomial on [sqrt(1/2) - 1,
+// sqrt(2) - 1], ln 2 in two parts), within 2 ulp of logf. A lane outside that range (0, denormal, inf, NaN) sends
+// all 16 to std::log.
+inline __attribute__((always_inline)) VF vlog(VF x) {
+  const VF zero = {};
+  bool plain = true;
+  for (int64_t i = 0; i < RL; ++i) plain &= (x[i] >= 1e-30f) & (x[i] <= 3e38f);
+  if (!plain) {
+    for (int64_t i = 0; i < RL; ++i) x[i] = std::log(x[i]);
+    return x;
+  }
+  const VI bits = (VI)x;
+  VI e = ((bits >> 23) & 0xff) - 126;                       // x = m 2^e, m in [0.5, 1)
+  VF m = (VF)((bits & 0x807fffff) | 0x3f000000);
+  const auto small = m < 0.707106781186547524f;             // m < sqrt(1/2): m -> 2m, e -> e - 1
+  e = small ? e - 1 : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const VF ef = __builtin_convertvector(e, VF);
+  const VF z = m * m;
+  VF y = zero + 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y = y + ef * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  return m + y + ef * 0.693359375f;
+}
+inline typename RowVec<double>::type vlog(typename RowVec<double>::type x) {  // float64: the tests' path
+  for (int64_t i = 0; i < RL; ++i) x[i] = std::log(x[i]);
+  return x;
+}
 inline typename RowVec<double>::type vexp(typename RowVec<double>::type x) {  // float64: the tests' path
   for (int64_t i = 0; i < RL; ++i) x[i] = std::exp(x[i]);
   return x;
@@ -228,12 +265,55 @@ inline __attribute__((always_inline)) void block_scores_impl(const T* __restrict
 }
 
 // The separable smoothing: the K = n * n log scores of a lane as an n x n grid L (k = ky * n + kx) give
-// out = Gy L Gx^T, 2 K n multiply-adds instead of K^2.
+// out = Gy L Gx^T, 2 K n multiply-adds instead of K^2. Both passes are "row of the output += weight * row of the
+// input": for each output row a, the n accumulators of its columns c stay in registers and each loaded input row
+// feeds all n of them (n independent chains, not one chain of n dependent multiply-adds per entry). The sums run
+// over b in order from 0 in both forms below: the same bits.
+template <typename T, int N>
+inline __attribute__((always_inline)) void smooth_pass_n(const T* __restrict__ in, const T* __restrict__ w,
+                                                         bool w_by_row, T* __restrict__ out) {
+  using V = typename RowVec<T>::type;
+  for (int a = 0; a < N; ++a) {
+    V acc[N];
+    for (int c = 0; c < N; ++c) acc[c] = V{} * T(0);
+    for (int b = 0; b < N; ++b) {
+      if (w_by_row) {  // tmp[a, c] = sum_b Gx[c, b] L[a, b]: input entry (a, b) into every column c
+        const V l = load_rv(in + (a * N + b) * RL);
+        for (int c = 0; c < N; ++c) acc[c] += w[c * N + b] * l;
+      } else {  // out[a, c] = sum_b Gy[a, b] tmp[b, c]: input row b into every column c
+        const T wab = w[a * N + b];
+        for (int c = 0; c < N; ++c) acc[c] += wab * load_rv(in + (b * N + c) * RL);
+      }
+    }
+    for (int c = 0; c < N; ++c) store_rv(out + (a * N + c) * RL, acc[c]);
+  }
+}
+
+template <typename T, int N>
+inline __attribute__((always_inline)) void smooth_factored_n(const T* __restrict__ lt, const T* __restrict__ gy,
+                                                             const T* __restrict__ gx, T* __restrict__ tmp,
+                                                             T* __restrict__ out) {
+  smooth_pass_n<T, N>(lt, gx, true, tmp);
+  smooth_pass_n<T, N>(tmp, gy, false, out);
+}
+
 template <typename T>
 inline __attribute__((always_inline)) void smooth_factored_impl(const T* __restrict__ lt, const T* __restrict__ gy,
                                                                 const T* __restrict__ gx, int64_t n,
                                                                 T* __restrict__ tmp, T* __restrict__ out) {
   using V = typename RowVec<T>::type;
+  switch (n) {  // the grids of the presets (K = 16 .. 144) with their accumulators in registers
+    case 3: return smooth_factored_n<T, 3>(lt, gy, gx, tmp, out);
+    case 4: return smooth_factored_n<T, 4>(lt, gy, gx, tmp, out);
+    case 5: return smooth_factored_n<T, 5>(lt, gy, gx, tmp, out);
+    case 6: return smooth_factored_n<T, 6>(lt, gy, gx, tmp, out);
+    case 7: return smooth_factored_n<T, 7>(lt, gy, gx, tmp, out);
+    case 8: return smooth_factored_n<T, 8>(lt, gy, gx, tmp, out);
+    case 10: return smooth_factored_n<T, 10>(lt, gy, gx, tmp, out);
+    case 11: return smooth_factored_n<T, 11>(lt, gy, gx, tmp, out);
+    case 12: return smooth_factored_n<T, 12>(lt, gy, gx, tmp, out);
+    default: break;
+  }
   for (int64_t a = 0; a < n; ++a)  // tmp[a, c] = sum_b Gx[c, b] L[a, b]
     for (int64_t c = 0; c < n; ++c) {
       V acc = V{} * T(0);
@@ -252,7 +332,18 @@ template <typename T>
 inline __attribute__((always_inline)) void smooth_dense_impl(const T* __restrict__ lt, const T* __restrict__ G,
                                                              int64_t K, T* __restrict__ out) {
   using V = typename RowVec<T>::type;
-  for (int64_t a = 0; a < K; ++a) {
+  constexpr int AB = 8;  // outputs per pass: independent chains, one load of lt[b] feeds AB of them
+  int64_t a = 0;
+  for (; a + AB <= K; a += AB) {
+    V acc[AB];
+    for (int j = 0; j < AB; ++j) acc[j] = V{} * T(0);
+    for (int64_t b = 0; b < K; ++b) {
+      const V l = load_rv(lt + b * RL);
+      for (int j = 0; j < AB; ++j) acc[j] += G[(a + j) * K + b] * l;
+    }
+    for (int j = 0; j < AB; ++j) store_rv(out + (a + j) * RL, acc[j]);
+  }
+  for (; a < K; ++a) {
     V acc = V{} * T(0);
     for (int64_t b = 0; b < K; ++b) acc += G[a * K + b] * load_rv(lt + b * RL);
     store_rv(out + a * RL, acc);
@@ -281,7 +372,7 @@ inline __attribute__((always_inline)) void block_finish_impl(T* __restrict__ lt,
   }
   const V inv = T(1) / sum;
   for (int64_t k = 0; k < K; ++k) store_rv(lt + k * RL, load_rv(lt + k * RL) * inv);
-  for (int64_t i = 0; i < RL; ++i) lse[i] = mx[i] + std::log(sum[i]);
+  store_rv(lse, mx + vlog(sum));
   store_rv(best, bv);
   store_rv(kbest, kv);
 }
@@ -298,15 +389,18 @@ struct ForwardArgs {
   int32_t* kstar;
 };
 
-// c[k] = log_pi[k] + sum_d log sigma[k, d] of one GMM, in double: the log of each product of 8 entries (one log per
-// 8, and closer to the exact sum than float logs); a product outside [1e-300, 1e300] sums its 8 logs instead.
+// c[k] = log_pi[k] + sum_d log sigma[k, d] of one GMM, in double: the log of each product of 32 entries (one log
+// per 32 (preset D's first layer: 676 x 25 logs per forward), and closer to the exact sum than float logs: the
+// product's relative error stays below 1e-14); a product outside [1e-300, 1e300] sums its logs instead.
+constexpr int64_t LOG_CHUNK = 32;
+
 template <typename T>
 void gmm_constants(const T* log_pi, const T* sig, int64_t K, int64_t D, T* c) {
   for (int64_t k = 0; k < K; ++k) {
     const T* s = sig + k * D;
     double acc = double(log_pi[k]);
-    for (int64_t d0 = 0; d0 < D; d0 += 8) {
-      const int64_t d1 = std::min(D, d0 + 8);
+    for (int64_t d0 = 0; d0 < D; d0 += LOG_CHUNK) {
+      const int64_t d1 = std::min(D, d0 + LOG_CHUNK);
       double p = 1.0;
       for (int64_t d = d0; d < d1; ++d) p *= double(s[d]);
       if (p > 1e-300 && p < 1e300) {
@@ -373,21 +467,33 @@ DCGMM_MULTIVERSION void forward_block(const Geometry& g, const ForwardArgs<doubl
   forward_block_impl<double>(g, a, gi, j0, nvalid, c, xt, lt, tmp, sm);
 }
 
-// The whole forward: blocks of RL rows of one GMM, one parallel region. A GMM's constants c are computed by the
-// thread that meets its first block (consecutive tasks share the GMM).
+// The whole forward: blocks of RL rows of one GMM, one parallel region. Independent layers walk tiles of PT
+// consecutive positions, each tile block by block with its positions inner: consecutive tasks then write
+// neighbouring rows of resp (positions p, p + 1 of the same images: whole cache lines) and read overlapping patches,
+// where GMM-major order wrote 100-byte rows 67 KB apart (preset D's first layer). A tile's constants c are
+// computed by the thread that meets it first. A tile's parameters stay within 64 KB (preset D's
+// second layer, 80 KB per GMM, keeps GMM-major order, which keeps a GMM's parameters hot for its blocks).
+constexpr int64_t PT = 16;
+constexpr int64_t TILE_PARAM_BYTES = 64 * 1024;
+
 template <typename T>
 void forward_blocks(const Geometry& g, const ForwardArgs<T>& a) {
   const int64_t rows = rows_per_gmm(g), blocks = (rows + RL - 1) / RL, K = g.K, D = g.D;
+  const int64_t gmm_bytes = 2 * K * D * int64_t(sizeof(T));
+  const int64_t pt = g.G > 1 ? std::max<int64_t>(1, std::min(PT, TILE_PARAM_BYTES / gmm_bytes)) : 1;
+  const int64_t per_tile = pt * blocks;
   at::parallel_for(0, g.G * blocks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> xt(a.ls ? 0 : D * RL), lt(K * RL), tmp(K * RL), sm(K * RL), c(K);
-    int64_t c_of = -1;  // the GMM whose constants c holds
+    std::vector<T> xt(a.ls ? 0 : D * RL), lt(K * RL), tmp(K * RL), sm(K * RL), c(pt * K);
+    int64_t c_of = -1;  // the tile whose constants c holds
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t gi = t / blocks, j0 = (t % blocks) * RL, nvalid = std::min<int64_t>(RL, rows - j0);
-      if (a.ls == nullptr && c_of != gi) {
-        gmm_constants(a.log_pi + gi * K, a.sig + gi * K * D, K, D, c.data());
-        c_of = gi;
+      const int64_t tile = t / per_tile, g0 = tile * pt, tn = std::min(pt, g.G - g0), w = t - tile * per_tile;
+      const int64_t gi = g0 + w % tn, j0 = (w / tn) * RL, nvalid = std::min<int64_t>(RL, rows - j0);
+      if (a.ls == nullptr && c_of != tile) {
+        for (int64_t q = 0; q < tn; ++q)
+          gmm_constants(a.log_pi + (g0 + q) * K, a.sig + (g0 + q) * K * D, K, D, c.data() + q * K);
+        c_of = tile;
       }
-      forward_block(g, a, gi, j0, nvalid, c.data(), xt.data(), lt.data(), tmp.data(), sm.data());
+      forward_block(g, a, gi, j0, nvalid, c.data() + (gi - g0) * K, xt.data(), lt.data(), tmp.data(), sm.data());
     }
   });
 }
