@@ -20,13 +20,15 @@ from typing import List, Optional
 
 import torch
 
-from . import backends, data, presets
+from . import backends, data, distributed, presets
 from .atomic import atomic_open, remove_stale_temporaries, write_json
 from .backends import BackendNotAvailable
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .guard import DivergenceError
 from .metrics import auroc
 from .model import DCGMM
+from .schedule import Schedule
+from .sources import ArrayImages, convert_npz
 
 #: train_log.jsonl gets a line every this many steps (and at the last step)
 LOG_EVERY = 10
@@ -43,14 +45,26 @@ def _progress(total: int, initial: int, desc: str):
     return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
+def _test_scores(model: DCGMM, ds: data.Dataset):
+    """(per-layer mean test scores, test accuracy or None): a streamed test set in batches of 1,000."""
+    if isinstance(ds.x_test, ArrayImages):
+        parts = [(model.log_prob(b[0]), model.classify(b[0]).cpu() if model.classifier is not None else None)
+                 for b in ds.x_test.batches(1000)]
+        scores = {k: float(torch.cat([p[0][k] for p in parts]).mean()) for k in parts[0][0]}
+        pred = torch.cat([p[1] for p in parts]) if model.classifier is not None else None
+    else:
+        scores = {k: float(v.mean()) for k, v in model.log_prob(ds.x_test).items()}
+        pred = model.classify(ds.x_test).cpu() if model.classifier is not None else None
+    return scores, None if pred is None else float((pred == ds.y_test.cpu()).float().mean())
+
+
 def _epoch_metrics(model: DCGMM, ds: data.Dataset, history, seconds: float) -> dict:
-    scores = {k: float(v.mean()) for k, v in model.log_prob(ds.x_test).items()}
+    scores, accuracy = _test_scores(model, ds)
     out = {"steps_done": int(model.steps_done), "seconds": round(seconds, 3), "test_layer_scores": scores,
            "som_sigma": {n: float(g.som_sigma) for n, g in model.gmm_layers().items()},
            "eps": {n: float(g.eps) for n, g in model.gmm_layers().items()}}
     if model.classifier is not None:
-        out["test_accuracy"] = float((model.classify(ds.x_test) == ds.y_test.to(model.steps_done.device))
-                                     .float().mean())
+        out["test_accuracy"] = accuracy
         if history.classifier_accuracy:
             out["train_accuracy_last_steps"] = sum(history.classifier_accuracy[-20:]) / len(
                 history.classifier_accuracy[-20:])
@@ -133,14 +147,28 @@ def _read_log(path: str, max_step: int) -> List[str]:
 
 def cmd_train(args) -> int:
     """Train (or resume); checkpoints (atomic, named by step) at every epoch end, at --stop-after and on
-    SIGINT / SIGTERM; train_metrics.json (one document) and train_log.jsonl (one line per logged step)."""
-    _check_device(args.device)
+    SIGINT / SIGTERM; train_metrics.json (one document) and train_log.jsonl (one line per logged step).
+    Under torchrun (``--nproc``) every rank trains its share of each global batch and rank 0 alone writes."""
+    device = distributed.local_device(_check_device(args.device))
+    world = distributed.init_world(device)
+    try:
+        return _train(args, device, world)
+    finally:
+        if world is not None:
+            world.close()
+
+
+def _train(args, device: torch.device, world) -> int:
+    main = world is None or world.rank == 0
+    rank, size = (0, 1) if world is None else (world.rank, world.size)
+    _positive("--memory-budget", args.memory_budget)
+    budget = int(args.memory_budget * 2**20) if args.memory_budget is not None else _default_budget()
     for name in ("epochs", "stop_after"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     _positive("--batch-size", args.batch_size, integer=True)
     if args.resume:
-        model, plan = load_checkpoint(args.resume, backend=args.backend, map_location=args.device)
-        model.to(args.device)
+        model, plan = load_checkpoint(args.resume, backend=args.backend, map_location=device)
+        model.to(device)
         for key in ("epochs", "batch_size", "seed", "data"):
             if key not in plan:
                 raise CheckpointError(f"{args.resume}: no training plan ({key!r} missing): not a checkpoint of "
@@ -156,7 +184,8 @@ def cmd_train(args) -> int:
         batch_size, seed, data_spec = plan["batch_size"], plan["seed"], plan["data"]
         test_fraction = plan.get("test_fraction")
         out = args.out or os.path.dirname(os.path.abspath(args.resume))
-        ds = data.load_dataset(data_spec, test_fraction=test_fraction)
+        ds = data.load_dataset(data_spec, test_fraction=test_fraction, memory_budget=budget,
+                               image_shape=model.input_shape, skip_broken=args.skip_broken)
     else:
         preset = presets.get_preset(args.preset or "demo")
         epochs = preset.epochs if args.epochs is None else args.epochs
@@ -164,15 +193,17 @@ def cmd_train(args) -> int:
         seed = 0 if args.seed is None else args.seed
         data_spec, test_fraction = args.data or "shipped", args.test_fraction
         out = args.out or "runs/demo"
-        ds = data.load_dataset(data_spec, test_fraction=test_fraction)
+        ds = data.load_dataset(data_spec, test_fraction=test_fraction, memory_budget=budget,
+                               image_shape=preset.input_shape, skip_broken=args.skip_broken)
         shape = tuple(ds.x_train.shape[1:])
         try:
-            model = DCGMM(preset, shape, ds.n_classes, backend=args.backend, seed=seed).to(args.device)
+            model = DCGMM(preset, shape, ds.n_classes, backend=args.backend, seed=seed).to(device)
         except ValueError as e:  # e.g. channels-first images read as (H, W, C) = (1, 28, 28)
             raise ValueError(f"{data_spec}: images of shape (H, W, C) = {shape} do not fit preset {preset.name} "
                              f"({e}); the loaders expect (N, H, W) or (N, H, W, C) images") from None
     torch.manual_seed(seed)
-    n_train = ds.x_train.shape[0]
+    n_train = len(ds.x_train)
+    streamed = isinstance(ds.x_train, ArrayImages)
     per_epoch = n_train // batch_size
     if per_epoch < 1:
         raise ValueError(f"--batch-size: {batch_size} is larger than the {n_train} training images of {data_spec}")
@@ -184,31 +215,36 @@ def cmd_train(args) -> int:
                 else f"--epochs {epochs} x {per_epoch} steps per epoch rounds to {stop} steps")
         hint = "; give a larger --epochs to extend it" if args.resume else ""
         raise ValueError(f"nothing to train: {what}{hint}")
-    _writable_dir(out)
-    remove_stale_temporaries(out, ("checkpoint", "train_metrics.json.", "train_log.jsonl."))  # a kill's leftovers
+    if world is not None:
+        world.share(batch_size)  # a global batch that does not split evenly: the error, on every rank, now
+    if main:
+        _writable_dir(out)
+        remove_stale_temporaries(out, ("checkpoint", "train_metrics.json.", "train_log.jsonl."))  # a kill's leftovers
     plan = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "data": data_spec,
             "test_fraction": test_fraction, "preset": model.preset.name if model.preset else None,
-            "seconds": float(plan.get("seconds", 0.0)) if args.resume else 0.0}
+            "seconds": float(plan.get("seconds", 0.0)) if args.resume else 0.0,
+            "processes": 1 if world is None else world.size}
     metrics_path, log_path = os.path.join(out, "train_metrics.json"), os.path.join(out, "train_log.jsonl")
     log = {"epochs": []}
-    if args.resume and os.path.exists(metrics_path):
+    if main and args.resume and os.path.exists(metrics_path):
         try:
             log = json.load(open(metrics_path))
         except ValueError:
             print(f"dcgmm train: {metrics_path} is unreadable; starting a new one", file=sys.stderr)
         log["epochs"] = [e for e in log.get("epochs", []) if e.get("steps_done", 0) <= done]
-    lines = _read_log(log_path, done) if args.resume else []
-    with atomic_open(log_path, "w") as f:  # the log as of the checkpoint's step
-        f.writelines(lines)
+    if main:
+        lines = _read_log(log_path, done) if args.resume else []
+        with atomic_open(log_path, "w") as f:  # the log as of the checkpoint's step
+            f.writelines(lines)
     log.update(plan=plan, command=" ".join(sys.argv))
-    bar = _progress(total, done, f"train {plan['preset'] or 'stack'}")
+    bar = _progress(total, done, f"train {plan['preset'] or 'stack'}") if main else None
     t0 = time.time() - plan["seconds"]
-    log_file = open(log_path, "a")
+    log_file = open(log_path, "a") if main else None
 
     def tick(step, _total, history):
         if bar is not None:
             bar.update(1)
-        if step % LOG_EVERY != 0 and step != stop:
+        if log_file is None or (step % LOG_EVERY != 0 and step != stop):
             return  # the history stays on the device between log lines (no per-step host read)
         if bar is not None:
             post = {n: f"{v[-1]:.2f}" for n, v in history.score.items()}
@@ -225,13 +261,28 @@ def cmd_train(args) -> int:
         log_file.flush()
 
     checkpoint = os.path.join(out, "checkpoint.pt")
+    stopping = [False]  # agreed by every rank after each step: they stop at the same step
+
+    def should_stop() -> bool:
+        stopping[0] = interrupted() if world is None else world.any(interrupted())
+        return stopping[0]
+
     try:
         with _Interrupt() as interrupted:
-            while int(model.steps_done) < stop and not interrupted():
+            while int(model.steps_done) < stop and not stopping[0]:
                 done = int(model.steps_done)
                 epoch_end = min(stop, (done // per_epoch + 1) * per_epoch)
-                history = model.fit(ds.x_train, ds.y_train, epochs=epochs, batch_size=batch_size, seed=seed,
-                                    resume=True, stop_step=epoch_end, callback=tick, should_stop=interrupted)
+                if streamed:  # memory-mapped: a DataLoader reads each step's batch of the same schedule
+                    loader = ds.x_train.loader(Schedule(n_train, batch_size, seed, rank=rank, world_size=size),
+                                               pin_memory=device.type == "cuda")
+                    history = model.fit(loader, epochs=epochs, resume=True, stop_step=epoch_end, callback=tick,
+                                        should_stop=should_stop, world=world)
+                else:
+                    history = model.fit(ds.x_train, ds.y_train, epochs=epochs, batch_size=batch_size, seed=seed,
+                                        resume=True, stop_step=epoch_end, callback=tick, should_stop=should_stop,
+                                        world=world)
+                if not main:
+                    continue  # rank 0 evaluates and writes; the others wait for it at the next step's all-reduce
                 steps = int(model.steps_done)
                 plan["seconds"] = round(time.time() - t0, 3)
                 entry = {"epoch": round(steps / per_epoch, 4), **_epoch_metrics(model, ds, history, plan["seconds"])}
@@ -240,17 +291,41 @@ def cmd_train(args) -> int:
                 save_checkpoint(checkpoint, model, plan)
                 write_json(metrics_path, log, indent=2)
     finally:
-        log_file.close()
+        if log_file is not None:
+            log_file.close()
         if bar is not None:
             bar.close()
-    if interrupted.signal is not None:
-        print(f"dcgmm train: stopped by {signal.Signals(interrupted.signal).name} after step {int(model.steps_done)} "
-              f"of {total}; checkpoint {checkpoint}; continue with: dcgmm train --resume {checkpoint}",
-              file=sys.stderr)
+    if interrupted.signal is not None or stopping[0]:
+        if main:
+            name = signal.Signals(interrupted.signal).name if interrupted.signal is not None else "another rank"
+            print(f"dcgmm train: stopped by {name} after step {int(model.steps_done)} of {total}; checkpoint "
+                  f"{checkpoint}; continue with: dcgmm train --resume {checkpoint}", file=sys.stderr)
         return 130
-    final = log["epochs"][-1] if log["epochs"] else {}
-    print(json.dumps({"checkpoint": checkpoint, **final}, indent=2))
+    if main:
+        final = log["epochs"][-1] if log["epochs"] else {}
+        print(json.dumps({"checkpoint": checkpoint, **final}, indent=2))
     return 0
+
+
+def _launch_train(args, argv: List[str]) -> int:
+    """``dcgmm train --nproc N ...``: the same command in N processes under torchrun (``distributed.launch``)."""
+    _positive("--nproc", args.nproc, integer=True)
+    if args.batch_size is not None and args.batch_size % args.nproc != 0:
+        raise ValueError(f"--batch-size: the global batch of {args.batch_size} images does not split evenly over "
+                         f"--nproc {args.nproc} processes")
+    rest, skip = [], False
+    for a in argv:  # the ranks run the same command without --nproc
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    status = distributed.launch(args.nproc, rest)
+    if status != 0:
+        print(f"dcgmm train: a training process failed (exit status {status}); its error is printed above",
+              file=sys.stderr)
+    return status
 
 
 def _load(args) -> DCGMM:
@@ -359,6 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run a checkpoint belongs to (same data, seed and schedule)")
     t.add_argument("--stop-after", type=float, default=None, metavar="EPOCHS",
                    help="stop after this many epochs of the schedule (resume later with --resume)")
+    t.add_argument("--memory-budget", type=float, default=None, metavar="MIB",
+                   help="data larger than this (MiB; default a quarter of this machine's memory) stream from "
+                        "memory-mapped files (.npy, uncompressed .npz) instead of being loaded")
+    t.add_argument("--skip-broken", action="store_true",
+                   help="image folders: skip unreadable image files with a warning (default: an error)")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="data-parallel processes on this machine (torchrun; gloo on CPU, one GPU each with "
+                        "--device cuda); --batch-size stays the global batch and must split evenly")
     common(t, train=True)
     t.set_defaults(func=cmd_train)
 
@@ -377,6 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(i)
     i.set_defaults(func=cmd_inpaint)
 
+    c = sub.add_parser("convert", help="write an uncompressed copy of an .npz (so it can be memory-mapped)")
+    c.add_argument("src", help="an .npz (compressed or not)")
+    c.add_argument("dst", help="the uncompressed .npz to write")
+    c.set_defaults(func=cmd_convert)
+
     e = sub.add_parser("eval", help="write metrics.json: test_accuracy, layer_scores, outlier_auroc")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--heldout-class", type=int, default=None, help="outlier AUROC of this test class vs the rest")
@@ -390,18 +478,40 @@ def build_parser() -> argparse.ArgumentParser:
 ANTICIPATED = (data.DataError, CheckpointError, ValueError, TypeError, DivergenceError, BackendNotAvailable, OSError)
 
 
+def cmd_convert(args) -> int:
+    convert_npz(args.src, args.dst)
+    print(json.dumps({"written": args.dst, "bytes": os.path.getsize(args.dst)}))
+    return 0
+
+
+def _default_budget() -> int:
+    """A quarter of this machine's physical memory (bytes)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def _rank_tag() -> str:
+    """" (rank R of N)" in a process started by torchrun with more than one rank, else ""."""
+    size = os.environ.get("WORLD_SIZE", "1")
+    return f" (rank {os.environ.get('RANK', '?')} of {size})" if size not in ("", "1") else ""
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Anticipated failures print ``dcgmm CMD: error: <what>: <problem>`` and exit 2; anything else prints its
     traceback and asks to be reported (exit 1)."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "train" and args.nproc != 1 and distributed.launched_world_size() == 1:
+            return _launch_train(args, sys.argv[1:] if argv is None else list(argv))
         return args.func(args)
     except KeyboardInterrupt:
         print(f"dcgmm {args.command}: interrupted", file=sys.stderr)
         return 130
     except ANTICIPATED as e:
         what = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
-        print(f"dcgmm {args.command}: error: {what}", file=sys.stderr)
+        print(f"dcgmm {args.command}{_rank_tag()}: error: {what}", file=sys.stderr)
         return 2
     except Exception:  # noqa: BLE001 - unexpected: show everything and ask for a report
         traceback.print_exc()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -54,6 +54,49 @@ def to_images(x, *, name: str = "x", keep_uint8: bool = False) -> torch.Tensor:
         raise TypeError(f"{name}: expected uint8 or floating images, got {t.dtype}")
     check_images(name, t)
     return t.to(torch.float32)
+
+
+LAYOUTS = ("auto", "NHWC", "NCHW")
+
+
+def resolve_layout(shape, input_shape, layout: str = "auto", name: str = "x") -> str:
+    """Which layout a batch of ``shape`` is in, for a model taking (H, W, C) = ``input_shape`` images: "NHWC" or
+    "NCHW" ("auto": the one whose reading fits; (N, H, W) is NHWC with one channel).
+
+    Raises:
+        ValueError: an unknown layout; "auto" when both readings fit (H = W = C) or neither does; a given
+            layout that does not fit.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    H, W, C = input_shape
+    shape = tuple(shape)
+    if len(shape) == 3:
+        return "NHWC"  # (N, H, W): grey images, no channel axis to place
+    nhwc, nchw = shape[1:] == (H, W, C), shape[1:] == (C, H, W)
+    if layout == "auto":
+        if nhwc and nchw:  # H = W = C: the shape cannot tell
+            raise ValueError(f"{name}: images of shape {shape} read as both NHWC and NCHW for input (H, W, C) = "
+                             f"{tuple(input_shape)}; pass layout='NHWC' or layout='NCHW'")
+        if nhwc:
+            return "NHWC"
+        if nchw:
+            return "NCHW"
+        raise ValueError(f"{name}: expected images (N, {H}, {W}, {C}) (NHWC) or (N, {C}, {H}, {W}) (NCHW), got "
+                         f"{shape}")
+    if (layout == "NHWC" and not nhwc) or (layout == "NCHW" and not nchw):
+        want = f"(N, {H}, {W}, {C})" if layout == "NHWC" else f"(N, {C}, {H}, {W})"
+        raise ValueError(f"{name}: layout={layout!r} expects images {want}, got {shape}")
+    return layout
+
+
+def to_nhwc(x, input_shape, layout: str = "auto", name: str = "x") -> torch.Tensor:
+    """Images in NHWC (a channels-last view of NCHW input; nothing is copied or scaled here)."""
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    if t.dim() not in (3, 4):
+        raise ValueError(f"{name}: expected images (N, H, W), (N, H, W, C) or (N, C, H, W), got shape "
+                         f"{tuple(t.shape)}")
+    return t.permute(0, 2, 3, 1) if resolve_layout(t.shape, input_shape, layout, name) == "NCHW" else t
 
 
 def load_shipped(path: Optional[str] = None) -> Dataset:
@@ -116,7 +159,7 @@ def _dataset(path, x_train, y_train, x_test, y_test, n_classes=None) -> Dataset:
 # ---------------------------------------------------------------------------------------------------- npz
 def load_npz(path: str, *, test_fraction: Optional[float] = None, n_classes: Optional[int] = None) -> Dataset:
     """An .npz with x_train / y_train / x_test / y_test (Keras' layout, and the shipped file), or x / y split
-    into train and test by ``test_fraction`` (the last fraction of the file is the test set).
+    into train and test by ``test_fraction`` (a seeded random split, ``split_indices``).
 
     Raises:
         DataError: naming the file: missing, unreadable or truncated, missing keys, shape mismatch, labels out
@@ -137,10 +180,24 @@ def load_npz(path: str, *, test_fraction: Optional[float] = None, n_classes: Opt
         n = len(arrays["x"])
         if len(arrays["y"]) != n:
             raise DataError(f"{path}: y has {len(arrays['y'])} labels for {n} images (shape mismatch)")
-        cut = n - max(1, int(round(n * test_fraction)))
+        train, test = split_indices(n, test_fraction)
         x, y = arrays["x"], arrays["y"]
-        return _dataset(path, x[:cut], y[:cut], x[cut:], y[cut:], n_classes)
+        return _dataset(path, x[train], y[train], x[test], y[test], n_classes)
     raise DataError(f"{path}: expected keys x_train, y_train, x_test, y_test (or x, y), got {sorted(arrays)}")
+
+
+#: the seed of the x / y train-test split (fixed: the same file gives the same split everywhere)
+SPLIT_SEED = 0
+
+
+def split_indices(n: int, test_fraction: float) -> Tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices of a seeded random split of n images, each in file order: round(n * test_fraction)
+    (at least 1) test images drawn at random (a class-sorted file still gets every class in both)."""
+    n_test = max(1, int(round(n * test_fraction)))
+    if n_test >= n:
+        raise DataError(f"test_fraction: {test_fraction} leaves no training images of {n}")
+    perm = np.random.default_rng(SPLIT_SEED).permutation(n)
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
 
 
 # ---------------------------------------------------------------------------------------------------- IDX
@@ -260,16 +317,119 @@ def load_torchvision(name: str, root: str) -> Dataset:
     return _dataset(f"torchvision:{name}", xt, yt, xs, ys)
 
 
-def load_dataset(spec: str = "shipped", *, test_fraction: Optional[float] = None) -> Dataset:
-    """``"shipped"`` (default), a path to an .npz, a directory of IDX files, or ``torchvision:NAME[:ROOT]``."""
+def load_dataset(spec: str = "shipped", *, test_fraction: Optional[float] = None,
+                 memory_budget: Optional[int] = None, image_shape: Optional[Tuple[int, int, int]] = None,
+                 skip_broken: bool = False) -> Dataset:
+    """``"shipped"`` (default), a path to an .npz, a directory of IDX files, of .npy files (x_train.npy,
+    y_train.npy, x_test.npy, y_test.npy), or of images in class folders (ROOT/train/CLASS/* and ROOT/test/CLASS/*,
+    or ROOT/CLASS/* split by ``test_fraction``; resized to ``image_shape``, default (28, 28, 1)), or
+    ``torchvision:NAME[:ROOT]``.
+
+    Data whose arrays take more than ``memory_budget`` bytes (an uncompressed .npz, .npy files) are not loaded:
+    x_train and x_test are then ``sources.ArrayImages`` over memory-mapped files, to stream through a DataLoader.
+    """
     if spec in ("shipped", "fashion_mnist_5k", ""):
         return load_shipped()
     if spec.startswith("torchvision:"):
         _, name, *root = spec.split(":", 2)
         return load_torchvision(name, root[0] if root else "data")
     if os.path.isdir(spec):
+        if os.path.isfile(os.path.join(spec, "x_train.npy")):
+            return load_npy_dir(spec, memory_budget=memory_budget)
+        if any(os.path.isdir(os.path.join(spec, d)) for d in os.listdir(spec)):
+            return load_image_folders(spec, image_shape or (28, 28, 1), test_fraction=test_fraction,
+                                      skip_broken=skip_broken)
         return load_idx(spec)
     if spec.endswith(".npz") or os.path.isfile(spec):
+        if memory_budget is not None and spec.endswith(".npz") and os.path.isfile(spec):
+            from .sources import npz_array_bytes
+            try:
+                big = npz_array_bytes(spec) > memory_budget
+            except Exception:  # not a zip: load_npz names the problem
+                big = False
+            if big:
+                return _streamed_npz(spec, test_fraction, memory_budget)
         return load_npz(spec, test_fraction=test_fraction)
-    raise DataError(f"{spec}: no such file or directory (expected 'shipped', an .npz, an IDX directory or "
-                    f"torchvision:NAME)")
+    raise DataError(f"{spec}: no such file or directory (expected 'shipped', an .npz, an IDX, .npy or image "
+                    f"folder directory, or torchvision:NAME)")
+
+
+# ---------------------------------------------------------------------------------------------------- streamed
+def _check_streamed_images(path: str, key: str, x: np.ndarray) -> None:
+    """Shape and dtype only: the values of a streamed file are checked batch by batch as training reads them."""
+    if x.ndim not in (3, 4) or (x.dtype != np.uint8 and x.dtype.kind != "f"):
+        raise DataError(f"{path}: {key} must be uint8 or float images (N, H, W[, C]), got {x.dtype} {x.shape}")
+    if x.shape[0] == 0:
+        raise DataError(f"{path}: {key} holds no images (an empty split)")
+
+
+def _streamed(path, arrays) -> Dataset:
+    from .sources import ArrayImages
+
+    for key in ("x_train", "x_test"):
+        _check_streamed_images(path, key, arrays[key])
+    if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+        raise DataError(f"{path}: x_train images {arrays['x_train'].shape[1:]} and x_test images "
+                        f"{arrays['x_test'].shape[1:]} differ")
+    yt = _labels(arrays["y_train"], path, arrays["x_train"].shape[0], None, "y_train")
+    ys = _labels(arrays["y_test"], path, arrays["x_test"].shape[0], None, "y_test")
+    k = int(max(yt.max(), ys.max())) + 1
+    return Dataset(ArrayImages(arrays["x_train"], yt.numpy(), name=f"{path}: x_train"), yt,
+                   ArrayImages(arrays["x_test"], ys.numpy(), name=f"{path}: x_test"), ys, n_classes=k)
+
+
+def _streamed_npz(path: str, test_fraction: Optional[float], budget: int) -> Dataset:
+    from .sources import ArrayImages, npz_is_compressed, open_npz
+
+    if npz_is_compressed(path):
+        raise DataError(f"{path}: its arrays take more than the memory budget ({budget / 2**20:.1f} MiB) and it is "
+                        f"compressed, so it cannot be memory-mapped; write an uncompressed copy with: dcgmm convert "
+                        f"{path} UNCOMPRESSED.npz")
+    arrays = open_npz(path)
+    if {"x_train", "y_train", "x_test", "y_test"} <= set(arrays):
+        return _streamed(path, arrays)
+    if {"x", "y"} <= set(arrays):
+        if test_fraction is None or not 0 < test_fraction < 1:
+            raise DataError(f"{path}: holds x / y; give a test_fraction in (0, 1) to split it, got {test_fraction}")
+        x, y = arrays["x"], np.asarray(arrays["y"])
+        _check_streamed_images(path, "x", x)
+        if len(y) != len(x):
+            raise DataError(f"{path}: y has {len(y)} labels for {len(x)} images (shape mismatch)")
+        train, test = split_indices(len(x), test_fraction)
+        yt, ys = _labels(y[train], path, len(train), None, "y"), _labels(y[test], path, len(test), None, "y")
+        return Dataset(ArrayImages(x, yt.numpy(), name=f"{path}: x", index=train), yt,
+                       ArrayImages(x, ys.numpy(), name=f"{path}: x", index=test), ys,
+                       n_classes=int(max(yt.max(), ys.max())) + 1)
+    raise DataError(f"{path}: expected keys x_train, y_train, x_test, y_test (or x, y), got {sorted(arrays)}")
+
+
+def load_npy_dir(directory: str, *, memory_budget: Optional[int] = None) -> Dataset:
+    """x_train.npy, y_train.npy, x_test.npy, y_test.npy in ``directory``: memory-mapped, loaded when they fit
+    ``memory_budget`` (None: always loaded)."""
+    from .sources import open_npy
+
+    arrays = {k: open_npy(os.path.join(directory, f"{k}.npy")) for k in ("x_train", "y_train", "x_test", "y_test")}
+    if memory_budget is not None and sum(a.nbytes for a in arrays.values()) > memory_budget:
+        return _streamed(directory, arrays)
+    return _dataset(directory, *(np.asarray(arrays[k]) for k in ("x_train", "y_train", "x_test", "y_test")))
+
+
+def load_image_folders(root: str, image_shape: Tuple[int, int, int], *, test_fraction: Optional[float] = None,
+                       skip_broken: bool = False) -> Dataset:
+    """Images in class folders (``sources.read_image_folder``): ROOT/train and ROOT/test, or ROOT alone split by
+    ``test_fraction``; resized and cropped to image_shape (H, W, C), C = 1 (grey) or 3 (RGB)."""
+    from .sources import read_image_folder
+
+    H, W, C = image_shape
+    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
+        xt, yt, classes = read_image_folder(os.path.join(root, "train"), (H, W), C, skip_broken=skip_broken)
+        xs, ys, test_classes = read_image_folder(os.path.join(root, "test"), (H, W), C, skip_broken=skip_broken)
+        if test_classes != classes:
+            raise DataError(f"{root}: train classes {classes} and test classes {test_classes} differ")
+        return _dataset(root, xt, yt, xs, ys, len(classes))
+    if test_fraction is None or not 0 < test_fraction < 1:
+        raise DataError(f"{root}: an image folder without train/ and test/ needs a test_fraction in (0, 1) to "
+                        f"split it, got {test_fraction}")
+    x, y, classes = read_image_folder(root, (H, W), C, skip_broken=skip_broken)
+    train, test = split_indices(len(x), test_fraction)
+    return _dataset(root, x[train], y[train], x[test], y[test], len(classes))

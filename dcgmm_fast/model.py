@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Dict, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -18,7 +19,7 @@ from .layers import ConvGMM, LinearClassifier, MaxPool
 from .types import Backend, Loss
 from .presets import Classifier, GMM, LayerSpec, Pool, Preset
 from .sampling import Sharpening, classifier_topdown, sample_down
-from .train import History, Trainer
+from .train import History, Trainer, _as_batch
 
 
 class DCGMM(nn.Module):
@@ -102,10 +103,11 @@ class DCGMM(nn.Module):
     def gmm_layers(self) -> Dict[str, ConvGMM]:
         return OrderedDict((n, m) for n, m in zip(self.names, self.layers) if isinstance(m, ConvGMM))
 
-    def _images(self, x, keep_uint8: bool = False) -> torch.Tensor:
-        """Images to float (N, H, W, C) in [0, 1] on the model's device, shape-checked (uint8 stays uint8 with
-        ``keep_uint8``: training scales each batch inside its step)."""
-        t = data.to_images(x, keep_uint8=keep_uint8)
+    def _images(self, x, keep_uint8: bool = False, layout: str = "auto") -> torch.Tensor:
+        """Images (N, H, W), NHWC or NCHW (``layout``, see ``data.resolve_layout``) to float (N, H, W, C) in
+        [0, 1] on the model's device, shape-checked (uint8 stays uint8 with ``keep_uint8``: training scales each
+        batch inside its step)."""
+        t = data.to_images(data.to_nhwc(x, self.input_shape, layout), keep_uint8=keep_uint8)
         if tuple(t.shape[1:]) != self.input_shape:
             raise ValueError(f"x: expected images of shape (N, {', '.join(map(str, self.input_shape))}), "
                              f"got {tuple(t.shape)}")
@@ -113,9 +115,10 @@ class DCGMM(nn.Module):
         return t.to(device=p.device) if t.dtype == torch.uint8 else t.to(device=p.device, dtype=p.dtype)
 
     # -------------------------------------------------------------------------------------------- inference
-    def forward(self, x) -> Dict[str, torch.Tensor]:
-        """Every layer's output: responsibilities (N, H', W', K) for GMMs, pooled maps, logits (N, n_classes)."""
-        h = self._images(x)
+    def forward(self, x, *, layout: str = "auto") -> Dict[str, torch.Tensor]:
+        """Every layer's output: responsibilities (N, H', W', K) for GMMs, pooled maps, logits (N, n_classes).
+        x: images (N, H, W), (N, H, W, C) or (N, C, H, W) (``layout``: "auto", "NHWC" or "NCHW"), every method."""
+        h = self._images(x, layout=layout)
         outputs: Dict[str, torch.Tensor] = OrderedDict()
         for name, layer in zip(self.names, self.layers):
             if isinstance(layer, LinearClassifier):
@@ -128,14 +131,15 @@ class DCGMM(nn.Module):
         return outputs
 
     @torch.no_grad()
-    def log_prob(self, x, *, loss: Optional[Loss] = "loglik", batch_size: int = 500) -> Dict[str, torch.Tensor]:
+    def log_prob(self, x, *, loss: Optional[Loss] = "loglik", batch_size: int = 500,
+                 layout: str = "auto") -> Dict[str, torch.Tensor]:
         """Per GMM layer, each image's mean score over positions, (N,) (higher is better).
 
         Args:
             loss: "loglik" (default: the mixture log-likelihood per patch), "mc" (max-component with the
                 current smoothing), or None (each layer's training loss).
         """
-        x = self._images(x)
+        x = self._images(x, layout=layout)
         result: Dict[str, list] = OrderedDict((n, []) for n in self.gmm_layers())
         for start in range(0, x.shape[0], batch_size):
             h = x[start:start + batch_size]
@@ -150,11 +154,11 @@ class DCGMM(nn.Module):
         return OrderedDict((n, torch.cat(v) if v else empty) for n, v in result.items())
 
     @torch.no_grad()
-    def classify(self, x, *, batch_size: int = 500) -> torch.Tensor:
+    def classify(self, x, *, batch_size: int = 500, layout: str = "auto") -> torch.Tensor:
         """Predicted classes (N,) int64 from the linear classifier."""
         if self.classifier is None:
             raise ValueError("classify: this stack has no classifier")
-        x = self._images(x)
+        x = self._images(x, layout=layout)
         preds = [self.forward(x[s:s + batch_size])["classifier"].argmax(1) for s in range(0, x.shape[0], batch_size)]
         return torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64, device=x.device)
 
@@ -203,30 +207,34 @@ class DCGMM(nn.Module):
 
     @torch.no_grad()
     def variants(self, x, *, root: Optional[str] = None, top_s=None, divisor=None, sharpening=None,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None, layout: str = "auto") -> torch.Tensor:
         """Variants of real images (spec 3.4): the responsibilities of GMM ``root`` (default: the top GMM) for x
-        are the prior of sampling from ``root`` down. Returns (N, H, W, C) in [0, 1]."""
+        are the prior of sampling from ``root`` down. Returns images in [0, 1] in x's layout."""
         root = self._top_gmm() if root is None else root
         if root not in self.gmm_layers():
             raise ValueError(f"root: expected one of the GMM layers {list(self.gmm_layers())}, got {root!r}")
-        topdown = self.forward(x)[root]
+        resolved = data.resolve_layout(torch.as_tensor(x).shape, self.input_shape, layout)
+        topdown = self.forward(x, layout=resolved)[root]
         h = sample_down(self.layers, self.names, root, topdown, generator=generator, top_s=top_s, divisor=divisor,
                         sharpening=sharpening)
-        return h.clamp(0.0, 1.0)
+        return _in_layout(h.clamp(0.0, 1.0), resolved)
 
     @torch.no_grad()
     def inpaint(self, x, mask, *, root: Optional[str] = None, top_s=None, divisor=None, sharpening=None,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                generator: Optional[torch.Generator] = None, layout: str = "auto") -> torch.Tensor:
         """Complete the pixels where ``mask`` is False from variants of the masked images (spec 3.4).
 
         Args:
-            x: images (N, H, W[, C]).
-            mask: bool, True = known pixel; (H, W), (N, H, W) or (N, H, W, C), any pattern.
+            x: images (N, H, W[, C]) or (N, C, H, W) (``layout``).
+            mask: bool, True = known pixel; (H, W), (N, H, W), or x's shape, any pattern.
         Returns:
-            (N, H, W, C): known pixels bit-identical to x, the others from the model.
+            images in x's layout: known pixels bit-identical to x, the others from the model.
         """
-        x = self._images(x)
+        resolved = data.resolve_layout(torch.as_tensor(x).shape, self.input_shape, layout)
+        x = self._images(x, layout=resolved)
         m = torch.as_tensor(mask, device=x.device)
+        if m.dim() == 4 and resolved == "NCHW":
+            m = m.permute(0, 2, 3, 1)
         if m.dtype != torch.bool:
             raise TypeError(f"mask: expected a bool tensor (True = known pixel), got {m.dtype}")
         if m.dim() == 2:
@@ -239,55 +247,95 @@ class DCGMM(nn.Module):
             raise ValueError(f"mask: shape {tuple(torch.as_tensor(mask).shape)} does not fit images "
                              f"{tuple(x.shape)}") from None
         v = self.variants(torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)), root=root,
-                          top_s=top_s, divisor=divisor, sharpening=sharpening, generator=generator)
-        return torch.where(m, x, v)
+                          top_s=top_s, divisor=divisor, sharpening=sharpening, generator=generator, layout="NHWC")
+        return _in_layout(torch.where(m, x, v), resolved)
 
     @torch.no_grad()
-    def outlier_scores(self, x, *, layer: Optional[str] = None, loss: Optional[Loss] = None) -> torch.Tensor:
+    def outlier_scores(self, x, *, layer: Optional[str] = None, loss: Optional[Loss] = None,
+                       layout: str = "auto") -> torch.Tensor:
         """Per-image outlier score (spec 3.5): the mean over positions of GMM ``layer``'s score (default: the top
         GMM, with its training loss, i.e. "mc" with the current smoothing). Higher = more typical. (N,)"""
         layer = self._top_gmm() if layer is None else layer
         if layer not in self.gmm_layers():
             raise ValueError(f"layer: expected one of the GMM layers {list(self.gmm_layers())}, got {layer!r}")
-        return self.log_prob(x, loss=loss)[layer]
+        return self.log_prob(x, loss=loss, layout=layout)[layer]
 
     # -------------------------------------------------------------------------------------------- training
     def fit(self, x, y=None, *, epochs: Optional[float] = None, batch_size: Optional[int] = None, optimizer=None,
-            lr: Optional[float] = None, seed: Optional[int] = None, compile=False,
-            resume: bool = False, stop_step: Optional[int] = None, callback=None, should_stop=None) -> History:
+            lr: Optional[float] = None, seed: Optional[int] = None, reshuffle: bool = False, compile=False,
+            resume: bool = False, stop_step: Optional[int] = None, callback=None, should_stop=None,
+            world=None, layout: str = "auto", steps_per_epoch: Optional[int] = None) -> History:
         """Train layer by layer (``train.Trainer``), as the original: bottom-up, no gradient between layers.
 
         Args:
-            x: images (N, H, W) or (N, H, W, C), uint8 (divided by 255) or float in [0, 1].
-            y: (N,) integer labels for the classifier (None: the classifier is not trained).
-            epochs: default the preset's; batch_size: default the preset's (100).
+            x: images (N, H, W), (N, H, W, C) or (N, C, H, W) (``layout``), uint8 (divided by 255) or float in
+                [0, 1], as a tensor or array (kept where it lies, uint8 stays uint8); or a stream: a
+                ``DataLoader`` or any re-iterable of x or (x, y) batches (e.g. torchvision's NCHW batches), taken
+                in its own order, re-iterated every epoch (``schedule.Schedule`` as its batch sampler gives the
+                in-memory order).
+            y: (N,) integer labels for the classifier (None: the classifier is not trained; a stream brings its
+                own).
+            epochs: default the preset's; batch_size: default the preset's (100); a stream's batches are its own.
             optimizer: None (the original rule), "sgd", "adam" or a factory (see ``Trainer``).
-            seed: seeds the training order (None: torch's global RNG).
+            seed: seeds the training order (None: torch's global RNG); reshuffle: a new seeded order every epoch
+                (default: the original's one order for every epoch).
             compile: capture the whole training step with torch.compile(fullgraph=True): True (inductor) or a
                 torch.compile backend name (see ``Trainer``).
             resume: continue the same schedule (same epochs, batch size and seed) after ``steps_done`` steps.
             stop_step: stop before this step of the schedule (None: train to the end).
             callback: called after every step with (step, total_steps, history).
             should_stop: asked after every step; True ends training there (``steps_done`` counts that step).
+            world: a ``distributed.World`` to train data-parallel in; None: the initialised default process group
+                when it has more than one rank (``torchrun``), else this process alone. ``batch_size`` is the
+                global batch; every rank passes the same x, y, seed and schedule and takes its share (a stream:
+                each rank's yields its share).
+            layout: "auto" (the reading that fits the model's input shape), "NHWC" or "NCHW".
+            steps_per_epoch: a stream without len(): its batches per epoch.
         Returns:
             train.History with per-step scores, som_sigma and classifier metrics.
         """
         epochs = (self.preset.epochs if self.preset else 10) if epochs is None else epochs
         batch_size = (self.preset.batch_size if self.preset else 100) if batch_size is None else batch_size
-        x = self._images(x, keep_uint8=True)  # a uint8 data set stays uint8 on the device
-        if y is not None:
-            y = _class_ids("y", y).to(x.device)
-            if y.dim() != 1 or y.shape[0] != x.shape[0]:
-                raise ValueError(f"y: expected ({x.shape[0]},) labels, got {tuple(y.shape)}")
-            if bool((y < 0).any()) or bool((y >= self.n_classes).any()):
-                raise ValueError(f"y: labels must lie in [0, {self.n_classes}), got [{int(y.min())}, {int(y.max())}]")
-        trainer = Trainer(self.layers, self.names, optimizer=optimizer, lr=lr, compile=compile)
+        trainer = Trainer(self.layers, self.names, optimizer=optimizer, lr=lr, compile=compile, world=world)
         start = int(self.steps_done) if resume else 0
-        history = trainer.fit(x, y, epochs=epochs, batch_size=batch_size, seed=seed, start_step=start,
-                              stop_step=stop_step, callback=callback, should_stop=should_stop,
-                              check_data=False)  # _images checked them
+        if _is_stream(x):
+            if y is not None:
+                raise ValueError("y: a stream of batches brings its own labels ((x, y) batches); pass y=None")
+            history = trainer.fit_batches(x, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                                          to_batch=lambda item: self._batch(item, layout), start_step=start,
+                                          stop_step=stop_step, callback=callback, should_stop=should_stop)
+        else:
+            x = self._images(x, keep_uint8=True, layout=layout)  # a uint8 data set stays uint8 on the device
+            y = None if y is None else self._labels(y, x.shape[0])
+            history = trainer.fit(x, y, epochs=epochs, batch_size=batch_size, seed=seed, reshuffle=reshuffle,
+                                  start_step=start, stop_step=stop_step, callback=callback, should_stop=should_stop,
+                                  check_data=False)  # _images checked them
         self.steps_done += history.steps
         return history
+
+    def _labels(self, y, n: int) -> torch.Tensor:
+        y = _class_ids("y", y).to(next(self.parameters()).device)
+        if y.dim() != 1 or y.shape[0] != n:
+            raise ValueError(f"y: expected ({n},) labels, got {tuple(y.shape)}")
+        if bool((y < 0).any()) or bool((y >= self.n_classes).any()):
+            raise ValueError(f"y: labels must lie in [0, {self.n_classes}), got [{int(y.min())}, {int(y.max())}]")
+        return y
+
+    def _batch(self, item, layout: str):
+        """A stream's item, x or (x, y) -> (x NHWC on the model's device (uint8 kept), y or None), checked."""
+        xb, yb = _as_batch(item)
+        xb = self._images(xb, keep_uint8=True, layout=layout)
+        return xb, None if yb is None else self._labels(yb, xb.shape[0])
+
+
+def _is_stream(x) -> bool:
+    """A DataLoader or another iterable of batches, not one array of images."""
+    return not isinstance(x, (torch.Tensor, np.ndarray, list, tuple)) and hasattr(x, "__iter__")
+
+
+def _in_layout(images: torch.Tensor, layout: str) -> torch.Tensor:
+    """(N, H, W, C) -> the caller's layout (NCHW: a contiguous copy)."""
+    return images.permute(0, 3, 1, 2).contiguous() if layout == "NCHW" else images
 
 
 def _class_ids(name: str, value) -> torch.Tensor:

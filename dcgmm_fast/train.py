@@ -15,43 +15,72 @@ Update rules:
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .anneal import SingleExp, anneal_  # noqa: F401  (SingleExp: the host reference)
+from .distributed import World
 from .guard import StepGuard
 from .layers import ConvGMM, LinearClassifier, MaxPool
+from .schedule import Schedule
 from .validation import check_images
 
 OptimizerFactory = Callable[[List[dict]], torch.optim.Optimizer]
 
 
 # -------------------------------------------------------------------------------------------------- steps
-#: rows of the fixed-order mean's blocks
-_MEAN_BLOCK = 256
-_MEAN_ROWS_PER_OP = 120  # 120 * 256 = 30720 elements per op: below torch's parallel grain
+#: entries of the fixed-order sums' blocks
+_SUM_BLOCK = 256
+#: elements per reduction op: below torch's parallel grain (32768), so no op is split over threads (and no OpenMP
+#: region is started for it: a region costs ~0.1 ms when idle workers sleep)
+_SUM_OP_ELEMENTS = 30720
+
+
+def _row_sums(rows: torch.Tensor) -> torch.Tensor:
+    """(R, L) -> (R,) float64, each row by one op under the parallel grain (rows split into several ops)."""
+    per_op = max(1, _SUM_OP_ELEMENTS // max(1, rows.shape[1]))
+    sums = [r.sum(1, dtype=torch.float64) for r in rows.split(per_op)]
+    return torch.cat(sums) if len(sums) > 1 else sums[0]
+
+
+def fixed_order_row_sums(rows: torch.Tensor) -> torch.Tensor:
+    """(R, L) -> (R,) float64 sums, each row in fixed blocks of 256 (a last partial block alone), level by level:
+    the same bits for any thread count, and a row's sum does not depend on the other rows (nor on where they lie).
+    """
+    rows = rows.detach()
+    R = rows.shape[0]
+    while rows.shape[1] > _SUM_BLOCK:
+        L = rows.shape[1]
+        nb = L // _SUM_BLOCK
+        sums = _row_sums(rows[:, :nb * _SUM_BLOCK].reshape(R * nb, _SUM_BLOCK)).view(R, nb)
+        if nb * _SUM_BLOCK < L:
+            sums = torch.cat([sums, _row_sums(rows[:, nb * _SUM_BLOCK:])[:, None]], 1)
+        rows = sums
+    return _row_sums(rows)
+
+
+def image_score_sums(score: torch.Tensor) -> torch.Tensor:
+    """score (N, ...) -> (N,) float64: each image's sum over its positions, in fixed order (``fixed_order_row_sums``).
+    The distributed step gathers these in image order (``distributed.World.combine``)."""
+    return fixed_order_row_sums(score.reshape(score.shape[0], -1))
+
+
+def mean_of_image_sums(sums: torch.Tensor, numel: int) -> torch.Tensor:
+    """(N,) float64 per-image sums of ``numel`` entries in all -> their mean () float64, summed in fixed order."""
+    return fixed_order_row_sums(sums.view(1, -1))[0] / numel
 
 
 def fixed_order_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean of all entries, summed in float64 in fixed blocks of 256 (each block by one thread; a last partial
-    block summed alone), level by level: the same bits for any thread count. ``Tensor.mean`` of 67,600 scores
-    differs by ~5e-7 between 1 and 2 threads, and the annealing controller takes threshold decisions on it.
-    Returns a () tensor of t's dtype; not differentiable (the step's gradient comes from ``mean_grad``)."""
-    flat = t.detach().reshape(-1)
-    n = flat.numel()
-    while flat.numel() > _MEAN_BLOCK:
-        full = flat.numel() // _MEAN_BLOCK * _MEAN_BLOCK
-        rows = flat[:full].view(-1, _MEAN_BLOCK)
-        # row sums in float64, a few rows per op: each op stays under torch's parallel grain (32768 elements), so
-        # no OpenMP region is started for it (a region costs ~0.1 ms when idle workers sleep)
-        sums = [r.sum(1, dtype=torch.float64) for r in rows.split(_MEAN_ROWS_PER_OP)]
-        if full < flat.numel():  # the last partial block
-            sums.append(flat[full:].sum(0, keepdim=True, dtype=torch.float64))
-        flat = torch.cat(sums) if len(sums) > 1 else sums[0]
-    return (flat.sum(dtype=torch.float64) / n).to(t.dtype)
+    """Mean of all entries of t (N, ...): per-image sums, then their sum in image order, all in float64 in fixed
+    blocks: the same bits for any thread count, and for any split of the batch over processes whose sums are
+    gathered in image order. ``Tensor.mean`` of 67,600 scores differs by ~5e-7 between 1 and 2 threads, and the
+    annealing controller takes threshold decisions on it. Returns a () tensor of t's dtype; not differentiable
+    (the step's gradient comes from ``mean_grad``)."""
+    t = t.reshape(t.shape[0], -1) if t.dim() > 0 else t.reshape(1, 1)
+    return mean_of_image_sums(image_score_sums(t), t.numel()).to(t.dtype)
 
 
 def mean_grad(t: torch.Tensor) -> torch.Tensor:
@@ -60,23 +89,40 @@ def mean_grad(t: torch.Tensor) -> torch.Tensor:
     return torch.full((), 1.0, dtype=t.dtype, device=t.device).div(t.numel()).expand(t.shape)
 
 
-def gmm_step(layer: ConvGMM, x: torch.Tensor):
+def gmm_step(layer: ConvGMM, x: torch.Tensor, world: Optional[World] = None):
     """One step of the original update rule on x (N, H, W, C); returns (resp (N,H',W',K), mean score ()).
 
-    No Python branching on tensor values: ``torch.compile(fullgraph=True)`` compiles it (see ``compile_step``).
+    With a ``world``, x is this rank's share of the global batch: the gradients are averaged over the ranks and
+    the mean score is the global batch's (see ``distributed``). No Python branching on tensor values:
+    ``torch.compile(fullgraph=True)`` compiles it (see ``compile_step``).
     """
-    resp, score, _ = _gmm_step(layer, x)
+    resp, score, _ = _gmm_step(layer, x, world)
     return resp, score
 
 
-def _gmm_step(layer: ConvGMM, x: torch.Tensor):
+def _gmm_step(layer: ConvGMM, x: torch.Tensor, world: Optional[World] = None):
     """gmm_step, plus (max |mu|, max |pi_logits|) (2,) after the update when the fused update took them (else
     None: the step guard takes them itself)."""
     out = layer.cgmm(x, check=False)
-    g_mu, g_sigma, g_pi = torch.autograd.grad(out.score, (layer.mu, layer.sigma, layer.pi_logits),
-                                              grad_outputs=mean_grad(out.score))
-    maxima = update_(layer, g_mu, g_sigma, g_pi)
-    return out.resp.detach(), fixed_order_mean(out.score), maxima
+    grads = torch.autograd.grad(out.score, (layer.mu, layer.sigma, layer.pi_logits),
+                                grad_outputs=mean_grad(out.score))
+    if world is None:
+        score = fixed_order_mean(out.score)
+    else:  # one all-reduce: the ranks' mean gradients and the global batch's per-image score sums
+        grads, sums = world.combine(grads, image_score_sums(out.score))
+        score = mean_of_image_sums(sums, out.score.numel() * world.size).to(out.score.dtype)
+    maxima = update_(layer, *grads)
+    return out.resp.detach(), score, maxima
+
+
+def _forward_score(layer: ConvGMM, x: torch.Tensor, world: Optional[World] = None):
+    """A waiting layer: (resp, mean score ()) of the forward alone (the global batch's with a world)."""
+    with torch.no_grad():
+        out = layer.cgmm(x, check=False)
+    if world is None:
+        return out.resp, fixed_order_mean(out.score)
+    _, sums = world.combine([], image_score_sums(out.score))
+    return out.resp, mean_of_image_sums(sums, out.score.numel() * world.size).to(out.score.dtype)
 
 
 def _fused_update(layer: ConvGMM) -> bool:
@@ -114,23 +160,30 @@ def gmm_step_optimizer(layer: ConvGMM, x: torch.Tensor, optimizer: torch.optim.O
     return out.resp.detach(), fixed_order_mean(out.score)
 
 
-def classifier_step(clf: LinearClassifier, features: torch.Tensor, y: torch.Tensor):
+def classifier_step(clf: LinearClassifier, features: torch.Tensor, y: torch.Tensor,
+                    world: Optional[World] = None):
     """One SGD step on softmax cross-entropy; returns (loss (), accuracy ()).
 
     The gradients are written out (what autograd computes): d logits = (softmax - onehot) / N, d weight =
     features^T d logits, formed as (d logits^T features)^T, which BLAS runs 4-8x faster for a weight (F, 10).
+    With a ``world`` the gradients, loss and accuracy are averaged over the ranks' equal shares.
     """
     with torch.no_grad():
         f = features.reshape(features.shape[0], -1)
         logits = clf(features)
         logp = F.log_softmax(logits, dim=1)
         loss = F.nll_loss(logp, y)
+        acc = (logits.argmax(1) == y).float().mean()
         g = logp.exp()
         g[torch.arange(g.shape[0], device=g.device), y] -= 1.0
         g /= g.shape[0]
-        clf.weight.t().sub_(g.t() @ f, alpha=clf.lr)  # lr: a host float (no device read)
-        clf.bias.sub_(g.sum(0), alpha=clf.lr)
-    return loss, (logits.argmax(1) == y).float().mean()
+        g_weight, g_bias = g.t() @ f, g.sum(0)
+        if world is not None:
+            (g_weight, g_bias, metrics), _ = world.combine([g_weight, g_bias, torch.stack([loss, acc])])
+            loss, acc = metrics.unbind()
+        clf.weight.t().sub_(g_weight, alpha=clf.lr)  # lr: a host float (no device read)
+        clf.bias.sub_(g_bias, alpha=clf.lr)
+    return loss, acc
 
 
 def _dynamo_config():
@@ -244,6 +297,10 @@ class Trainer:
             history row) with ``torch.compile(fullgraph=True, dynamic=False)``: True for the default (inductor), or
             a torch.compile backend name (e.g. "aot_eager": traced, then run by the eager kernels). Original
             update rule only. One graph per set of training layers (a layer's ``wait`` ending recompiles once).
+        world: a ``distributed.World`` to train data-parallel in (None: ``World.current()``, the initialised
+            default process group when it has more than one rank): each rank takes its share of every global
+            batch, every step all-reduces each layer's gradients and gathers its per-image scores, and every
+            rank takes the same step (the original update rule, eager).
 
     ``guard`` (a ``StepGuard``) records divergence on the device at every step; ``fit`` reads it every
     ``check_every`` steps and at its end and raises ``DivergenceError`` naming the layer, step and quantity.
@@ -255,8 +312,9 @@ class Trainer:
 
     def __init__(self, layers: Sequence[nn.Module], names: Sequence[str], *,
                  optimizer: Union[None, str, OptimizerFactory] = None, lr: Optional[float] = None,
-                 compile: Union[bool, str] = False):
+                 compile: Union[bool, str] = False, world: Optional[World] = None):
         self.layers, self.names = list(layers), list(names)
+        self.world = world if world is not None else World.current()
         if len(self.layers) != len(self.names):
             raise ValueError("names: expected one name per layer")
         self.classifier_input = None
@@ -274,6 +332,9 @@ class Trainer:
         self.optimizer = self._make_optimizer(optimizer, lr)
         if compile and self.optimizer is not None:
             raise ValueError("compile: only the original update rule is compiled; use optimizer=None")
+        if self.world is not None and (compile or self.optimizer is not None):
+            raise ValueError("world: data-parallel training runs the original update rule, eager (optimizer=None, "
+                             "compile=False)")
         if compile not in (False, True) and not isinstance(compile, str):
             raise ValueError(f"compile: expected a bool or a torch.compile backend name, got {compile!r}")
         params = [p for layer in self.layers for p in layer.parameters()]
@@ -341,13 +402,11 @@ class Trainer:
         for i, layer in enumerate(self.layers):
             if isinstance(layer, ConvGMM):
                 if not active[i]:  # waiting: forward only, controller not fed
-                    with torch.no_grad():
-                        out = layer.cgmm(h, check=False)
-                    h, score = out.resp, fixed_order_mean(out.score)
+                    h, score = _forward_score(layer, h, self.world)
                 else:
                     maxima = None
                     if self.optimizer is None:
-                        h, score, maxima = _gmm_step(layer, h)
+                        h, score, maxima = _gmm_step(layer, h, self.world)
                     else:
                         self._set_learning_rates()
                         # every other layer's grads are None after zero_grad, so the step moves only this one
@@ -362,7 +421,7 @@ class Trainer:
                 with torch.no_grad():
                     h = layer(h)
             elif y is not None:  # classifier
-                loss, acc = classifier_step(layer, outputs[self.classifier_input].detach(), y)
+                loss, acc = classifier_step(layer, outputs[self.classifier_input].detach(), y, self.world)
                 self.guard.record_classifier(i, loss)
                 values += [loss.double(), acc.double()]
             outputs.append(h)
@@ -370,14 +429,17 @@ class Trainer:
         return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64, device=x.device)
 
     def fit(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *, epochs: float, batch_size: int = 100,
-            seed: Optional[int] = None, start_step: int = 0, stop_step: Optional[int] = None,
-            callback: Optional[Callable[[int, int, History], None]] = None, check_every: int = 50,
-            should_stop: Optional[Callable[[], bool]] = None, check_data: bool = True) -> History:
+            seed: Optional[int] = None, reshuffle: bool = False, start_step: int = 0,
+            stop_step: Optional[int] = None, callback: Optional[Callable[[int, int, History], None]] = None,
+            check_every: int = 50, should_stop: Optional[Callable[[], bool]] = None,
+            check_data: bool = True) -> History:
         """Train on x (N, H, W, C) float in [0, 1] or uint8 (and labels y (N,) for the classifier), on x's device:
         a data set that fits stays there (uint8 is scaled inside each step), batches are indexed in place.
 
         As the original: the training order is shuffled once (seeded) and the same order of full batches
-        (remainder dropped) repeats every epoch; steps = (N // batch_size) * epochs.
+        (remainder dropped) repeats every epoch (``reshuffle``: a new seeded order every epoch); steps =
+        (N // batch_size) * epochs (``schedule.Schedule``). With a world (see the class), ``batch_size`` is the
+        global batch: each rank takes its equal share of it, in rank order.
 
         Args:
             start_step: steps already done (resume): training continues at that step of the same schedule.
@@ -393,24 +455,85 @@ class Trainer:
                 that was being checked, so no checkpoint should be written from them.
         """
         n = x.shape[0]
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
-        per_epoch = n // batch_size
-        if per_epoch < 1:
-            raise ValueError(f"batch_size: {batch_size} is larger than the {n} training images")
         if y is not None and y.shape[0] != n:
             raise ValueError(f"y: expected {n} labels, got {y.shape[0]}")
         if check_data and x.dtype != torch.uint8:
             check_images("x", x)  # once, here: the steps run the ops without data scans
-        total = int(round(per_epoch * epochs))
-        g = torch.Generator().manual_seed(seed if seed is not None else int(torch.initial_seed()) % 2**63)
-        order = torch.randperm(n, generator=g)[: per_epoch * batch_size].reshape(per_epoch, batch_size)
-        order = order.to(x.device)  # once: a step indexes the data where it lies
+        schedule = Schedule(n, batch_size, seed if seed is not None else int(torch.initial_seed()) % 2**63,
+                            reshuffle=reshuffle, rank=0 if self.world is None else self.world.rank,
+                            world_size=1 if self.world is None else self.world.size)
+        total = int(round(schedule.steps_per_epoch * epochs))
+        orders = {}  # per epoch (one unless reshuffled), moved to x's device once: a step indexes the data there
+
+        def batch(step):
+            e = step // schedule.steps_per_epoch if reshuffle else 0
+            if e not in orders:
+                orders.clear()
+                orders[e] = schedule.order(e).to(x.device)
+            idx = orders[e][step % schedule.steps_per_epoch]
+            return x[idx], None if y is None else y[idx]
+
+        return self._run_steps(batch, total, start_step, stop_step, callback, check_every, should_stop)
+
+    def fit_batches(self, batches: Iterable, *, epochs: float, steps_per_epoch: Optional[int] = None,
+                    to_batch: Optional[Callable] = None, start_step: int = 0, stop_step: Optional[int] = None,
+                    callback: Optional[Callable[[int, int, History], None]] = None, check_every: int = 50,
+                    should_stop: Optional[Callable[[], bool]] = None) -> History:
+        """Train on a stream: ``batches`` is re-iterated every epoch (a ``DataLoader``, or any re-iterable of x or
+        (x, y) batches); each batch goes through ``to_batch(batch) -> (x, y or None)`` (default: (x, y) or x as
+        they are). With a world, each rank's stream yields that rank's equal share of each global batch (e.g. a
+        DataLoader with ``batch_sampler=Schedule(n, batch_size, seed, rank=r, world_size=W)``).
+
+        Args:
+            steps_per_epoch: default ``len(batches)``; an iterable without a length needs it.
+            start_step: steps already done: the stream skips them (a resumed run needs a deterministic stream).
+            Others as ``fit``.
+        Raises:
+            ValueError: an epoch of the stream ran out before ``steps_per_epoch`` batches.
+        """
+        if steps_per_epoch is None:
+            try:
+                steps_per_epoch = len(batches)
+            except TypeError:
+                raise ValueError("steps_per_epoch: the batches have no len(); give the steps of one epoch") from None
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch: expected at least one batch per epoch, got {steps_per_epoch}")
+        to_batch = to_batch or _as_batch
+        total = int(round(steps_per_epoch * epochs))
+        state = {"epoch": -1, "it": None, "at": 0}
+
+        def batch(step):
+            epoch, k = divmod(step, steps_per_epoch)
+            if state["epoch"] != epoch or state["at"] > k:
+                sampler = getattr(batches, "batch_sampler", None)
+                at = 0
+                if isinstance(sampler, Schedule):  # starts where asked: a resumed run reads no skipped batch
+                    sampler.set_epoch(epoch, first_step=k)
+                    at = k
+                elif hasattr(getattr(batches, "sampler", None), "set_epoch"):  # e.g. DistributedSampler
+                    batches.sampler.set_epoch(epoch)
+                state.update(epoch=epoch, it=iter(batches), at=at)
+            while True:
+                try:
+                    item = next(state["it"])
+                except StopIteration:
+                    raise ValueError(f"batches: epoch {epoch} ended after {state['at']} batches, fewer than the "
+                                     f"{steps_per_epoch} steps per epoch") from None
+                state["at"] += 1
+                if state["at"] > k:
+                    return to_batch(item)
+
+        return self._run_steps(batch, total, start_step, stop_step, callback, check_every, should_stop)
+
+    def _run_steps(self, batch: Callable[[int], tuple], total: int, start_step: int, stop_step: Optional[int],
+                   callback, check_every: int, should_stop) -> History:
+        """Steps start_step .. min(total, stop_step) - 1, ``batch(step) -> (x, y)`` each; the guard, history,
+        callbacks, the ranks' final agreement."""
         history = History()
         self.guard.set_step(start_step)
         for step in range(start_step, total if stop_step is None else min(total, stop_step)):
-            idx = order[step % per_epoch]
-            self.train_step(x[idx], None if y is None else y[idx], step / (total + 1), history)
+            xb, yb = batch(step)
+            self.train_step(xb, yb, step / (total + 1), history)
             history.steps += 1
             if (step + 1) % check_every == 0:
                 self.guard.check()
@@ -421,7 +544,21 @@ class Trainer:
                 break
         self.guard.check()
         history.flush()
+        if self.world is not None:  # every rank took the same steps: the same parameters and annealing state
+            self.world.check_same([(f"{name}.{k}", v) for name, layer in zip(self.names, self.layers)
+                                   for k, v in layer.state_dict().items()])
         if not self._host_control:
             for i in self.gmms:  # the device path passes the smoothing even once it is the identity (exact)
                 self.layers[i].refresh_identity()
         return history
+
+
+def _as_batch(item) -> tuple:
+    """A stream's item: (x, y), [x, y], or x alone -> (x, y or None)."""
+    if isinstance(item, (tuple, list)):
+        if len(item) == 2:
+            return item[0], item[1]
+        if len(item) == 1:
+            return item[0], None
+        raise ValueError(f"batches: expected x or (x, y) batches, got a sequence of {len(item)} items")
+    return item, None

@@ -1,0 +1,161 @@
+"""Data-parallel training on ``torch.distributed``: every rank takes the same step.
+
+A ``World`` is the process group a ``Trainer`` trains in. Each rank takes its share (a contiguous slice, in rank
+order) of every global batch of the one schedule, computes its layers' gradients on it, and one all-reduce per
+layer and step combines them:
+- the gradients (the original rule uses ``torch.autograd.grad``, which DDP does not see) summed in float64 and
+  divided by the number of ranks (the shares are equal, so the mean of the ranks' means is the global mean);
+- the per-image score sums (``train.image_score_sums``), each rank writing its images' slots of a zeroed global
+  vector, so that the sum hands every rank the global batch's sums in image order, bit for bit (adding zeros is
+  exact), and the annealing controller sees exactly the single-process mean score.
+Every rank then applies the same update to the same parameters: annealing events happen at the same step on every
+rank. gloo on CPU, NCCL on GPUs; the process group is PyTorch's own (``torchrun`` sets it up, see ``cli``).
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+
+class World:
+    """The ranks a Trainer trains with (``rank`` of ``size``, on ``group``: None for the default group)."""
+
+    def __init__(self, group: Optional["dist.ProcessGroup"] = None):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("World: torch.distributed is not initialised (init_process_group first)")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+
+    @classmethod
+    def current(cls) -> Optional["World"]:
+        """The default process group when one with more than one rank is initialised, else None."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return cls()
+        return None
+
+    def share(self, batch_size: int) -> slice:
+        """This rank's slice of a global batch of ``batch_size`` images (equal shares, in rank order)."""
+        if batch_size % self.size != 0:
+            raise ValueError(f"batch_size: the global batch of {batch_size} images does not split evenly over "
+                             f"{self.size} processes; give a multiple of {self.size}")
+        n = batch_size // self.size
+        return slice(self.rank * n, (self.rank + 1) * n)
+
+    def combine(self, grads: Sequence[torch.Tensor], sums: Optional[torch.Tensor] = None
+                ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
+        """One all-reduce: the mean over ranks of ``grads`` (summed in float64, returned in their dtypes) and the
+        global batch's per-image values from each rank's ``sums`` (n,) float64 (returned (size * n,), rank order).
+        """
+        parts = [g.reshape(-1).to(torch.float64) for g in grads]
+        n = 0 if sums is None else sums.numel()
+        slots = None
+        if sums is not None:
+            slots = torch.zeros(self.size * n, dtype=torch.float64, device=sums.device)
+            slots[self.rank * n:(self.rank + 1) * n] = sums
+            parts.append(slots)
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+        dist.all_reduce(flat, group=self.group)
+        out, o = [], 0
+        for g in grads:
+            out.append((flat[o:o + g.numel()] / self.size).to(g.dtype).view_as(g))
+            o += g.numel()
+        return out, (flat[o:] if sums is not None else None)
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean over ranks of equal-share means (float64 sum / size), in values' dtype."""
+        flat = values.to(torch.float64).clone()
+        dist.all_reduce(flat, group=self.group)
+        return (flat / self.size).to(values.dtype)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is True on any (e.g. a signal that reached one process)."""
+        t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64, device=self._device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item() > 0)
+
+    def _device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" \
+            else torch.device("cpu")
+
+    def check_same(self, named: Sequence[Tuple[str, torch.Tensor]]) -> None:
+        """Raise RuntimeError naming the first tensor whose values differ between ranks (a digest per tensor: its
+        float64 sum and the sum of its entries times their index; one all-reduce each for max and min)."""
+        digests = []
+        for _, t in named:
+            v = t.detach().reshape(-1).to(torch.float64)
+            w = torch.arange(1, v.numel() + 1, dtype=torch.float64, device=v.device)
+            digests += [v.sum(), (v * w).sum()]
+        if not digests:
+            return
+        hi = torch.stack(digests)
+        lo = -hi.clone()
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self.group)
+        dist.all_reduce(lo, op=dist.ReduceOp.MAX, group=self.group)
+        differ = (hi != -lo).view(-1, 2).any(1).tolist()
+        for (name, _), bad in zip(named, differ):
+            if bad:
+                raise RuntimeError(f"{name}: the training processes hold different values (rank {self.rank} of "
+                                   f"{self.size}); data-parallel steps must leave every rank with the same "
+                                   "parameters")
+
+    def close(self) -> None:
+        """Leave the process group (the last call of a rank)."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def threads_per_process(processes: int, cores: Optional[int] = None) -> int:
+    """max(1, cores // processes): ranks (and their loaders) do not oversubscribe the cores."""
+    cores = cores if cores is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                             else os.cpu_count() or 1)
+    return max(1, cores // max(1, processes))
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+def launched_world_size() -> int:
+    """WORLD_SIZE as ``torchrun`` sets it for each process it starts (1 when not launched by it)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE: expected an integer, got {os.environ['WORLD_SIZE']!r}") from None
+
+
+def init_world(device: torch.device) -> Optional[World]:
+    """In a process started by ``torchrun`` with more than one rank: set this process's threads (see
+    ``threads_per_process``), join the default process group (gloo on CPU, NCCL with its own GPU, LOCAL_RANK) and
+    return the World; else None."""
+    size = launched_world_size()
+    if size <= 1:
+        return None
+    torch.set_num_threads(threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", size))))
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return World()
+
+
+def local_device(device: torch.device) -> torch.device:
+    """A rank's device: ``cuda`` becomes cuda:LOCAL_RANK under torchrun (one GPU per process)."""
+    if device.type == "cuda" and device.index is None and launched_world_size() > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def launch(nproc: int, argv: Sequence[str]) -> int:
+    """Run ``python -m dcgmm_fast ARGV`` in ``nproc`` processes on this machine through PyTorch's own launcher
+    (``python -m torch.distributed.run --standalone --nproc-per-node NPROC -m dcgmm_fast ARGV``, i.e.
+    ``torchrun``), each with max(1, cores // nproc) threads; returns its exit status (0 when every rank
+    succeeded)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_process(nproc)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "dcgmm_fast", *argv]
+    return subprocess.call(cmd, env=env)
