@@ -89,7 +89,7 @@ def main() -> None:
         eff = f"{r['images_per_s'] / (n * base):.2f}" if base else "n/a"
         rows.append(f"| {args.preset} | {args.device} | {n} | {r['threads']} | {args.batch} | "
                     f"{r['images_per_s']:.0f} | {eff} |")
-    lines = [header("data-parallel scaling, " + " ".join(sys.argv[1:])), "",
+    lines = [*header("data-parallel scaling: training images/s, 1 vs N processes"),
              "| preset | device | processes | threads each | global batch | images/s | scaling efficiency |",
              "|---|---|---|---|---|---|---|", *rows]
     emit(lines, args.out)

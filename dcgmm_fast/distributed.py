@@ -14,7 +14,7 @@ rank. gloo on CPU, NCCL on GPUs; the process group is PyTorch's own (``torchrun`
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,7 @@ class World:
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
+        self._buffers: Dict[Tuple[int, torch.device], torch.Tensor] = {}
 
     @classmethod
     def current(cls) -> Optional["World"]:
@@ -47,23 +48,47 @@ class World:
 
     def combine(self, grads: Sequence[torch.Tensor], sums: Optional[torch.Tensor] = None
                 ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
-        """One all-reduce: the mean over ranks of ``grads`` (summed in float64, returned in their dtypes) and the
-        global batch's per-image values from each rank's ``sums`` (n,) float64 (returned (size * n,), rank order).
-        """
-        parts = [g.reshape(-1).to(torch.float64) for g in grads]
-        n = 0 if sums is None else sums.numel()
-        slots = None
-        if sums is not None:
-            slots = torch.zeros(self.size * n, dtype=torch.float64, device=sums.device)
-            slots[self.rank * n:(self.rank + 1) * n] = sums
-            parts.append(slots)
-        flat = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+        """One all-reduce: the mean over ranks of ``grads`` and the global batch's per-image values of ``sums``
+        (see ``combine_all``, with one or no vector of sums)."""
+        out, gathered = self.combine_all(grads, [] if sums is None else [sums])
+        return out, (gathered[0] if sums is not None else None)
+
+    def combine_all(self, grads: Sequence[torch.Tensor], sums: Sequence[torch.Tensor]
+                    ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """One all-reduce: the mean over ranks of ``grads`` (summed in float64; written back into the given
+        tensors where they are contiguous, and returned) and, for each (n,) float64 vector of per-image sums in
+        ``sums``, the global batch's (size * n,) in rank order (each rank writes its slots of a zeroed vector;
+        adding zeros is exact). One float64 buffer per layout, reused every step: one converting copy in, the
+        all-reduce, one in-place division, one converting copy out."""
+        n_grad = sum(g.numel() for g in grads)
+        total = n_grad + self.size * sum(v.numel() for v in sums)
+        device = grads[0].device if grads else sums[0].device
+        key = (total, device)
+        flat = self._buffers.get(key)
+        if flat is None:
+            flat = self._buffers[key] = torch.empty(total, dtype=torch.float64, device=device)
+        o = 0
+        for g in grads:
+            flat[o:o + g.numel()].view_as(g).copy_(g)
+            o += g.numel()
+        flat[o:].zero_()
+        for v in sums:
+            n = v.numel()
+            flat[o + self.rank * n:o + (self.rank + 1) * n] = v
+            o += self.size * n
         dist.all_reduce(flat, group=self.group)
+        flat[:n_grad].div_(self.size)
         out, o = [], 0
         for g in grads:
-            out.append((flat[o:o + g.numel()] / self.size).to(g.dtype).view_as(g))
+            dst = g if g.is_contiguous() else torch.empty_like(g, memory_format=torch.contiguous_format)
+            dst.copy_(flat[o:o + g.numel()].view_as(g))  # autograd's own results (fresh): written in place
+            out.append(dst)
             o += g.numel()
-        return out, (flat[o:] if sums is not None else None)
+        gathered = []
+        for v in sums:
+            gathered.append(flat[o:o + self.size * v.numel()].clone())
+            o += self.size * v.numel()
+        return out, gathered
 
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         """The mean over ranks of equal-share means (float64 sum / size), in values' dtype."""

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import backends
 from .anneal import SingleExp, anneal_  # noqa: F401  (SingleExp: the host reference)
 from .distributed import World
 from .guard import StepGuard
@@ -115,23 +116,21 @@ def _gmm_step(layer: ConvGMM, x: torch.Tensor, world: Optional[World] = None):
     return out.resp.detach(), score, maxima
 
 
-def _forward_score(layer: ConvGMM, x: torch.Tensor, world: Optional[World] = None):
-    """A waiting layer: (resp, mean score ()) of the forward alone (the global batch's with a world)."""
+def _forward_score(layer: ConvGMM, x: torch.Tensor):
+    """A waiting layer: (resp, mean score ()) of the forward alone."""
     with torch.no_grad():
         out = layer.cgmm(x, check=False)
-    if world is None:
-        return out.resp, fixed_order_mean(out.score)
-    _, sums = world.combine([], image_score_sums(out.score))
-    return out.resp, mean_of_image_sums(sums, out.score.numel() * world.size).to(out.score.dtype)
+    return out.resp, fixed_order_mean(out.score)
 
 
 def _fused_update(layer: ConvGMM) -> bool:
     """The one-pass C++ update serves cpp layers in eager mode (compiled steps keep the ATen ops, which give the
     same bits: both are single-rounding multiply-adds)."""
     p = layer.mu
-    return (layer.backend == "cpp" and p.device.type == "cpu" and hasattr(torch.ops.dcgmm, "gmm_update_cpp")
-            and not torch.compiler.is_compiling() and p.is_contiguous() and layer.sigma.is_contiguous()
-            and layer.pi_logits.is_contiguous())
+    if p.device.type != "cpu" or torch.compiler.is_compiling() or not hasattr(torch.ops.dcgmm, "gmm_update_cpp"):
+        return False
+    return (backends.resolve(layer.backend, p.device) == "cpp" and p.is_contiguous()
+            and layer.sigma.is_contiguous() and layer.pi_logits.is_contiguous())
 
 
 def update_(layer: ConvGMM, g_mu: torch.Tensor, g_sigma: torch.Tensor, g_pi: torch.Tensor) -> Optional[torch.Tensor]:
@@ -160,13 +159,11 @@ def gmm_step_optimizer(layer: ConvGMM, x: torch.Tensor, optimizer: torch.optim.O
     return out.resp.detach(), fixed_order_mean(out.score)
 
 
-def classifier_step(clf: LinearClassifier, features: torch.Tensor, y: torch.Tensor,
-                    world: Optional[World] = None):
-    """One SGD step on softmax cross-entropy; returns (loss (), accuracy ()).
+def classifier_grads(clf: LinearClassifier, features: torch.Tensor, y: torch.Tensor):
+    """(d weight^T (10, F), d bias (10,), loss (), accuracy ()) of softmax cross-entropy on a batch.
 
     The gradients are written out (what autograd computes): d logits = (softmax - onehot) / N, d weight =
     features^T d logits, formed as (d logits^T features)^T, which BLAS runs 4-8x faster for a weight (F, 10).
-    With a ``world`` the gradients, loss and accuracy are averaged over the ranks' equal shares.
     """
     with torch.no_grad():
         f = features.reshape(features.shape[0], -1)
@@ -177,12 +174,25 @@ def classifier_step(clf: LinearClassifier, features: torch.Tensor, y: torch.Tens
         g = logp.exp()
         g[torch.arange(g.shape[0], device=g.device), y] -= 1.0
         g /= g.shape[0]
-        g_weight, g_bias = g.t() @ f, g.sum(0)
-        if world is not None:
-            (g_weight, g_bias, metrics), _ = world.combine([g_weight, g_bias, torch.stack([loss, acc])])
-            loss, acc = metrics.unbind()
-        clf.weight.t().sub_(g_weight, alpha=clf.lr)  # lr: a host float (no device read)
+        return g.t() @ f, g.sum(0), loss, acc
+
+
+def classifier_apply_(clf: LinearClassifier, g_weight_t: torch.Tensor, g_bias: torch.Tensor) -> None:
+    """SGD with the classifier's lr (a host float: no device read)."""
+    with torch.no_grad():
+        clf.weight.t().sub_(g_weight_t, alpha=clf.lr)
         clf.bias.sub_(g_bias, alpha=clf.lr)
+
+
+def classifier_step(clf: LinearClassifier, features: torch.Tensor, y: torch.Tensor,
+                    world: Optional[World] = None):
+    """One SGD step on softmax cross-entropy; returns (loss (), accuracy ()). With a ``world`` the gradients, loss
+    and accuracy are averaged over the ranks' equal shares."""
+    g_weight, g_bias, loss, acc = classifier_grads(clf, features, y)
+    if world is not None:
+        (g_weight, g_bias, metrics), _ = world.combine([g_weight, g_bias, torch.stack([loss, acc])])
+        loss, acc = metrics.unbind()
+    classifier_apply_(clf, g_weight, g_bias)
     return loss, acc
 
 
@@ -282,6 +292,8 @@ def optimizer_param_groups(layers: Sequence[nn.Module]) -> List[dict]:
                            (layer.pi_logits, layer.lambda_pi)):
                 groups.append({"params": [p], "lr_mult": lam, "layer": layer})
     return groups
+
+
 
 
 class Trainer:
@@ -397,16 +409,18 @@ class Trainer:
         """The whole step as tensor ops (what ``compile`` captures); returns the history row (see History)."""
         if x.dtype == torch.uint8:
             x = (x.to(torch.float32) / 255.0).to(self.dtype)  # exactly data.to_images' values
+        if self.world is not None:
+            return self._step_all_ranks(x, y, active)
         outputs, values = [], []
         h = x
         for i, layer in enumerate(self.layers):
             if isinstance(layer, ConvGMM):
                 if not active[i]:  # waiting: forward only, controller not fed
-                    h, score = _forward_score(layer, h, self.world)
+                    h, score = _forward_score(layer, h)
                 else:
                     maxima = None
                     if self.optimizer is None:
-                        h, score, maxima = _gmm_step(layer, h, self.world)
+                        h, score, maxima = _gmm_step(layer, h)
                     else:
                         self._set_learning_rates()
                         # every other layer's grads are None after zero_grad, so the step moves only this one
@@ -421,10 +435,64 @@ class Trainer:
                 with torch.no_grad():
                     h = layer(h)
             elif y is not None:  # classifier
-                loss, acc = classifier_step(layer, outputs[self.classifier_input].detach(), y, self.world)
+                loss, acc = classifier_step(layer, outputs[self.classifier_input].detach(), y)
                 self.guard.record_classifier(i, loss)
                 values += [loss.double(), acc.double()]
             outputs.append(h)
+        self.guard.advance()
+        return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64, device=x.device)
+
+    def _step_all_ranks(self, x: torch.Tensor, y: Optional[torch.Tensor], active: Tuple[bool, ...]) -> torch.Tensor:
+        """The data-parallel step with one all-reduce: every layer's forward and backward on this rank's share
+        (each layer's input is the pre-update output of the one below, so no layer waits for another's update),
+        then one ``World.combine`` of every layer's gradients and per-image score sums and the classifier's
+        gradients and metrics, then the updates, guard and annealing in layer order (the same as ``_step_all``
+        with a world: every rank takes the same step)."""
+        outputs, work = [], []  # work: (layer index, kind, grads, score tensor or None)
+        h = x
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, ConvGMM):
+                if not active[i]:
+                    with torch.no_grad():
+                        out = layer.cgmm(h, check=False)
+                    work.append((i, "wait", [], out.score))
+                else:
+                    out = layer.cgmm(h, check=False)
+                    grads = torch.autograd.grad(out.score, (layer.mu, layer.sigma, layer.pi_logits),
+                                                grad_outputs=mean_grad(out.score))
+                    work.append((i, "gmm", list(grads), out.score.detach()))
+                h = out.resp.detach()
+            elif isinstance(layer, MaxPool):
+                with torch.no_grad():
+                    h = layer(h)
+            elif y is not None:  # classifier
+                g_weight, g_bias, loss, acc = classifier_grads(layer, outputs[self.classifier_input].detach(), y)
+                work.append((i, "clf", [g_weight, g_bias, torch.stack([loss, acc])], None))
+            outputs.append(h)
+        grads = [g for _, _, gs, _ in work for g in gs]
+        sums = [image_score_sums(score) for _, _, _, score in work if score is not None]
+        grads, gathered = self.world.combine_all(grads, sums)
+        values, gi, si = [], 0, 0
+        for i, kind, gs, score in work:
+            mine = grads[gi:gi + len(gs)]
+            gi += len(gs)
+            layer = self.layers[i]
+            if kind == "clf":
+                classifier_apply_(layer, mine[0], mine[1])
+                loss, acc = mine[2].unbind()
+                self.guard.record_classifier(i, loss)
+                values += [loss.double(), acc.double()]
+                continue
+            mean = mean_of_image_sums(gathered[si], score.numel() * self.world.size).to(score.dtype)
+            si += 1
+            if kind == "gmm":
+                maxima = update_(layer, *mine)
+                self.guard.record_gmm(i, mean, layer.mu, layer.pi_logits, maxima)
+                if self._host_control:
+                    self._anneal_host(i, mean)
+                else:
+                    anneal_(layer, mean)
+            values += [mean.double(), layer.som_sigma.double()]
         self.guard.advance()
         return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64, device=x.device)
 

@@ -47,7 +47,7 @@ def test_fixed_order_row_sums_are_ordinary_sums():
 # ------------------------------------------------------------------------------------------------ shares
 def _world(rank, size):
     w = World.__new__(World)  # the share arithmetic without a process group
-    w.group, w.rank, w.size = None, rank, size
+    w.group, w.rank, w.size, w._buffers = None, rank, size, {}
     return w
 
 
