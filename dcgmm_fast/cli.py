@@ -23,7 +23,7 @@ import torch
 from . import backends, data, distributed, presets
 from .atomic import atomic_open, remove_stale_temporaries, write_json
 from .backends import BackendNotAvailable
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_stack, model_from_config, save_checkpoint
 from .guard import DivergenceError
 from .metrics import auroc
 from .model import DCGMM
@@ -187,20 +187,31 @@ def _train(args, device: torch.device, world) -> int:
         ds = data.load_dataset(data_spec, test_fraction=test_fraction, memory_budget=budget,
                                image_shape=model.input_shape, skip_broken=args.skip_broken)
     else:
-        preset = presets.get_preset(args.preset or "demo")
-        epochs = preset.epochs if args.epochs is None else args.epochs
+        if args.stack is not None and args.preset is not None:
+            raise ValueError("--stack, --preset: give one architecture, not both")
+        stack = load_stack(args.stack) if args.stack is not None else None
+        preset = presets.get_preset(args.preset or "demo") if stack is None else None
+        input_shape = preset.input_shape if stack is None else tuple(stack["input_shape"])
+        epochs = (preset.epochs if preset else 10) if args.epochs is None else args.epochs
         batch_size = 100 if args.batch_size is None else args.batch_size
         seed = 0 if args.seed is None else args.seed
         data_spec, test_fraction = args.data or "shipped", args.test_fraction
         out = args.out or "runs/demo"
         ds = data.load_dataset(data_spec, test_fraction=test_fraction, memory_budget=budget,
-                               image_shape=preset.input_shape, skip_broken=args.skip_broken)
+                               image_shape=input_shape, skip_broken=args.skip_broken)
         shape = tuple(ds.x_train.shape[1:])
-        try:
-            model = DCGMM(preset, shape, ds.n_classes, backend=args.backend, seed=seed).to(device)
-        except ValueError as e:  # e.g. channels-first images read as (H, W, C) = (1, 28, 28)
-            raise ValueError(f"{data_spec}: images of shape (H, W, C) = {shape} do not fit preset {preset.name} "
-                             f"({e}); the loaders expect (N, H, W) or (N, H, W, C) images") from None
+        if stack is not None:
+            if shape != input_shape:
+                raise ValueError(f"{data_spec}: images of shape (H, W, C) = {shape} do not fit the stack's input_shape "
+                                 f"{list(input_shape)} ({args.stack})")
+            model = model_from_config({**stack, "n_classes": max(stack["n_classes"], ds.n_classes)},
+                                      backend=args.backend, seed=seed).to(device)
+        else:
+            try:
+                model = DCGMM(preset, shape, ds.n_classes, backend=args.backend, seed=seed).to(device)
+            except ValueError as e:  # e.g. channels-first images read as (H, W, C) = (1, 28, 28)
+                raise ValueError(f"{data_spec}: images of shape (H, W, C) = {shape} do not fit preset {preset.name} "
+                                 f"({e}); the loaders expect (N, H, W) or (N, H, W, C) images") from None
     torch.manual_seed(seed)
     n_train = len(ds.x_train)
     streamed = isinstance(ds.x_train, ArrayImages)
@@ -428,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a preset; checkpoints every epoch, metrics JSON, --resume")
     t.add_argument("--preset", default=None, choices=sorted(presets.PRESETS), help="architecture (default demo)")
+    t.add_argument("--stack", default=None, metavar="JSON",
+                   help="an architecture of your own: a JSON file in the checkpoint's format (layers, input_shape, "
+                        "n_classes; see checkpoint.load_stack)")
     t.add_argument("--epochs", type=float, default=None, help="epochs (default: the preset's)")
     t.add_argument("--batch-size", type=int, default=None, help="images per step (default 100)")
     t.add_argument("--resume", default=None, metavar="CHECKPOINT",

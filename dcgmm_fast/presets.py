@@ -133,6 +133,13 @@ PRESETS: Dict[str, Preset] = {
             input_shape=(32, 32, 3), epochs=120, source="sampling-svhn-B",
             out_shapes=((5, 5, 64), (1, 1, 100), (10,)),
         ),
+        # Ours: bigger colour images (64 x 64 x 3, e.g. an image folder resized), three shared layers.
+        Preset(
+            "rgb64",
+            (_s(8, 4, 49), Pool(), _s(4, 2, 49, wait=0.1), _s(3, 1, 64, wait=0.2), Classifier("pool1", 0.05)),
+            input_shape=(64, 64, 3), epochs=20, source="dcgmm_fast rgb64",
+            out_shapes=((15, 15, 49), (8, 8, 49), (3, 3, 49), (1, 1, 64), (10,)),
+        ),
         # Ours, for the README's main job: minutes on 2 CPU cores. A short SingleExp window (5 steps) so that
         # som_sigma anneals within a few epochs of the 5,000 shipped images (50 steps per epoch).
         Preset(

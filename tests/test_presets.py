@@ -81,3 +81,57 @@ def test_bad_stacks_raise(specs, match):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="preset"):
         DCGMM("Z")
+
+
+# ------------------------------------------------------------------------------------------------ stack files
+def _stack_file(tmp_path, config):
+    import json
+
+    path = tmp_path / "stack.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+GOOD_STACK = {"input_shape": [28, 28, 1], "n_classes": 10, "layers": [
+    {"kind": "GMM", "kernel": 3, "stride": 1, "n_components": 16, "mode": "independent", "window": 5},
+    {"kind": "Pool", "kernel": [2, 2]}, {"kind": "Classifier", "reads": "pool1", "lr": 0.05}]}
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda c: c["layers"][0].pop("kernel"), r"layers\[0\].kernel: missing"),
+    (lambda c: c["layers"][0].update(kernal=3), r"layers\[0\].kernal: unknown field of GMM"),
+    (lambda c: c["layers"][1].update(kind="Conv"), r"layers\[1\].kind: expected one of"),
+    (lambda c: c["layers"][0].update(stride=[1, 0]), r"layers\[0\].stride: expected a positive int"),
+    (lambda c: c["layers"][0].update(n_components=2.5), r"layers\[0\].n_components: expected a positive int"),
+    (lambda c: c["layers"][0].update(n_components=15), r"layers\[0\]: n_components: loss 'mc' needs a perfect"),
+    (lambda c: c["layers"][0].update(mode=3), r"layers\[0\].mode: expected a string"),
+    (lambda c: c["layers"][0].update(eps0=None), r"layers\[0\].eps0: expected a value, got null"),
+    (lambda c: c["layers"][2].update(reads="gmm9"), r"layers\[2\]: stack: the classifier reads 'gmm9'"),
+    (lambda c: c.update(input_shape=[28, 28]), r"input_shape: expected \[H, W, C\]"),
+    (lambda c: c.update(layers=[]), r"layers: expected a non-empty list"),
+    (lambda c: c.update(epochs=3), r"epochs: unknown field"),
+])
+def test_stack_files_name_the_bad_field(tmp_path, change, match):
+    import copy
+
+    from dcgmm_fast.checkpoint import load_stack
+
+    config = copy.deepcopy(GOOD_STACK)
+    change(config)
+    with pytest.raises(ValueError, match=r"stack.json: " + match):
+        load_stack(_stack_file(tmp_path, config))
+
+
+def test_stack_file_trains_through_the_cli(tmp_path, monkeypatch):
+    """`dcgmm train --stack stack.json`: the checkpoint holds that architecture (and loads without the file)."""
+    from dcgmm_fast import cli
+    from dcgmm_fast.checkpoint import load_checkpoint, load_stack
+
+    path = _stack_file(tmp_path, GOOD_STACK)
+    assert load_stack(path)["layers"][0]["n_components"] == 16
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--stack", path, "--epochs", "0.04", "--out", "o"]) == 0
+    model, plan = load_checkpoint("o/checkpoint.pt")
+    assert [type(s).__name__ for s in model.specs] == ["GMM", "Pool", "Classifier"] and plan["preset"] is None
+    assert model["gmm1"].mode == "independent" and model["gmm1"].n_components == 16 and int(model.steps_done) == 2
+    assert cli.main(["train", "--stack", path, "--preset", "demo", "--out", "o"]) == 2
