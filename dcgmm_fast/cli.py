@@ -47,14 +47,10 @@ def _progress(total: int, initial: int, desc: str):
 
 def _test_scores(model: DCGMM, ds: data.Dataset):
     """(per-layer mean test scores, test accuracy or None): a streamed test set in batches of 1,000."""
-    if isinstance(ds.x_test, ArrayImages):
-        parts = [(model.log_prob(b[0]), model.classify(b[0]).cpu() if model.classifier is not None else None)
-                 for b in ds.x_test.batches(1000)]
-        scores = {k: float(torch.cat([p[0][k] for p in parts]).mean()) for k in parts[0][0]}
-        pred = torch.cat([p[1] for p in parts]) if model.classifier is not None else None
-    else:
-        scores = {k: float(v.mean()) for k, v in model.log_prob(ds.x_test).items()}
-        pred = model.classify(ds.x_test).cpu() if model.classifier is not None else None
+    parts = [model.evaluate(b[0]) for b in ds.x_test.batches(1000)] if isinstance(ds.x_test, ArrayImages) \
+        else [model.evaluate(ds.x_test)]
+    scores = {k: float(torch.cat([p[0][k] for p in parts]).mean()) for k in parts[0][0]}
+    pred = torch.cat([p[1] for p in parts]).cpu() if model.classifier is not None else None
     return scores, None if pred is None else float((pred == ds.y_test.cpu()).float().mean())
 
 
@@ -182,6 +178,7 @@ def _train(args, device: torch.device, world) -> int:
                   file=sys.stderr)
         epochs = plan["epochs"] if args.epochs is None else args.epochs  # --epochs extends (or shortens) the plan
         batch_size, seed, data_spec = plan["batch_size"], plan["seed"], plan["data"]
+        reshuffle = bool(plan.get("reshuffle", False))
         test_fraction = plan.get("test_fraction")
         out = args.out or os.path.dirname(os.path.abspath(args.resume))
         ds = data.load_dataset(data_spec, test_fraction=test_fraction, memory_budget=budget,
@@ -195,6 +192,7 @@ def _train(args, device: torch.device, world) -> int:
         epochs = (preset.epochs if preset else 10) if args.epochs is None else args.epochs
         batch_size = 100 if args.batch_size is None else args.batch_size
         seed = 0 if args.seed is None else args.seed
+        reshuffle = args.reshuffle
         data_spec, test_fraction = args.data or "shipped", args.test_fraction
         out = args.out or "runs/demo"
         ds = data.load_dataset(data_spec, test_fraction=test_fraction, memory_budget=budget,
@@ -233,6 +231,7 @@ def _train(args, device: torch.device, world) -> int:
         remove_stale_temporaries(out, ("checkpoint", "train_metrics.json.", "train_log.jsonl."))  # a kill's leftovers
     plan = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "data": data_spec,
             "test_fraction": test_fraction, "preset": model.preset.name if model.preset else None,
+            "reshuffle": reshuffle,
             "seconds": float(plan.get("seconds", 0.0)) if args.resume else 0.0,
             "processes": 1 if world is None else world.size}
     metrics_path, log_path = os.path.join(out, "train_metrics.json"), os.path.join(out, "train_log.jsonl")
@@ -284,14 +283,15 @@ def _train(args, device: torch.device, world) -> int:
                 done = int(model.steps_done)
                 epoch_end = min(stop, (done // per_epoch + 1) * per_epoch)
                 if streamed:  # memory-mapped: a DataLoader reads each step's batch of the same schedule
-                    loader = ds.x_train.loader(Schedule(n_train, batch_size, seed, rank=rank, world_size=size),
+                    loader = ds.x_train.loader(Schedule(n_train, batch_size, seed, reshuffle=reshuffle, rank=rank,
+                                                        world_size=size),
                                                pin_memory=device.type == "cuda")
                     history = model.fit(loader, epochs=epochs, resume=True, stop_step=epoch_end, callback=tick,
                                         should_stop=should_stop, world=world)
                 else:
                     history = model.fit(ds.x_train, ds.y_train, epochs=epochs, batch_size=batch_size, seed=seed,
-                                        resume=True, stop_step=epoch_end, callback=tick, should_stop=should_stop,
-                                        world=world)
+                                        reshuffle=reshuffle, resume=True, stop_step=epoch_end, callback=tick,
+                                        should_stop=should_stop, world=world)
                 if not main:
                     continue  # rank 0 evaluates and writes; the others wait for it at the next step's all-reduce
                 steps = int(model.steps_done)
@@ -448,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run a checkpoint belongs to (same data, seed and schedule)")
     t.add_argument("--stop-after", type=float, default=None, metavar="EPOCHS",
                    help="stop after this many epochs of the schedule (resume later with --resume)")
+    t.add_argument("--reshuffle", action="store_true",
+                   help="a new seeded order every epoch (default: the original's one shuffle for every epoch)")
     t.add_argument("--memory-budget", type=float, default=None, metavar="MIB",
                    help="data larger than this (MiB; default a quarter of this machine's memory) stream from "
                         "memory-mapped files (.npy, uncompressed .npz) instead of being loaded")

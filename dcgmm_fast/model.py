@@ -154,6 +154,34 @@ class DCGMM(nn.Module):
         return OrderedDict((n, torch.cat(v) if v else empty) for n, v in result.items())
 
     @torch.no_grad()
+    def evaluate(self, x, *, batch_size: int = 500, layout: str = "auto"
+                 ) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
+        """One pass over x for both: ``log_prob(x)`` (each GMM layer's per-image mean "loglik" score, (N,)) and
+        ``classify(x)`` ((N,) predictions, None without a classifier). The responsibilities passed up do not
+        depend on the loss (design.md), so one forward serves both (half the work of calling the two)."""
+        x = self._images(x, layout=layout)
+        scores: Dict[str, list] = OrderedDict((n, []) for n in self.gmm_layers())
+        preds = []
+        for start in range(0, x.shape[0], batch_size):
+            h, outputs = x[start:start + batch_size], {}
+            for name, layer in zip(self.names, self.layers):
+                if isinstance(layer, ConvGMM):
+                    out = layer.cgmm(h, loss="loglik", check=False)
+                    scores[name].append(out.score.mean(dim=(1, 2)))
+                    h = out.resp
+                elif isinstance(layer, MaxPool):
+                    h = layer(h)
+                else:
+                    h = layer(outputs[layer.reads])
+                    preds.append(h.argmax(1))
+                outputs[name] = h
+        empty = x.new_empty(0)
+        scores = OrderedDict((n, torch.cat(v) if v else empty) for n, v in scores.items())
+        if self.classifier is None:
+            return scores, None
+        return scores, torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64, device=x.device)
+
+    @torch.no_grad()
     def classify(self, x, *, batch_size: int = 500, layout: str = "auto") -> torch.Tensor:
         """Predicted classes (N,) int64 from the linear classifier."""
         if self.classifier is None:

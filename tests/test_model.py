@@ -54,6 +54,17 @@ def test_log_prob_is_mean_score_per_image(shipped):
     assert torch.all(mc <= lp["gmm1"] + 1e-5)  # a smoothed max-component score never beats the mixture
 
 
+def test_evaluate_is_log_prob_and_classify_in_one_pass(shipped):
+    model = DCGMM("demo", seed=0)
+    model.fit(shipped.x_train[:400], shipped.y_train[:400], epochs=1, batch_size=50, seed=0)
+    x = shipped.x_test[:23]
+    scores, preds = model.evaluate(x, batch_size=10)
+    lp = model.log_prob(x, batch_size=10)
+    assert scores.keys() == lp.keys() and all(torch.equal(scores[k], lp[k]) for k in lp)
+    assert torch.equal(preds, model.classify(x, batch_size=10))
+    assert DCGMM([presets.GMM(3, 1, 4)], input_shape=(6, 6, 1)).evaluate(torch.rand(2, 6, 6, 1))[1] is None
+
+
 def test_images_in_any_common_form(shipped):
     model = DCGMM("demo", seed=0)
     u8 = (shipped.x_test[:4, ..., 0] * 255).round().to(torch.uint8)

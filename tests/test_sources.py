@@ -108,9 +108,10 @@ def test_a_streamed_npz_trains_like_the_loaded_one(tmp_path, shipped_uint8):
     streamed = data.load_dataset(str(tmp_path / "s.npz"), memory_budget=1000)
     loaded = data.load_dataset(str(tmp_path / "s.npz"))
     assert isinstance(streamed.x_train, ArrayImages) and streamed.x_train.shape == (5000, 28, 28, 1)
-    a, b = DCGMM("demo", seed=0), DCGMM("demo", seed=0)
-    a.fit(loaded.x_train, loaded.y_train, epochs=0.2, seed=1)
-    b.fit(streamed.x_train.loader(Schedule(5000, 100, 1)), epochs=0.2)
+    a, b = DCGMM("demo", seed=0), DCGMM("demo", seed=0)  # a new order every epoch: 22 steps over 3 epochs
+    a.fit(loaded.x_train, loaded.y_train, epochs=2.2, batch_size=500, seed=1, reshuffle=True)
+    b.fit(streamed.x_train.loader(Schedule(5000, 500, 1, reshuffle=True)), epochs=2.2)
+    assert int(a.steps_done) == int(b.steps_done) == 22
     for (k, u), (_, v) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(u, v), k
 
