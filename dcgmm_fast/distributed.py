@@ -1,15 +1,18 @@
 """Data-parallel training on ``torch.distributed``: every rank takes the same step.
 
 A ``World`` is the process group a ``Trainer`` trains in. Each rank takes its share (a contiguous slice, in rank
-order) of every global batch of the one schedule, computes its layers' gradients on it, and one all-reduce per
-layer and step combines them:
+order) of every global batch of the one schedule, computes every layer's gradients on it (each layer's input is
+the pre-update output of the one below, so none waits for another's update), and one all-reduce per step
+combines them (``World.combine_all``):
 - the gradients (the original rule uses ``torch.autograd.grad``, which DDP does not see) summed in float64 and
   divided by the number of ranks (the shares are equal, so the mean of the ranks' means is the global mean);
 - the per-image score sums (``train.image_score_sums``), each rank writing its images' slots of a zeroed global
   vector, so that the sum hands every rank the global batch's sums in image order, bit for bit (adding zeros is
   exact), and the annealing controller sees exactly the single-process mean score.
-Every rank then applies the same update to the same parameters: annealing events happen at the same step on every
-rank. gloo on CPU, NCCL on GPUs; the process group is PyTorch's own (``torchrun`` sets it up, see ``cli``).
+The classifier's gradients, loss and accuracy ride in the same all-reduce. Every rank then applies the same update
+to the same parameters: annealing events happen at the same step on every rank (``check_same`` verifies the
+parameters agree at the end of every ``fit``). gloo on CPU, NCCL on GPUs; the process group is PyTorch's own
+(``torchrun`` sets it up; ``dcgmm train --nproc N`` runs torchrun, see ``launch``).
 """
 from __future__ import annotations
 
@@ -89,12 +92,6 @@ class World:
             gathered.append(flat[o:o + self.size * v.numel()].clone())
             o += self.size * v.numel()
         return out, gathered
-
-    def mean(self, values: torch.Tensor) -> torch.Tensor:
-        """The mean over ranks of equal-share means (float64 sum / size), in values' dtype."""
-        flat = values.to(torch.float64).clone()
-        dist.all_reduce(flat, group=self.group)
-        return (flat / self.size).to(values.dtype)
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is True on any (e.g. a signal that reached one process)."""
