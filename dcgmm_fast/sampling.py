@@ -87,14 +87,46 @@ def sample_down(
     """
     i = list(names).index(start)
     h = topdown
+    uncovered = None  # (H, W) bool at h's grid: positions no upper patch covers (no top-down signal)
     for layer, name in zip(reversed(layers[: i + 1]), reversed(names[: i + 1])):
         if isinstance(layer, ConvGMM):
+            if uncovered is not None and bool(uncovered.any()):
+                h = with_own_prior(layer, h, uncovered)
             h = _sample_gmm(layer, name, h, generator, top_s, divisor, sharpening)
+            uncovered = ~covered(layer)
         elif isinstance(layer, MaxPool):
             h = unpool(h, layer)
+            if uncovered is not None:
+                uncovered = unpool(uncovered[None, :, :, None], layer)[0, :, :, 0]
         else:
             raise TypeError(f"start: cannot sample through {type(layer).__name__} {name!r}")
     return h
+
+
+def covered(layer: ConvGMM) -> torch.Tensor:
+    """(H, W) bool at the layer's input: the positions at least one of its patches covers."""
+    H, W, _ = layer.in_shape
+    (kh, kw), (sh, sw) = layer.kernel, layer.stride
+    Ho, Wo, _ = layer.out_shape
+    rows = torch.zeros(H, dtype=torch.bool)
+    cols = torch.zeros(W, dtype=torch.bool)
+    for oy in range(Ho):
+        rows[oy * sh:oy * sh + kh] = True
+    for ox in range(Wo):
+        cols[ox * sw:ox * sw + kw] = True
+    return (rows[:, None] & cols[None, :]).to(layer.mu.device)
+
+
+def with_own_prior(layer: ConvGMM, topdown: torch.Tensor, uncovered: torch.Tensor) -> torch.Tensor:
+    """topdown (N, H', W', K) at the layer's output with softmax(pi) (the layer's own prior, per position in
+    independent mode) where ``uncovered`` (H', W'): no upper patch back-projects there, so the layer is sampled
+    from its prior instead of left at zero (design.md, sample_components; the original leaves those pixels 0)."""
+    Ho, Wo, K = layer.out_shape
+    pi = layer.log_pi().detach().exp().to(topdown.dtype)
+    pi = pi.reshape(Ho, Wo, K) if pi.dim() == 2 else pi.expand(Ho, Wo, K)
+    if layer.mode == "independent" and layer.pi_norm == "global":
+        pi = pi / pi.sum(-1, keepdim=True)  # globally normalised: each position's weights as a distribution
+    return torch.where(uncovered[None, :, :, None], pi[None], topdown)
 
 
 def _pick(value, name, default):

@@ -47,6 +47,25 @@ def test_samples_are_images_and_reproducible(demo):
     assert from_pool.shape == (2, 28, 28, 1)
 
 
+def test_positions_no_upper_patch_covers_are_sampled_from_the_prior(demo):
+    """demo's gmm2 (4x4 stride 2 on 13x13) covers rows and columns 0..11 of pool1: the last one gets no top-down
+    signal. gmm1 below samples those positions from its own prior (softmax pi) instead of leaving the image's last
+    rows and columns at 0; positions that are covered keep their top-down prior."""
+    assert sampling.covered(demo["gmm2"])[:, 12].sum() == 0 and sampling.covered(demo["gmm2"])[:12, :12].all()
+    assert sampling.covered(demo["gmm1"]).all()
+    g = torch.Generator().manual_seed(0)
+    x = demo.sample(16, generator=g)
+    assert float(x[:, -2:].abs().sum()) > 0 and float(x[:, :, -2:].abs().sum()) > 0
+    assert float(x[:, -2:].amax(dim=(1, 2, 3)).min()) > 0  # in every sample, not only on average
+    layer = demo["gmm1"]
+    td = torch.rand(2, 26, 26, 25, generator=g)
+    mask = torch.zeros(26, 26, dtype=torch.bool)
+    mask[24:, :] = True
+    out = sampling.with_own_prior(layer, td, mask)
+    assert torch.equal(out[:, :24], td[:, :24])
+    assert torch.allclose(out[0, 25, 3], layer.log_pi().detach().exp())
+
+
 def test_huge_divisor_top1_gives_prototypes(full_image):
     mu = full_image["gmm1"].mu.detach().clamp(0, 1)  # (49, 784)
     s = full_image.sample(30, top_s=1, divisor=1e12, generator=torch.Generator().manual_seed(0)).reshape(30, -1)
