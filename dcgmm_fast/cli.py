@@ -18,6 +18,7 @@ import time
 import traceback
 from typing import List, Optional
 
+import numpy as np
 import torch
 
 from . import backends, data, distributed, presets
@@ -25,9 +26,10 @@ from .atomic import atomic_open, remove_stale_temporaries, write_json
 from .backends import BackendNotAvailable
 from .checkpoint import CheckpointError, load_checkpoint, load_stack, model_from_config, save_checkpoint
 from .guard import DivergenceError
-from .metrics import auroc
+from .metrics import auroc, original_auc
 from .model import DCGMM
 from .schedule import Schedule
+from .sampling import Sharpening
 from .sources import ArrayImages, convert_npz
 
 #: train_log.jsonl gets a line every this many steps (and at the last step)
@@ -178,7 +180,7 @@ def _train(args, device: torch.device, world) -> int:
                   file=sys.stderr)
         epochs = plan["epochs"] if args.epochs is None else args.epochs  # --epochs extends (or shortens) the plan
         batch_size, seed, data_spec = plan["batch_size"], plan["seed"], plan["data"]
-        reshuffle = bool(plan.get("reshuffle", False))
+        reshuffle, classes = bool(plan.get("reshuffle", False)), plan.get("classes")
         test_fraction = plan.get("test_fraction")
         out = args.out or os.path.dirname(os.path.abspath(args.resume))
         ds = data.load_dataset(data_spec, test_fraction=test_fraction, memory_budget=budget,
@@ -192,7 +194,7 @@ def _train(args, device: torch.device, world) -> int:
         epochs = (preset.epochs if preset else 10) if args.epochs is None else args.epochs
         batch_size = 100 if args.batch_size is None else args.batch_size
         seed = 0 if args.seed is None else args.seed
-        reshuffle = args.reshuffle
+        reshuffle, classes = args.reshuffle, _class_list(args.classes)
         data_spec, test_fraction = args.data or "shipped", args.test_fraction
         out = args.out or "runs/demo"
         ds = data.load_dataset(data_spec, test_fraction=test_fraction, memory_budget=budget,
@@ -211,6 +213,8 @@ def _train(args, device: torch.device, world) -> int:
                 raise ValueError(f"{data_spec}: images of shape (H, W, C) = {shape} do not fit preset {preset.name} "
                                  f"({e}); the loaders expect (N, H, W) or (N, H, W, C) images") from None
     torch.manual_seed(seed)
+    if classes is not None:
+        ds = _only_classes(ds, classes, data_spec)
     n_train = len(ds.x_train)
     streamed = isinstance(ds.x_train, ArrayImages)
     per_epoch = n_train // batch_size
@@ -231,7 +235,9 @@ def _train(args, device: torch.device, world) -> int:
         remove_stale_temporaries(out, ("checkpoint", "train_metrics.json.", "train_log.jsonl."))  # a kill's leftovers
     plan = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "data": data_spec,
             "test_fraction": test_fraction, "preset": model.preset.name if model.preset else None,
-            "reshuffle": reshuffle,
+            "reshuffle": reshuffle, "classes": classes,
+            "class_names": list(ds.class_names) if ds.class_names else (plan.get("class_names") if args.resume
+                                                                         else None),
             "seconds": float(plan.get("seconds", 0.0)) if args.resume else 0.0,
             "processes": 1 if world is None else world.size}
     metrics_path, log_path = os.path.join(out, "train_metrics.json"), os.path.join(out, "train_log.jsonl")
@@ -287,11 +293,11 @@ def _train(args, device: torch.device, world) -> int:
                                                         world_size=size),
                                                pin_memory=device.type == "cuda")
                     history = model.fit(loader, epochs=epochs, resume=True, stop_step=epoch_end, callback=tick,
-                                        should_stop=should_stop, world=world)
+                                        should_stop=should_stop, world=world, verbose=False)
                 else:
                     history = model.fit(ds.x_train, ds.y_train, epochs=epochs, batch_size=batch_size, seed=seed,
                                         reshuffle=reshuffle, resume=True, stop_step=epoch_end, callback=tick,
-                                        should_stop=should_stop, world=world)
+                                        should_stop=should_stop, world=world, verbose=False)
                 if not main:
                     continue  # rank 0 evaluates and writes; the others wait for it at the next step's all-reduce
                 steps = int(model.steps_done)
@@ -339,33 +345,102 @@ def _launch_train(args, argv: List[str]) -> int:
     return status
 
 
-def _load(args) -> DCGMM:
-    """Check --device and --out first (before the checkpoint: a device error is not a checkpoint error)."""
+def _class_list(spec: Optional[str]) -> Optional[List[int]]:
+    """"1-9" / "0,2,4-6" -> sorted class ids (None: all)."""
+    if spec is None:
+        return None
+    out = set()
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out.update(range(int(lo), int(hi if hi else lo) + 1))
+    except ValueError:
+        raise ValueError(f"--classes: expected class ids and ranges like 1-9 or 0,2,4-6, got {spec!r}") from None
+    if not out or min(out) < 0:
+        raise ValueError(f"--classes: expected non-negative class ids, got {spec!r}")
+    return sorted(out)
+
+
+def _only_classes(ds: data.Dataset, classes: List[int], spec: str) -> data.Dataset:
+    """The train and test images of ``classes`` only (the classifier keeps every class's output)."""
+    if max(classes) >= ds.n_classes:
+        raise ValueError(f"--classes: {spec} has classes 0..{ds.n_classes - 1}, got {classes}")
+    keep = torch.tensor(classes)
+
+    def part(x, y):
+        mask = torch.isin(y, keep)
+        if not bool(mask.any()):
+            raise ValueError(f"--classes: {spec} holds no images of classes {classes}")
+        if isinstance(x, ArrayImages):
+            rows = np.arange(len(x)) if x.index is None else x.index
+            idx = mask.numpy()
+            return ArrayImages(x.x, x.y[idx], name=x.name, index=rows[idx]), y[mask]
+        return x[mask], y[mask]
+
+    (xt, yt), (xs, ys) = part(ds.x_train, ds.y_train), part(ds.x_test, ds.y_test)
+    return data.Dataset(xt, yt, xs, ys, ds.n_classes, ds.class_names)
+
+
+def _load(args):
+    """(model, training plan). Checks --device and --out first (a device error is not a checkpoint error)."""
     _check_device(args.device)
     for name in ("n", "per_class"):
         if hasattr(args, name):
             _positive(f"--{name.replace('_', '-')}", getattr(args, name), integer=True)
     _writable_dir(args.out)
-    model, _ = load_checkpoint(args.checkpoint, backend=args.backend, map_location=args.device)
-    return model.to(args.device)
+    model, plan = load_checkpoint(args.checkpoint, backend=args.backend, map_location=args.device)
+    return model.to(args.device), plan
 
 
 def cmd_sample(args) -> int:
     from .images import save_grid
 
-    model = _load(args)
+    model, plan = _load(args)
     g = torch.Generator().manual_seed(args.seed)
+    settings = {"top_s": args.top_s, "divisor": args.divisor, "sharpening": _sharpening(args.sharpen, model)}
+    _positive("--top-s", args.top_s, integer=True)
+    _positive("--divisor", args.divisor)
+    starts = [n for n in model.names if n != "classifier"]
+    if args.layer is not None and args.layer not in starts:
+        raise ValueError(f"--layer: expected one of {starts}, got {args.layer!r}")
     written = {}
-    images = model.sample(args.n, generator=g)
+    images = model.sample(args.n, layer=args.layer, generator=g, **settings)
     cols = max(1, int(round(args.n ** 0.5)))
     written["samples.png"] = save_grid(os.path.join(args.out, "samples.png"), images, cols)
     if model.classifier is not None and not args.no_classes:
         per = args.per_class
         classes = torch.arange(model.n_classes).repeat_interleave(per)
-        images = model.sample(classes.numel(), classes=classes.tolist(), generator=g)
-        written["samples_by_class.png"] = save_grid(os.path.join(args.out, "samples_by_class.png"), images, per)
+        images = model.sample(classes.numel(), classes=classes.tolist(), generator=g, **settings)
+        names = plan.get("class_names") or []
+        labels = [f"{k} {names[k]}" if k < len(names) else f"class {k}" for k in range(model.n_classes)]
+        written["samples_by_class.png"] = save_grid(os.path.join(args.out, "samples_by_class.png"), images, per,
+                                                    row_labels=labels)
     print(json.dumps({k: {"width": w, "height": h} for k, (w, h) in written.items()}))
     return 0
+
+
+def _sharpening(spec: Optional[str], model: DCGMM):
+    """--sharpen "ITERATIONS:RATE" (every GMM) or "LAYER=ITERATIONS:RATE,..." -> a Sharpening or a dict by GMM
+    name (spec 3.3; the paper sharpens 300 iterations); None without the flag."""
+    if spec is None:
+        return None
+    gmms = list(model.gmm_layers())
+    out = {}
+    for part in spec.split(","):
+        name, _, value = part.strip().rpartition("=")
+        try:
+            iterations, rate = value.split(":")
+            sharp = Sharpening(rate=float(rate), iterations=int(iterations))
+        except ValueError:
+            raise ValueError(f"--sharpen: expected ITERATIONS:RATE or LAYER=ITERATIONS:RATE,..., "
+                             f"got {spec!r}") from None
+        if sharp.iterations < 0 or not (sharp.rate > 0 and math.isfinite(sharp.rate)):
+            raise ValueError(f"--sharpen: expected iterations >= 0 and a positive rate, got {part.strip()!r}")
+        if name and name not in gmms:
+            raise ValueError(f"--sharpen: {name!r} is not a GMM layer of this model ({', '.join(gmms)})")
+        for n in ([name] if name else gmms):
+            out[n] = sharp
+    return out
 
 
 def _mask(kind: str, h: int, w: int, g: torch.Generator) -> torch.Tensor:
@@ -382,7 +457,7 @@ def _mask(kind: str, h: int, w: int, g: torch.Generator) -> torch.Tensor:
 def cmd_inpaint(args) -> int:
     from .images import save_grid
 
-    model = _load(args)
+    model, plan = _load(args)
     ds = data.load_dataset(args.data, test_fraction=args.test_fraction)
     g = torch.Generator().manual_seed(args.seed)
     x = ds.x_test[: args.n].to(args.device)
@@ -397,7 +472,7 @@ def cmd_inpaint(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    model = _load(args)
+    model, plan = _load(args)
     ds = data.load_dataset(args.data, test_fraction=args.test_fraction)
     x, y = ds.x_test.to(args.device), ds.y_test.to(args.device)
     metrics = {"checkpoint": args.checkpoint, "data": args.data,
@@ -405,14 +480,26 @@ def cmd_eval(args) -> int:
     if model.classifier is not None:
         metrics["test_accuracy"] = float((model.classify(x) == y).float().mean())
     if args.heldout_class is not None:
+        trained = plan.get("classes") if "data" in plan else "unknown"
+        if trained is None or (trained != "unknown" and args.heldout_class in trained):
+            raise ValueError(f"--heldout-class: the model was trained on class {args.heldout_class} "
+                             f"({'every class' if trained is None else 'classes ' + str(trained)}), so its AUROC "
+                             "measures no outlier detection; train without it, e.g. dcgmm train --classes 1-9")
         scores = model.outlier_scores(x, layer=args.outlier_layer)
         inl, outl = scores[y != args.heldout_class], scores[y == args.heldout_class]
+        if trained != "unknown":
+            inl = scores[torch.isin(y, torch.tensor(trained, device=y.device))]
         metrics["outlier_auroc"] = auroc(inl, outl)
-        metrics["outlier"] = f"class {args.heldout_class} of the test set vs the other classes"
+        metrics["outlier_auc_original"] = original_auc(inl, outl)
+        metrics["outlier"] = (f"class {args.heldout_class} of the test set vs the "
+                              + ("other classes" if trained == "unknown" else f"trained classes {trained}")
+                              + ("; training classes unknown (a checkpoint without a training plan)"
+                                 if trained == "unknown" else ""))
     if args.outliers is not None:
         other = data.load_dataset(args.outliers, test_fraction=args.test_fraction).x_test.to(args.device)
-        metrics["outlier_auroc"] = auroc(model.outlier_scores(x, layer=args.outlier_layer),
-                                         model.outlier_scores(other, layer=args.outlier_layer))
+        inl, outl = (model.outlier_scores(v, layer=args.outlier_layer) for v in (x, other))
+        metrics["outlier_auroc"] = auroc(inl, outl)
+        metrics["outlier_auc_original"] = original_auc(inl, outl)
         metrics["outlier"] = f"test images of {args.outliers} vs those of {args.data}"
     write_json(os.path.join(args.out, "metrics.json"), metrics, indent=2)
     print(json.dumps(metrics, indent=2))
@@ -448,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run a checkpoint belongs to (same data, seed and schedule)")
     t.add_argument("--stop-after", type=float, default=None, metavar="EPOCHS",
                    help="stop after this many epochs of the schedule (resume later with --resume)")
+    t.add_argument("--classes", default=None, metavar="LIST",
+                   help="train (and report test metrics) on these classes only, e.g. 1-9 or 0,2,4-6: the outlier "
+                        "experiment trains on 1-9 and scores class 0 (dcgmm eval --heldout-class 0)")
     t.add_argument("--reshuffle", action="store_true",
                    help="a new seeded order every epoch (default: the original's one shuffle for every epoch)")
     t.add_argument("--memory-budget", type=float, default=None, metavar="MIB",
@@ -466,6 +556,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=64, help="unconditional samples")
     s.add_argument("--per-class", type=int, default=8, help="class-conditional samples per class")
     s.add_argument("--no-classes", action="store_true", help="skip class-conditional samples")
+    s.add_argument("--sharpen", default=None, metavar="SPEC",
+                   help="sharpening (spec 3.3): ITERATIONS:RATE for every GMM, or LAYER=ITERATIONS:RATE,... "
+                        "(e.g. gmm1=300:0.5); default none")
+    s.add_argument("--top-s", type=int, default=None, help="components kept per position (default: each layer's)")
+    s.add_argument("--divisor", type=float, default=None, help="noise divisor (default: each layer's)")
+    s.add_argument("--layer", default=None, help="unconditional samples start at this GMM or pool (default: the top "
+                                                 "GMM)")
     common(s, data_arg=False)
     s.set_defaults(func=cmd_sample)
 

@@ -31,6 +31,7 @@ class Dataset(NamedTuple):
     x_test: torch.Tensor
     y_test: torch.Tensor
     n_classes: int
+    class_names: Optional[Tuple[str, ...]] = None  # when the source says (Fashion-MNIST, image folders, torchvision)
 
 
 def to_images(x, *, name: str = "x", keep_uint8: bool = False) -> torch.Tensor:
@@ -114,6 +115,7 @@ def load_shipped(path: Optional[str] = None) -> Dataset:
         to_images(arrays["x_test"], name="x_test"),
         torch.as_tensor(arrays["y_test"].astype(np.int64)),
         n_classes=10,
+        class_names=FASHION_MNIST_CLASSES,
     )
 
 
@@ -313,8 +315,11 @@ def load_torchvision(name: str, root: str) -> Dataset:
     cls = getattr(tvd, name, None)
     if cls is None:
         raise DataError(f"torchvision:{name}: no such torchvision dataset")
-    (xt, yt), (xs, ys) = (_torchvision_arrays(_torchvision_split(cls, name, root, t), name) for t in (True, False))
-    return _dataset(f"torchvision:{name}", xt, yt, xs, ys)
+    train, test = (_torchvision_split(cls, name, root, t) for t in (True, False))
+    (xt, yt), (xs, ys) = _torchvision_arrays(train, name), _torchvision_arrays(test, name)
+    names = getattr(train, "classes", None)
+    ds = _dataset(f"torchvision:{name}", xt, yt, xs, ys)
+    return ds._replace(class_names=tuple(map(str, names))) if names and len(names) == ds.n_classes else ds
 
 
 def load_dataset(spec: str = "shipped", *, test_fraction: Optional[float] = None,
@@ -348,10 +353,18 @@ def load_dataset(spec: str = "shipped", *, test_fraction: Optional[float] = None
             except Exception:  # not a zip: load_npz names the problem
                 big = False
             if big:
-                return _streamed_npz(spec, test_fraction, memory_budget)
-        return load_npz(spec, test_fraction=test_fraction)
+                return _fashion_names(spec, _streamed_npz(spec, test_fraction, memory_budget))
+        ds = load_npz(spec, test_fraction=test_fraction)
+        return _fashion_names(spec, ds)
     raise DataError(f"{spec}: no such file or directory (expected 'shipped', an .npz, an IDX, .npy or image "
                     f"folder directory, or torchvision:NAME)")
+
+
+def _fashion_names(spec: str, ds: Dataset) -> Dataset:
+    """A file named like Fashion-MNIST with its 10 classes gets their names (the class grid's row labels)."""
+    if "fashion" in os.path.basename(spec).lower() and ds.n_classes == 10 and ds.class_names is None:
+        return ds._replace(class_names=FASHION_MNIST_CLASSES)
+    return ds
 
 
 # ---------------------------------------------------------------------------------------------------- streamed
@@ -426,10 +439,10 @@ def load_image_folders(root: str, image_shape: Tuple[int, int, int], *, test_fra
         xs, ys, test_classes = read_image_folder(os.path.join(root, "test"), (H, W), C, skip_broken=skip_broken)
         if test_classes != classes:
             raise DataError(f"{root}: train classes {classes} and test classes {test_classes} differ")
-        return _dataset(root, xt, yt, xs, ys, len(classes))
+        return _dataset(root, xt, yt, xs, ys, len(classes))._replace(class_names=tuple(classes))
     if test_fraction is None or not 0 < test_fraction < 1:
         raise DataError(f"{root}: an image folder without train/ and test/ needs a test_fraction in (0, 1) to "
                         f"split it, got {test_fraction}")
     x, y, classes = read_image_folder(root, (H, W), C, skip_broken=skip_broken)
     train, test = split_indices(len(x), test_fraction)
-    return _dataset(root, x[train], y[train], x[test], y[test], len(classes))
+    return _dataset(root, x[train], y[train], x[test], y[test], len(classes))._replace(class_names=tuple(classes))

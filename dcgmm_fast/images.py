@@ -1,7 +1,7 @@
 """Image grids as PNG files (Pillow, imported on use), written atomically."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,11 +25,34 @@ def grid(images: torch.Tensor, n_cols: int, pad: int = 2, scale: int = 2) -> np.
     return out
 
 
-def save_grid(path: str, images: torch.Tensor, n_cols: int, pad: int = 2, scale: int = 2) -> Optional[tuple]:
-    """Write ``grid(images)`` as a PNG; returns its (width, height)."""
+#: width in pixels of the label column of a grid with row labels
+LABEL_WIDTH = 96
+
+
+def label_rows(picture: np.ndarray, labels: Sequence[str], row_height: int, pad: int) -> np.ndarray:
+    """A white column of LABEL_WIDTH pixels left of ``picture`` with one text label per row (Pillow's default
+    font), vertically centred on the row."""
+    from PIL import Image, ImageDraw
+
+    H, _, C = picture.shape
+    column = Image.new("L", (LABEL_WIDTH, H), 255)
+    draw = ImageDraw.Draw(column)
+    for r, text in enumerate(labels):
+        y = pad + r * (row_height + pad) + row_height // 2 - 6
+        draw.text((4, max(0, y)), str(text)[:16], fill=0)
+    strip = np.asarray(column, dtype=np.uint8)[..., None].repeat(C, axis=2)
+    return np.concatenate([strip, picture], axis=1)
+
+
+def save_grid(path: str, images: torch.Tensor, n_cols: int, pad: int = 2, scale: int = 2,
+              row_labels: Optional[Sequence[str]] = None) -> Optional[tuple]:
+    """Write ``grid(images)`` as a PNG (with a label column when ``row_labels``, one per row); returns its
+    (width, height)."""
     from PIL import Image
 
     picture = grid(images, n_cols, pad, scale)
+    if row_labels is not None:
+        picture = label_rows(picture, row_labels, images.shape[1] * scale, pad)
     mode = "L" if picture.shape[2] == 1 else "RGB"
     with atomic_open(path, "wb") as f:
         Image.fromarray(picture[..., 0] if mode == "L" else picture, mode=mode).save(f, format="PNG")

@@ -43,3 +43,12 @@ def roc_curve(inlier: torch.Tensor, outlier: torch.Tensor, n_thresholds: int = 1
     kept = (a[None, :] > thr[:, None]).double().mean(1)
     rejected = (b[None, :] < thr[:, None]).double().mean(1)
     return thr, kept, rejected
+
+
+def original_auc(inlier: torch.Tensor, outlier: torch.Tensor, n_thresholds: int = 100) -> float:
+    """The original code's AUC (spec 3.5): the trapezoid area under ``roc_curve``'s points (inliers kept,
+    outliers rejected) sorted by x; it approaches ``auroc`` as the thresholds get finer."""
+    _, kept, rejected = roc_curve(inlier, outlier, n_thresholds)
+    order = kept.argsort()
+    x, y = kept[order], rejected[order]
+    return float(((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2).sum())

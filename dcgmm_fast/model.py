@@ -292,7 +292,7 @@ class DCGMM(nn.Module):
     def fit(self, x, y=None, *, epochs: Optional[float] = None, batch_size: Optional[int] = None, optimizer=None,
             lr: Optional[float] = None, seed: Optional[int] = None, reshuffle: bool = False, compile=False,
             resume: bool = False, stop_step: Optional[int] = None, callback=None, should_stop=None,
-            world=None, layout: str = "auto", steps_per_epoch: Optional[int] = None) -> History:
+            world=None, layout: str = "auto", steps_per_epoch: Optional[int] = None, verbose: bool = True) -> History:
         """Train layer by layer (``train.Trainer``), as the original: bottom-up, no gradient between layers.
 
         Args:
@@ -319,6 +319,7 @@ class DCGMM(nn.Module):
                 each rank's yields its share).
             layout: "auto" (the reading that fits the model's input shape), "NHWC" or "NCHW".
             steps_per_epoch: a stream without len(): its batches per epoch.
+            verbose: a progress bar on stderr (tqdm, when installed; rank 0 only); False: silent.
         Returns:
             train.History with per-step scores, som_sigma and classifier metrics.
         """
@@ -326,6 +327,20 @@ class DCGMM(nn.Module):
         batch_size = (self.preset.batch_size if self.preset else 100) if batch_size is None else batch_size
         trainer = Trainer(self.layers, self.names, optimizer=optimizer, lr=lr, compile=compile, world=world)
         start = int(self.steps_done) if resume else 0
+        bar = _ProgressBar(callback, f"fit {self.preset.name if self.preset else 'stack'}") \
+            if verbose and (trainer.world is None or trainer.world.rank == 0) else None
+        callback = bar if bar is not None else callback
+        try:
+            history = self._fit(trainer, x, y, epochs, batch_size, seed, reshuffle, start, stop_step, callback,
+                                should_stop, layout, steps_per_epoch)
+        finally:
+            if bar is not None:
+                bar.close()
+        self.steps_done += history.steps
+        return history
+
+    def _fit(self, trainer, x, y, epochs, batch_size, seed, reshuffle, start, stop_step, callback, should_stop,
+             layout, steps_per_epoch) -> History:
         if _is_stream(x):
             if y is not None:
                 raise ValueError("y: a stream of batches brings its own labels ((x, y) batches); pass y=None")
@@ -338,7 +353,6 @@ class DCGMM(nn.Module):
             history = trainer.fit(x, y, epochs=epochs, batch_size=batch_size, seed=seed, reshuffle=reshuffle,
                                   start_step=start, stop_step=stop_step, callback=callback, should_stop=should_stop,
                                   check_data=False)  # _images checked them
-        self.steps_done += history.steps
         return history
 
     def _labels(self, y, n: int) -> torch.Tensor:
@@ -354,6 +368,30 @@ class DCGMM(nn.Module):
         xb, yb = _as_batch(item)
         xb = self._images(xb, keep_uint8=True, layout=layout)
         return xb, None if yb is None else self._labels(yb, xb.shape[0])
+
+
+class _ProgressBar:
+    """A training callback that draws a tqdm bar (nothing when tqdm is not installed) and calls ``callback``."""
+
+    def __init__(self, callback, desc: str):
+        self.callback, self.desc, self.bar = callback, desc, None
+
+    def __call__(self, step: int, total: int, history) -> None:
+        if self.bar is None:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                self.bar = False
+            else:
+                self.bar = tqdm(total=total, initial=step - 1, desc=self.desc, unit="step", dynamic_ncols=True)
+        if self.bar:
+            self.bar.update(1)
+        if self.callback is not None:
+            self.callback(step, total, history)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
 
 
 def _is_stream(x) -> bool:

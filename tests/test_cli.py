@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,19 +51,50 @@ def test_train_writes_checkpoints_and_metrics(trained_run):
 
 def test_sample_inpaint_eval_write_their_files(trained_run):
     d = trained_run
-    res = dcgmm("sample", "--checkpoint", "out/checkpoint.pt", "--out", "out", "--n", "16", "--per-class", "4", cwd=d)
+    res = dcgmm("sample", "--checkpoint", "out/checkpoint.pt", "--out", "out", "--n", "16", "--per-class", "4",
+                "--sharpen", "gmm1=3:0.5,gmm2=2:0.1", "--top-s", "2", cwd=d)
     sizes = json.loads(res.stdout.strip().splitlines()[-1])
     for name in ("samples.png", "samples_by_class.png"):
         assert png_size(d / "out" / name) == (sizes[name]["width"], sizes[name]["height"])
     # 4 columns of 28x28 images scaled 2x with 2 px padding: 4 * 58 + 2 = 234 wide
     assert png_size(d / "out" / "samples.png") == (234, 234)
-    assert png_size(d / "out" / "samples_by_class.png") == (234, 10 * 58 + 2)
+    assert png_size(d / "out" / "samples_by_class.png") == (96 + 234, 10 * 58 + 2)  # a column of class names
+    from PIL import Image
+
+    grid = np.asarray(Image.open(d / "out" / "samples_by_class.png"))
+    assert grid[:, :96].min() < 128  # the names are drawn (dark text on white)
+    plan = torch.load(d / "out" / "checkpoint.pt", weights_only=True)["train"]
+    assert plan["class_names"][0] == "T-shirt/top" and len(plan["class_names"]) == 10
     dcgmm("inpaint", "--checkpoint", "out/checkpoint.pt", "--out", "out", "--n", "5", "--mask", "centre", cwd=d)
     assert png_size(d / "out" / "inpaint.png") == (5 * 58 + 2, 3 * 58 + 2)
-    dcgmm("eval", "--checkpoint", "out/checkpoint.pt", "--out", "out", "--heldout-class", "0", cwd=d)
+    dcgmm("eval", "--checkpoint", "out/checkpoint.pt", "--out", "out", cwd=d)
     metrics = json.load(open(d / "out" / "metrics.json"))
-    assert {"test_accuracy", "layer_scores", "outlier_auroc"} <= set(metrics)
-    assert set(metrics["layer_scores"]) == {"gmm1", "gmm2"} and 0 <= metrics["outlier_auroc"] <= 1
+    assert {"test_accuracy", "layer_scores"} <= set(metrics) and "outlier_auroc" not in metrics
+    assert set(metrics["layer_scores"]) == {"gmm1", "gmm2"}
+
+
+def test_outlier_experiment_trains_without_the_class_and_eval_refuses_a_trained_one(trained_run, capsys,
+                                                                                      monkeypatch):
+    """`dcgmm train --classes 1-9` then `dcgmm eval --heldout-class 0`: an AUROC of class 0 against the trained
+    classes (and the original's 100-threshold AUC beside it); a model trained on class 0 gets an error instead."""
+    from dcgmm_fast import cli
+
+    monkeypatch.chdir(trained_run)
+    assert cli.main(["eval", "--checkpoint", "out/checkpoint.pt", "--out", "out", "--heldout-class", "0"]) == 2
+    assert "the model was trained on class 0 (every class)" in capsys.readouterr().err
+    assert cli.main(["train", "--preset", "demo", "--epochs", "0.5", "--classes", "1-9", "--out", "no0"]) == 0
+    capsys.readouterr()
+    plan = torch.load("no0/checkpoint.pt", weights_only=True)["train"]
+    assert plan["classes"] == list(range(1, 10))
+    assert cli.main(["eval", "--checkpoint", "no0/checkpoint.pt", "--out", "no0", "--heldout-class", "0"]) == 0
+    metrics = json.load(open("no0/metrics.json"))
+    assert 0 <= metrics["outlier_auroc"] <= 1 and abs(metrics["outlier_auc_original"] - metrics["outlier_auroc"]) < 0.05
+    assert "trained classes [1, 2, 3, 4, 5, 6, 7, 8, 9]" in metrics["outlier"]
+    assert cli.main(["eval", "--checkpoint", "no0/checkpoint.pt", "--out", "no0", "--heldout-class", "3"]) == 2
+    assert cli.main(["train", "--classes", "1-x", "--out", "bad"]) == 2
+    assert "--classes: expected class ids" in capsys.readouterr().err
+    assert cli.main(["sample", "--checkpoint", "no0/checkpoint.pt", "--out", "no0", "--sharpen", "gmm7=3:1"]) == 2
+    assert "--sharpen: 'gmm7' is not a GMM layer" in capsys.readouterr().err
 
 
 def test_help_for_every_command(tmp_path):

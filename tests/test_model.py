@@ -98,3 +98,13 @@ def test_odd_arguments_are_refused_or_handled(shipped):
         model.fit(shipped.x_train[:200], shipped.y_train[:200], epochs=1, batch_size=-1)
     assert model.classify(shipped.x_test[:0]).shape == (0,)
     assert all(v.shape == (0,) for v in model.log_prob(shipped.x_test[:0]).values())
+
+
+def test_fit_shows_progress_unless_silenced(shipped, capsys):
+    pytest.importorskip("tqdm")
+    model = DCGMM([presets.GMM(3, 1, 4)], input_shape=(28, 28, 1), seed=0)
+    model.fit(shipped.x_train[:40], epochs=1, batch_size=10, seed=0)
+    err = capsys.readouterr().err
+    assert "fit stack" in err and "4/4" in err
+    model.fit(shipped.x_train[:40], epochs=1, batch_size=10, seed=0, verbose=False)
+    assert capsys.readouterr().err == ""

@@ -180,6 +180,15 @@ def test_outliers_separate_noise_and_inverted_images(full_image, shipped):
     assert auroc(inliers, inverted) >= 0.95
 
 
+def test_original_auc_approaches_auroc():
+    from dcgmm_fast.metrics import original_auc
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(500, generator=g) + 1.0, torch.randn(400, generator=g)
+    assert abs(original_auc(a, b) - auroc(a, b)) < 0.01
+    assert original_auc(a + 100, b) == pytest.approx(1.0, abs=0.02) and original_auc(b, a + 100) < 0.02
+
+
 def test_auroc_hand_example():
     # pairs (in, out): (3,0) (3,2) (2,0) (2,2)=1/2 (1,0) (1,2)=0 -> 4.5 / 6
     assert auroc(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([0.0, 2.0])) == pytest.approx(0.75)
