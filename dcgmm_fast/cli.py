@@ -419,6 +419,34 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_show(args) -> int:
+    """prototypes_<GMM>.png for every GMM layer and, from train_log.jsonl next to the checkpoint (or --log),
+    curves.png."""
+    from PIL import Image
+
+    from .images import save_grid
+    from .show import plot_curves, prototypes, read_log
+
+    model, _ = _load(args)
+    written = {}
+    for name in model.gmm_layers():
+        images = prototypes(model, name)
+        path = os.path.join(args.out, f"prototypes_{name}.png")
+        scale = max(1, 56 // max(images.shape[1], images.shape[2]))
+        written[os.path.basename(path)] = save_grid(path, images, max(1, int(round(images.shape[0] ** 0.5))),
+                                                    scale=scale)
+    log_path = args.log or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "train_log.jsonl")
+    if os.path.exists(log_path):
+        picture = plot_curves(read_log(log_path))
+        with atomic_open(os.path.join(args.out, "curves.png"), "wb") as f:
+            Image.fromarray(picture, mode="RGB").save(f, format="PNG")
+        written["curves.png"] = (picture.shape[1], picture.shape[0])
+    elif args.log:
+        raise ValueError(f"--log: {args.log}: no such file")
+    print(json.dumps({k: {"width": w, "height": h} for k, (w, h) in written.items()}))
+    return 0
+
+
 def _sharpening(spec: Optional[str], model: DCGMM):
     """--sharpen "ITERATIONS:RATE" (every GMM) or "LAYER=ITERATIONS:RATE,..." -> a Sharpening or a dict by GMM
     name (spec 3.3; the paper sharpens 300 iterations); None without the flag."""
@@ -572,6 +600,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--mask", default="right-half", choices=["right-half", "centre", "random"])
     common(i)
     i.set_defaults(func=cmd_inpaint)
+
+    v = sub.add_parser("show", help="write each GMM layer's prototypes and the training curves as PNGs")
+    v.add_argument("--checkpoint", required=True)
+    v.add_argument("--log", default=None, help="a train_log.jsonl (default: the one next to the checkpoint)")
+    common(v, data_arg=False)
+    v.set_defaults(func=cmd_show)
 
     c = sub.add_parser("convert", help="write an uncompressed copy of an .npz (so it can be memory-mapped)")
     c.add_argument("src", help="an .npz (compressed or not)")

@@ -97,8 +97,28 @@ def test_outlier_experiment_trains_without_the_class_and_eval_refuses_a_trained_
     assert "--sharpen: 'gmm7' is not a GMM layer" in capsys.readouterr().err
 
 
+def test_show_writes_prototypes_and_curves(trained_run, capsys, monkeypatch):
+    """`dcgmm show`: a prototype grid per GMM layer (the first layer's means as 3x3 patches, gmm2's components
+    back-projected to 28x28 images) and the curves of train_log.jsonl."""
+    from dcgmm_fast import cli
+    from dcgmm_fast.checkpoint import load_checkpoint
+    from dcgmm_fast.show import prototypes
+
+    monkeypatch.chdir(trained_run)
+    assert cli.main(["show", "--checkpoint", "out/checkpoint.pt", "--out", "shown"]) == 0
+    sizes = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(sizes) == {"prototypes_gmm1.png", "prototypes_gmm2.png", "curves.png"}
+    for name, wh in sizes.items():
+        assert png_size(trained_run / "shown" / name) == (wh["width"], wh["height"])
+    model, _ = load_checkpoint("out/checkpoint.pt")
+    p1, p2 = prototypes(model, "gmm1"), prototypes(model, "gmm2")
+    assert p1.shape == (25, 3, 3, 1) and torch.allclose(p1, model["gmm1"].mu.detach().reshape(25, 3, 3, 1).clamp(0, 1))
+    assert p2.shape == (25, 28, 28, 1) and float(p2.std(0).mean()) > 0  # different components, different images
+    assert cli.main(["show", "--checkpoint", "out/checkpoint.pt", "--out", "shown", "--log", "nowhere.jsonl"]) == 2
+
+
 def test_help_for_every_command(tmp_path):
-    for cmd in ([], ["train"], ["sample"], ["inpaint"], ["eval"]):
+    for cmd in ([], ["train"], ["sample"], ["inpaint"], ["eval"], ["show"], ["convert"]):
         res = dcgmm(*cmd, "--help", cwd=tmp_path)
         assert "usage: dcgmm" in res.stdout
 
