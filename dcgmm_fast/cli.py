@@ -18,7 +18,6 @@ import time
 import traceback
 from typing import List, Optional
 
-import numpy as np
 import torch
 
 from . import backends, data, distributed, presets
@@ -371,11 +370,7 @@ def _only_classes(ds: data.Dataset, classes: List[int], spec: str) -> data.Datas
         mask = torch.isin(y, keep)
         if not bool(mask.any()):
             raise ValueError(f"--classes: {spec} holds no images of classes {classes}")
-        if isinstance(x, ArrayImages):
-            rows = np.arange(len(x)) if x.index is None else x.index
-            idx = mask.numpy()
-            return ArrayImages(x.x, x.y[idx], name=x.name, index=rows[idx]), y[mask]
-        return x[mask], y[mask]
+        return (x.subset(mask.numpy()) if isinstance(x, ArrayImages) else x[mask]), y[mask]
 
     (xt, yt), (xs, ys) = part(ds.x_train, ds.y_train), part(ds.x_test, ds.y_test)
     return data.Dataset(xt, yt, xs, ys, ds.n_classes, ds.class_names)
@@ -503,10 +498,10 @@ def cmd_eval(args) -> int:
     model, plan = _load(args)
     ds = data.load_dataset(args.data, test_fraction=args.test_fraction)
     x, y = ds.x_test.to(args.device), ds.y_test.to(args.device)
-    metrics = {"checkpoint": args.checkpoint, "data": args.data,
-               "layer_scores": {k: float(v.mean()) for k, v in model.log_prob(x).items()}}
+    scores, accuracy = _test_scores(model, ds)  # one forward for both
+    metrics = {"checkpoint": args.checkpoint, "data": args.data, "layer_scores": scores}
     if model.classifier is not None:
-        metrics["test_accuracy"] = float((model.classify(x) == y).float().mean())
+        metrics["test_accuracy"] = accuracy
     if args.heldout_class is not None:
         trained = plan.get("classes") if "data" in plan else "unknown"
         if trained is None or (trained != "unknown" and args.heldout_class in trained):

@@ -177,12 +177,7 @@ def load_npz(path: str, *, test_fraction: Optional[float] = None, n_classes: Opt
     if {"x_train", "y_train", "x_test", "y_test"} <= set(arrays):
         return _dataset(path, arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], n_classes)
     if {"x", "y"} <= set(arrays):
-        if test_fraction is None or not 0 < test_fraction < 1:
-            raise DataError(f"{path}: holds x / y; give a test_fraction in (0, 1) to split it, got {test_fraction}")
-        n = len(arrays["x"])
-        if len(arrays["y"]) != n:
-            raise DataError(f"{path}: y has {len(arrays['y'])} labels for {n} images (shape mismatch)")
-        train, test = split_indices(n, test_fraction)
+        train, test = _xy_split(path, arrays, test_fraction)
         x, y = arrays["x"], arrays["y"]
         return _dataset(path, x[train], y[train], x[test], y[test], n_classes)
     raise DataError(f"{path}: expected keys x_train, y_train, x_test, y_test (or x, y), got {sorted(arrays)}")
@@ -190,6 +185,16 @@ def load_npz(path: str, *, test_fraction: Optional[float] = None, n_classes: Opt
 
 #: the seed of the x / y train-test split (fixed: the same file gives the same split everywhere)
 SPLIT_SEED = 0
+
+
+def _xy_split(path: str, arrays, test_fraction: Optional[float]) -> Tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices of a file's x / y (``split_indices``), after its checks."""
+    if test_fraction is None or not 0 < test_fraction < 1:
+        raise DataError(f"{path}: holds x / y; give a test_fraction in (0, 1) to split it, got {test_fraction}")
+    n = len(arrays["x"])
+    if len(arrays["y"]) != n:
+        raise DataError(f"{path}: y has {len(arrays['y'])} labels for {n} images (shape mismatch)")
+    return split_indices(n, test_fraction)
 
 
 def split_indices(n: int, test_fraction: float) -> Tuple[np.ndarray, np.ndarray]:
@@ -376,23 +381,27 @@ def _check_streamed_images(path: str, key: str, x: np.ndarray) -> None:
         raise DataError(f"{path}: {key} holds no images (an empty split)")
 
 
-def _streamed(path, arrays) -> Dataset:
+def _streamed(path, arrays, train: Optional[np.ndarray] = None, test: Optional[np.ndarray] = None) -> Dataset:
+    """x_train / y_train / x_test / y_test arrays (x memory-mapped) as a Dataset of ``sources.ArrayImages``;
+    ``train`` / ``test``: the rows of x_train / x_test to take (one x / y split), None: all."""
     from .sources import ArrayImages
 
-    for key in ("x_train", "x_test"):
-        _check_streamed_images(path, key, arrays[key])
+    parts = []
+    for split, index in (("train", train), ("test", test)):
+        x, y = arrays[f"x_{split}"], np.asarray(arrays[f"y_{split}"])
+        _check_streamed_images(path, f"x_{split}", x)
+        n = len(x) if index is None else len(index)
+        labels = _labels(y if index is None else y[index], path, n, None, f"y_{split}")
+        parts.append((ArrayImages(x, labels.numpy(), name=f"{path}: x_{split}", index=index), labels))
     if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
         raise DataError(f"{path}: x_train images {arrays['x_train'].shape[1:]} and x_test images "
                         f"{arrays['x_test'].shape[1:]} differ")
-    yt = _labels(arrays["y_train"], path, arrays["x_train"].shape[0], None, "y_train")
-    ys = _labels(arrays["y_test"], path, arrays["x_test"].shape[0], None, "y_test")
-    k = int(max(yt.max(), ys.max())) + 1
-    return Dataset(ArrayImages(arrays["x_train"], yt.numpy(), name=f"{path}: x_train"), yt,
-                   ArrayImages(arrays["x_test"], ys.numpy(), name=f"{path}: x_test"), ys, n_classes=k)
+    k = int(max(parts[0][1].max(), parts[1][1].max())) + 1
+    return Dataset(*parts[0], *parts[1], n_classes=k)
 
 
 def _streamed_npz(path: str, test_fraction: Optional[float], budget: int) -> Dataset:
-    from .sources import ArrayImages, npz_is_compressed, open_npz
+    from .sources import npz_is_compressed, open_npz
 
     if npz_is_compressed(path):
         raise DataError(f"{path}: its arrays take more than the memory budget ({budget / 2**20:.1f} MiB) and it is "
@@ -402,17 +411,9 @@ def _streamed_npz(path: str, test_fraction: Optional[float], budget: int) -> Dat
     if {"x_train", "y_train", "x_test", "y_test"} <= set(arrays):
         return _streamed(path, arrays)
     if {"x", "y"} <= set(arrays):
-        if test_fraction is None or not 0 < test_fraction < 1:
-            raise DataError(f"{path}: holds x / y; give a test_fraction in (0, 1) to split it, got {test_fraction}")
-        x, y = arrays["x"], np.asarray(arrays["y"])
-        _check_streamed_images(path, "x", x)
-        if len(y) != len(x):
-            raise DataError(f"{path}: y has {len(y)} labels for {len(x)} images (shape mismatch)")
-        train, test = split_indices(len(x), test_fraction)
-        yt, ys = _labels(y[train], path, len(train), None, "y"), _labels(y[test], path, len(test), None, "y")
-        return Dataset(ArrayImages(x, yt.numpy(), name=f"{path}: x", index=train), yt,
-                       ArrayImages(x, ys.numpy(), name=f"{path}: x", index=test), ys,
-                       n_classes=int(max(yt.max(), ys.max())) + 1)
+        train, test = _xy_split(path, arrays, test_fraction)
+        x, y = arrays["x"], arrays["y"]
+        return _streamed(path, {"x_train": x, "y_train": y, "x_test": x, "y_test": y}, train, test)
     raise DataError(f"{path}: expected keys x_train, y_train, x_test, y_test (or x, y), got {sorted(arrays)}")
 
 

@@ -3,7 +3,7 @@
 A ``World`` is the process group a ``Trainer`` trains in. Each rank takes its share (a contiguous slice, in rank
 order) of every global batch of the one schedule, computes every layer's gradients on it (each layer's input is
 the pre-update output of the one below, so none waits for another's update), and one all-reduce per step
-combines them (``World.combine_all``):
+combines them (``World.combine``):
 - the gradients (the original rule uses ``torch.autograd.grad``, which DDP does not see) summed in float64 and
   divided by the number of ranks (the shares are equal, so the mean of the ranks' means is the global mean);
 - the per-image score sums (``train.image_score_sums``), each rank writing its images' slots of a zeroed global
@@ -49,14 +49,7 @@ class World:
         n = batch_size // self.size
         return slice(self.rank * n, (self.rank + 1) * n)
 
-    def combine(self, grads: Sequence[torch.Tensor], sums: Optional[torch.Tensor] = None
-                ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
-        """One all-reduce: the mean over ranks of ``grads`` and the global batch's per-image values of ``sums``
-        (see ``combine_all``, with one or no vector of sums)."""
-        out, gathered = self.combine_all(grads, [] if sums is None else [sums])
-        return out, (gathered[0] if sums is not None else None)
-
-    def combine_all(self, grads: Sequence[torch.Tensor], sums: Sequence[torch.Tensor]
+    def combine(self, grads: Sequence[torch.Tensor], sums: Sequence[torch.Tensor]
                     ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """One all-reduce: the mean over ranks of ``grads`` (summed in float64; written back into the given
         tensors where they are contiguous, and returned) and, for each (n,) float64 vector of per-image sums in

@@ -139,19 +139,7 @@ class DCGMM(nn.Module):
             loss: "loglik" (default: the mixture log-likelihood per patch), "mc" (max-component with the
                 current smoothing), or None (each layer's training loss).
         """
-        x = self._images(x, layout=layout)
-        result: Dict[str, list] = OrderedDict((n, []) for n in self.gmm_layers())
-        for start in range(0, x.shape[0], batch_size):
-            h = x[start:start + batch_size]
-            for name, layer in zip(self.names, self.layers):
-                if isinstance(layer, ConvGMM):
-                    out = layer.cgmm(h, loss=loss, check=False)
-                    result[name].append(out.score.mean(dim=(1, 2)))
-                    h = out.resp
-                elif isinstance(layer, MaxPool):
-                    h = layer(h)
-        empty = x.new_empty(0)
-        return OrderedDict((n, torch.cat(v) if v else empty) for n, v in result.items())
+        return self._scores_and_predictions(self._images(x, layout=layout), loss, batch_size, False)[0]
 
     @torch.no_grad()
     def evaluate(self, x, *, batch_size: int = 500, layout: str = "auto"
@@ -159,25 +147,29 @@ class DCGMM(nn.Module):
         """One pass over x for both: ``log_prob(x)`` (each GMM layer's per-image mean "loglik" score, (N,)) and
         ``classify(x)`` ((N,) predictions, None without a classifier). The responsibilities passed up do not
         depend on the loss (design.md), so one forward serves both (half the work of calling the two)."""
-        x = self._images(x, layout=layout)
+        return self._scores_and_predictions(self._images(x, layout=layout), "loglik", batch_size,
+                                            self.classifier is not None)
+
+    def _scores_and_predictions(self, x: torch.Tensor, loss: Optional[Loss], batch_size: int, predict: bool):
+        """Batches of x (N, H, W, C) up the stack: ({GMM: (N,) mean score}, (N,) predictions or None)."""
         scores: Dict[str, list] = OrderedDict((n, []) for n in self.gmm_layers())
         preds = []
         for start in range(0, x.shape[0], batch_size):
             h, outputs = x[start:start + batch_size], {}
             for name, layer in zip(self.names, self.layers):
                 if isinstance(layer, ConvGMM):
-                    out = layer.cgmm(h, loss="loglik", check=False)
+                    out = layer.cgmm(h, loss=loss, check=False)
                     scores[name].append(out.score.mean(dim=(1, 2)))
                     h = out.resp
                 elif isinstance(layer, MaxPool):
                     h = layer(h)
-                else:
+                elif predict:
                     h = layer(outputs[layer.reads])
                     preds.append(h.argmax(1))
                 outputs[name] = h
         empty = x.new_empty(0)
         scores = OrderedDict((n, torch.cat(v) if v else empty) for n, v in scores.items())
-        if self.classifier is None:
+        if not predict:
             return scores, None
         return scores, torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64, device=x.device)
 

@@ -125,6 +125,11 @@ class ArrayImages(Dataset):
     def __len__(self) -> int:
         return len(self.x) if self.index is None else len(self.index)
 
+    def subset(self, keep: np.ndarray) -> "ArrayImages":
+        """The images where ``keep`` (N,) bool is True, over the same file (nothing is read)."""
+        rows = np.arange(len(self)) if self.index is None else self.index
+        return ArrayImages(self.x, None if self.y is None else self.y[keep], name=self.name, index=rows[keep])
+
     @property
     def shape(self) -> Tuple[int, ...]:
         """(N, H, W, C)."""

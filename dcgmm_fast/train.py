@@ -65,7 +65,7 @@ def fixed_order_row_sums(rows: torch.Tensor) -> torch.Tensor:
 
 def image_score_sums(score: torch.Tensor) -> torch.Tensor:
     """score (N, ...) -> (N,) float64: each image's sum over its positions, in fixed order (``fixed_order_row_sums``).
-    The distributed step gathers these in image order (``distributed.World.combine``)."""
+    The data-parallel step gathers these in image order (``distributed.World.combine``)."""
     return fixed_order_row_sums(score.reshape(score.shape[0], -1))
 
 
@@ -90,30 +90,29 @@ def mean_grad(t: torch.Tensor) -> torch.Tensor:
     return torch.full((), 1.0, dtype=t.dtype, device=t.device).div(t.numel()).expand(t.shape)
 
 
-def gmm_step(layer: ConvGMM, x: torch.Tensor, world: Optional[World] = None):
+def gmm_step(layer: ConvGMM, x: torch.Tensor):
     """One step of the original update rule on x (N, H, W, C); returns (resp (N,H',W',K), mean score ()).
 
-    With a ``world``, x is this rank's share of the global batch: the gradients are averaged over the ranks and
-    the mean score is the global batch's (see ``distributed``). No Python branching on tensor values:
-    ``torch.compile(fullgraph=True)`` compiles it (see ``compile_step``).
+    No Python branching on tensor values: ``torch.compile(fullgraph=True)`` compiles it (see ``compile_step``).
     """
-    resp, score, _ = _gmm_step(layer, x, world)
+    resp, score, _ = _gmm_step(layer, x)
     return resp, score
 
 
-def _gmm_step(layer: ConvGMM, x: torch.Tensor, world: Optional[World] = None):
-    """gmm_step, plus (max |mu|, max |pi_logits|) (2,) after the update when the fused update took them (else
-    None: the step guard takes them itself)."""
+def _gmm_grads(layer: ConvGMM, x: torch.Tensor):
+    """(the op's output on x, (d mean score / d mu, sigma, pi_logits)) before any update."""
     out = layer.cgmm(x, check=False)
     grads = torch.autograd.grad(out.score, (layer.mu, layer.sigma, layer.pi_logits),
                                 grad_outputs=mean_grad(out.score))
-    if world is None:
-        score = fixed_order_mean(out.score)
-    else:  # one all-reduce: the ranks' mean gradients and the global batch's per-image score sums
-        grads, sums = world.combine(grads, image_score_sums(out.score))
-        score = mean_of_image_sums(sums, out.score.numel() * world.size).to(out.score.dtype)
+    return out, grads
+
+
+def _gmm_step(layer: ConvGMM, x: torch.Tensor):
+    """gmm_step, plus (max |mu|, max |pi_logits|) (2,) after the update when the fused update took them (else
+    None: the step guard takes them itself)."""
+    out, grads = _gmm_grads(layer, x)
     maxima = update_(layer, *grads)
-    return out.resp.detach(), score, maxima
+    return out.resp.detach(), fixed_order_mean(out.score), maxima
 
 
 def _forward_score(layer: ConvGMM, x: torch.Tensor):
@@ -184,14 +183,9 @@ def classifier_apply_(clf: LinearClassifier, g_weight_t: torch.Tensor, g_bias: t
         clf.bias.sub_(g_bias, alpha=clf.lr)
 
 
-def classifier_step(clf: LinearClassifier, features: torch.Tensor, y: torch.Tensor,
-                    world: Optional[World] = None):
-    """One SGD step on softmax cross-entropy; returns (loss (), accuracy ()). With a ``world`` the gradients, loss
-    and accuracy are averaged over the ranks' equal shares."""
+def classifier_step(clf: LinearClassifier, features: torch.Tensor, y: torch.Tensor):
+    """One SGD step on softmax cross-entropy; returns (loss (), accuracy ())."""
     g_weight, g_bias, loss, acc = classifier_grads(clf, features, y)
-    if world is not None:
-        (g_weight, g_bias, metrics), _ = world.combine([g_weight, g_bias, torch.stack([loss, acc])])
-        loss, acc = metrics.unbind()
     classifier_apply_(clf, g_weight, g_bias)
     return loss, acc
 
@@ -311,8 +305,8 @@ class Trainer:
             update rule only. One graph per set of training layers (a layer's ``wait`` ending recompiles once).
         world: a ``distributed.World`` to train data-parallel in (None: ``World.current()``, the initialised
             default process group when it has more than one rank): each rank takes its share of every global
-            batch, every step all-reduces each layer's gradients and gathers its per-image scores, and every
-            rank takes the same step (the original update rule, eager).
+            batch, one all-reduce per step combines every layer's gradients and gathers its per-image scores,
+            and every rank takes the same step (the original update rule, eager).
 
     ``guard`` (a ``StepGuard``) records divergence on the device at every step; ``fit`` reads it every
     ``check_every`` steps and at its end and raises ``DivergenceError`` naming the layer, step and quantity.
@@ -388,6 +382,15 @@ class Trainer:
         layer.anneal_state.copy_(torch.tensor(ctrl.counters(), dtype=torch.float64))
         layer.set_annealing(ctrl.eps, ctrl.som_sigma)
 
+    def _guard_and_anneal(self, i: int, score: torch.Tensor, maxima: Optional[torch.Tensor]) -> None:
+        """After layer i's update: the step guard's record and the annealing controller fed with its mean score."""
+        layer = self.layers[i]
+        self.guard.record_gmm(i, score, layer.mu, layer.pi_logits, maxima)
+        if self._host_control:  # CPU eager: the same decisions, without ~25 tiny tensor ops
+            self._anneal_host(i, score)
+        else:
+            anneal_(layer, score)
+
     def _set_learning_rates(self) -> None:
         """Optimizer path: lr = base_lr * lambda * eps / eps0 for each group (annealing and lambdas)."""
         for group in self.optimizer.param_groups:
@@ -425,11 +428,7 @@ class Trainer:
                         self._set_learning_rates()
                         # every other layer's grads are None after zero_grad, so the step moves only this one
                         h, score = gmm_step_optimizer(layer, h, self.optimizer)
-                    self.guard.record_gmm(i, score, layer.mu, layer.pi_logits, maxima)
-                    if self._host_control:  # CPU eager: the same decisions, without ~25 tiny tensor ops
-                        self._anneal_host(i, score)
-                    else:
-                        anneal_(layer, score)
+                    self._guard_and_anneal(i, score, maxima)
                 values += [score.double(), layer.som_sigma.double()]
             elif isinstance(layer, MaxPool):
                 with torch.no_grad():
@@ -457,9 +456,7 @@ class Trainer:
                         out = layer.cgmm(h, check=False)
                     work.append((i, "wait", [], out.score))
                 else:
-                    out = layer.cgmm(h, check=False)
-                    grads = torch.autograd.grad(out.score, (layer.mu, layer.sigma, layer.pi_logits),
-                                                grad_outputs=mean_grad(out.score))
+                    out, grads = _gmm_grads(layer, h)
                     work.append((i, "gmm", list(grads), out.score.detach()))
                 h = out.resp.detach()
             elif isinstance(layer, MaxPool):
@@ -471,7 +468,7 @@ class Trainer:
             outputs.append(h)
         grads = [g for _, _, gs, _ in work for g in gs]
         sums = [image_score_sums(score) for _, _, _, score in work if score is not None]
-        grads, gathered = self.world.combine_all(grads, sums)
+        grads, gathered = self.world.combine(grads, sums)
         values, gi, si = [], 0, 0
         for i, kind, gs, score in work:
             mine = grads[gi:gi + len(gs)]
@@ -486,12 +483,7 @@ class Trainer:
             mean = mean_of_image_sums(gathered[si], score.numel() * self.world.size).to(score.dtype)
             si += 1
             if kind == "gmm":
-                maxima = update_(layer, *mine)
-                self.guard.record_gmm(i, mean, layer.mu, layer.pi_logits, maxima)
-                if self._host_control:
-                    self._anneal_host(i, mean)
-                else:
-                    anneal_(layer, mean)
+                self._guard_and_anneal(i, mean, update_(layer, *mine))
             values += [mean.double(), layer.som_sigma.double()]
         self.guard.advance()
         return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64, device=x.device)
