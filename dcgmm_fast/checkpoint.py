@@ -54,6 +54,7 @@ def model_from_config(config: Dict[str, Any], *, backend: str = "auto", seed=Non
 
 _POSITIVE_INTS = ("n_components", "top_s", "window")
 _STRINGS = ("mode", "loss", "pi_norm", "reads")
+_BOOLS = ("tied_init",)
 
 
 def _check_field(where: str, key: str, value, default) -> None:
@@ -71,6 +72,9 @@ def _check_field(where: str, key: str, value, default) -> None:
     elif key in _STRINGS:
         if not isinstance(value, str):
             raise ValueError(f"{where}.{key}: expected a string, got {value!r}")
+    elif key in _BOOLS:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}.{key}: expected true or false, got {value!r}")
     elif isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{where}.{key}: expected a number, got {value!r}")
 

@@ -443,10 +443,12 @@ def cmd_show(args) -> int:
 
 
 def _sharpening(spec: Optional[str], model: DCGMM):
-    """--sharpen "ITERATIONS:RATE" (every GMM) or "LAYER=ITERATIONS:RATE,..." -> a Sharpening or a dict by GMM
-    name (spec 3.3; the paper sharpens 300 iterations); None without the flag."""
+    """--sharpen "ITERATIONS:RATE" (every GMM) or "LAYER=ITERATIONS:RATE,..." -> a dict by GMM name (spec 3.3;
+    the paper sharpens 300 iterations); "off" -> False; None without the flag (each layer's own default)."""
     if spec is None:
         return None
+    if spec.strip().lower() in ("off", "none", "0"):
+        return False
     gmms = list(model.gmm_layers())
     out = {}
     for part in spec.split(","):
@@ -581,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-classes", action="store_true", help="skip class-conditional samples")
     s.add_argument("--sharpen", default=None, metavar="SPEC",
                    help="sharpening (spec 3.3): ITERATIONS:RATE for every GMM, or LAYER=ITERATIONS:RATE,... "
-                        "(e.g. gmm1=300:0.5); default none")
+                        "(e.g. gmm1=300:0.1; RATE per image, the original's / 100), or 'off'; default: the "
+                        "preset's (e.g. D: gmm1 and gmm2 300:0.1)")
     s.add_argument("--top-s", type=int, default=None, help="components kept per position (default: each layer's)")
     s.add_argument("--divisor", type=float, default=None, help="noise divisor (default: each layer's)")
     s.add_argument("--layer", default=None, help="unconditional samples start at this GMM or pool (default: the top "

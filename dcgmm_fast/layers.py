@@ -49,6 +49,11 @@ class ConvGMM(nn.Module):
         sigma_upper_bound: sigma is clipped to sqrt(sigma_upper_bound) (std >= 1 / sqrt(20) by default).
         sigma_min: positive floor of sigma (the original clips only above).
         top_s, divisor: sampling defaults (spec 3.1).
+        tied_init: independent mode: every position starts from the same random means (the original draws each
+            position's independently). Component k then ends up meaning nearly the same at neighbouring positions,
+            which max-pooling across positions and top-down sampling through a pool rely on (docs/results.md).
+        sharpen_iterations, sharpen_rate: the default sharpening of this layer's back-projected samples (spec 3.3,
+            ``sampling.Sharpening``; 0 iterations: none).
         backend: ops backend for this layer.
         generator: torch.Generator for the initialisation (None: torch's global RNG).
     """
@@ -79,6 +84,9 @@ class ConvGMM(nn.Module):
         wait: float = 0.0,
         top_s: int = 3,
         divisor: float = 20.0,
+        sharpen_iterations: int = 0,
+        sharpen_rate: float = 0.1,
+        tied_init: bool = False,
         backend: Backend = "auto",
         dtype: torch.dtype = torch.float32,
         generator: Optional[torch.Generator] = None,
@@ -117,6 +125,10 @@ class ConvGMM(nn.Module):
         if not (0 < gamma < 1):
             raise ValueError(f"gamma: expected 0 < gamma < 1, got {gamma}")
         window = int(1.0 / eps_inf) if window is None else int(window)
+        if isinstance(sharpen_iterations, bool) or int(sharpen_iterations) != sharpen_iterations \
+                or sharpen_iterations < 0:
+            raise ValueError(f"sharpen_iterations: expected an int >= 0, got {sharpen_iterations!r}")
+        _check_range("sharpen_rate", sharpen_rate, 0.0, 1e6, low_open=True)
         if window < 2:
             raise ValueError(f"window: expected >= 2 steps, got {window}")
 
@@ -131,11 +143,15 @@ class ConvGMM(nn.Module):
         self.gamma, self.delta, self.window = float(gamma), float(delta), window
         self.lambda_mu, self.lambda_sigma, self.lambda_pi = float(lambda_mu), float(lambda_sigma), float(lambda_pi)
         self.wait, self.top_s, self.divisor, self.backend = float(wait), int(top_s), float(divisor), backend
+        self.sharpen_iterations, self.sharpen_rate = int(sharpen_iterations), float(sharpen_rate)
+        self.tied_init = bool(tied_init)
         #: in independent mode the original multiplies the update by P (undoes the mean over positions)
         self.loss_mult = float(self.P) if mode == "independent" else 1.0
 
         lead = (self.P, K) if mode == "independent" else (K,)
-        mu = (torch.rand(*lead, self.D, generator=generator, dtype=dtype) * 2 - 1) * mu_init
+        draw = (K,) if tied_init else lead
+        mu = ((torch.rand(*draw, self.D, generator=generator, dtype=dtype) * 2 - 1) * mu_init).expand(*lead, self.D)
+        mu = mu.contiguous()
         self.mu = nn.Parameter(mu)
         self.sigma = nn.Parameter(torch.full((*lead, self.D), math.sqrt(sigma_upper_bound), dtype=dtype))
         self.pi_logits = nn.Parameter(torch.full(lead, 1.0 / K, dtype=dtype))

@@ -18,7 +18,7 @@ from . import data, presets
 from .layers import ConvGMM, LinearClassifier, MaxPool
 from .types import Backend, Loss
 from .presets import Classifier, GMM, LayerSpec, Pool, Preset
-from .sampling import Sharpening, classifier_topdown, sample_down
+from .sampling import Sharpening, classifier_topdown, guided_prior, sample_down
 from .train import History, Trainer, _as_batch
 
 
@@ -188,17 +188,23 @@ class DCGMM(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, *, layer: Optional[str] = None, classes=None, top_s=None, divisor=None,
-               sharpening: Union[None, Sharpening, Dict[str, Sharpening]] = None,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+               sharpening: Union[None, bool, Sharpening, Dict[str, Sharpening]] = None,
+               guidance: Optional[float] = 3.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Draw n images top-down (spec 3.1), each layer's sample the prior of the layer below.
 
         Args:
             layer: start at this GMM or pool (default: the top GMM) with a uniform prior.
             classes: class-conditional sampling through the classifier's backward (spec 3.2): a list of n classes
                 (one per sample), or of any other length (each sample draws one of them uniformly).
+            guidance: class-conditional only. A float g: the prior at the classifier's input is the model's own
+                top-down sample there (from the top GMM, so the samples of a class differ in shape) times
+                exp(g * (X - max X)), X the classifier's backward of the class (``sampling.guided_prior``). None:
+                X alone, as the original (spec 3.2): a fixed function of the class, so the samples of one class
+                differ only in the draws below it. Stacks with no GMM above the classifier's input use X either way.
             top_s, divisor: per-GMM sampling settings (an int/float for all, or a dict by layer name; default
                 each layer's own, e.g. top_s 3 and divisor 20 in the presets).
-            sharpening: a ``Sharpening`` for every GMM or a dict by GMM name (spec 3.3); None: off.
+            sharpening: None: each GMM's own default (the preset's, e.g. 300 iterations on preset D's gmm1 and
+                gmm2); False: off; a ``Sharpening`` for every GMM; or a dict by GMM name (spec 3.3).
             generator: torch.Generator for every random draw (the same seed gives the same samples).
         Returns:
             (n, H, W, C) images clipped to [0, 1].
@@ -216,6 +222,12 @@ class DCGMM(nn.Module):
             if choice.numel() != n:
                 choice = choice[torch.randint(0, choice.numel(), (n,), generator=generator)]
             start, topdown = clf.reads, classifier_topdown(clf, choice.to(p.device))
+            top = self._top_gmm()
+            if guidance is not None and self.names.index(top) > self.names.index(start):
+                ones = torch.ones(n, *self[top].out_shape, dtype=p.dtype, device=p.device)
+                own = sample_down(self.layers, self.names, top, ones, generator=generator, top_s=top_s,
+                                  divisor=divisor, sharpening=sharpening, stop=start)
+                topdown = guided_prior(own, topdown, guidance)
         else:
             start = self._top_gmm() if layer is None else layer
             if start not in self.names or isinstance(self[start], LinearClassifier):

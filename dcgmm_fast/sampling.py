@@ -20,11 +20,18 @@ from .layers import ConvGMM, LinearClassifier, MaxPool
 
 @dataclass(frozen=True)
 class Sharpening:
-    """Gradient ascent on a GMM's mean score of its own back-projected sample X (spec 3.3):
-    J = mean score(X) - reconstruction_weight * mean((X - X0)^2), X += rate * dJ/dX, ``iterations`` times."""
+    """Gradient ascent on a GMM's score of its own back-projected sample X (spec 3.3), ``iterations`` times:
+    X += rate * dJ/dX with, per image n, J_n = mean over positions of score(X_n) - reconstruction_weight *
+    mean over pixels of (X_n - X0_n)^2, and J = sum_n J_n.
+
+    Per image, unlike the original (one mean over all N x P positions of the sampling batch): a sample does not
+    depend on how many are drawn with it. The original's rate r with its sampling batch of 100 is r / 100 here
+    (sharpening-D's 6 is 0.06). The defaults are the paper's 300 iterations and the rate that gave the best
+    class-conditional samples of preset D under the pixel judge (docs/results.md).
+    """
 
     rate: float = 0.1
-    iterations: int = 100
+    iterations: int = 300
     reconstruction_weight: float = 0.1
 
 
@@ -52,11 +59,12 @@ def sharpen(layer: ConvGMM, x0: torch.Tensor, spec: Sharpening, history: Optiona
     """
     x0 = x0.detach()
     x = x0.clone()
+    n = x0.shape[0]
     for _ in range(spec.iterations):
         x.requires_grad_(True)
         with torch.enable_grad():
             score = layer.cgmm(x, check=False, frozen=True).score.mean()  # d/dx only
-            objective = score - spec.reconstruction_weight * (x - x0).square().mean()
+            objective = n * (score - spec.reconstruction_weight * (x - x0).square().mean())  # sum of per-image J
             (grad,) = torch.autograd.grad(objective, x)
         if history is not None:
             history.append(float(score.detach()))
@@ -74,21 +82,27 @@ def sample_down(
     top_s: Optional[Union[int, Dict[str, int]]] = None,
     divisor: Optional[Union[float, Dict[str, float]]] = None,
     sharpening: Optional[Union[Sharpening, Dict[str, Sharpening]]] = None,
+    stop: Optional[str] = None,
 ) -> torch.Tensor:
-    """Sample from layer ``start`` down to the input, given that layer's top-down prior.
+    """Sample from layer ``start`` down to the input (or to layer ``stop``), given that layer's top-down prior.
 
     Args:
         topdown: prior at ``start``'s output: (N, H', W', K) for a GMM (unnormalised weights over components),
             (N, H', W', C) for a pool.
         top_s, divisor: one value for every GMM or a dict by layer name (default: each layer's own).
-        sharpening: a Sharpening for every GMM, or a dict by layer name (GMMs not named are not sharpened).
+        sharpening: None: each GMM's own default (``sharpen_iterations``, ``sharpen_rate``; the presets'); False:
+            none; a Sharpening for every GMM; or a dict by layer name (GMMs not named are not sharpened).
+        stop: a layer below ``start``: return the sample at that layer's output (the prior it would get).
     Returns:
-        (N, H, W, C) sample in the input space, not clipped.
+        (N, H, W, C) sample in the input space (or at ``stop``'s output), not clipped.
     """
     i = list(names).index(start)
+    j = 0 if stop is None else list(names).index(stop) + 1
+    if j > i:
+        raise ValueError(f"stop: expected a layer below {start!r}, got {stop!r}")
     h = topdown
     uncovered = None  # (H, W) bool at h's grid: positions no upper patch covers (no top-down signal)
-    for layer, name in zip(reversed(layers[: i + 1]), reversed(names[: i + 1])):
+    for layer, name in zip(reversed(layers[j: i + 1]), reversed(names[j: i + 1])):
         if isinstance(layer, ConvGMM):
             if uncovered is not None and bool(uncovered.any()):
                 h = with_own_prior(layer, h, uncovered)
@@ -149,8 +163,23 @@ def _sample_gmm(layer: ConvGMM, name, topdown, generator, top_s, divisor, sharpe
     )
     H, W, _ = layer.in_shape
     x0 = ops.patch_average(patches, (H, W), layer.kernel, layer.stride, backend=layer.backend)
-    spec = sharpening.get(name) if isinstance(sharpening, dict) else sharpening
+    spec = layer_sharpening(layer, name, sharpening)
     return sharpen(layer, x0, spec) if spec is not None and spec.iterations > 0 else x0
+
+
+def layer_sharpening(layer: ConvGMM, name: str, sharpening) -> Optional[Sharpening]:
+    """The Sharpening a GMM's samples get: see ``sample_down``'s ``sharpening``."""
+    if sharpening is None:
+        if layer.sharpen_iterations == 0:
+            return None
+        return Sharpening(rate=layer.sharpen_rate, iterations=layer.sharpen_iterations)
+    if sharpening is False:
+        return None
+    if isinstance(sharpening, dict):
+        return sharpening.get(name)
+    if isinstance(sharpening, Sharpening):
+        return sharpening
+    raise TypeError(f"sharpening: expected None, False, a Sharpening or a dict of them, got {sharpening!r}")
 
 
 def classifier_topdown(clf: LinearClassifier, classes: torch.Tensor, confidence: float = 0.95) -> torch.Tensor:
@@ -171,3 +200,15 @@ def classifier_topdown(clf: LinearClassifier, classes: torch.Tensor, confidence:
     X = (T.log() - clf.bias.detach()) @ clf.weight.detach().T
     X = X - X.min(dim=1, keepdim=True).values
     return X.reshape(classes.shape[0], *clf.in_shape)
+
+
+def guided_prior(own: torch.Tensor, class_prior: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Class-conditional prior at the classifier's input: the model's own top-down sample ``own`` (N, H, W, C)
+    weighted by exp(guidance * (X - max X)), X = ``class_prior`` (N, H, W, C) from ``classifier_topdown`` (its
+    maximum over a sample's positions and channels taken out, so the weights lie in (0, 1]). guidance 0 gives the
+    unconditional sample; large guidance the classifier's most wanted entries alone. Returns (N, H, W, C)."""
+    g = float(guidance)
+    if not (g >= 0 and g < float("inf")):
+        raise ValueError(f"guidance: expected a finite value >= 0 or None, got {guidance!r}")
+    peak = class_prior.amax(dim=tuple(range(1, class_prior.dim())), keepdim=True)
+    return own * torch.exp(g * (class_prior - peak))

@@ -32,13 +32,12 @@ def prototypes(model, name: str) -> torch.Tensor:
     K = layer.n_components
     if first:
         (kh, kw), (_, _, C) = layer.kernel, layer.in_shape
-        mu = layer.mu.detach()
-        if mu.dim() == 3:  # independent: the centre position's GMM
-            mu = mu[mu.shape[0] // 2]
+        mu = layer.mu.detach().reshape(-1, K, layer.D)  # (P or 1, K, D)
+        mu = mu[mu.shape[0] // 2]  # independent: the centre position's GMM
         return mu.reshape(K, kh, kw, C).clamp(0, 1).cpu()
     Ho, Wo, _ = layer.out_shape
     topdown = torch.eye(K, dtype=layer.mu.dtype, device=layer.mu.device)[:, None, None, :].expand(K, Ho, Wo, K)
-    x = sample_down(model.layers, model.names, name, topdown.contiguous(), top_s=1, divisor=1e12)
+    x = sample_down(model.layers, model.names, name, topdown.contiguous(), top_s=1, divisor=1e12, sharpening=False)
     return x.clamp(0, 1).cpu()
 
 

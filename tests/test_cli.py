@@ -42,10 +42,10 @@ def test_train_writes_checkpoints_and_metrics(trained_run):
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]  # atomic writes leave no temporaries
     log = [json.loads(line) for line in open(out / "train_log.jsonl")]
     assert [e["step"] for e in log] == [10, 20, 30, 40, 50]
-    assert set(log[-1]["score"]) == {"gmm1", "gmm2"} and "classifier_accuracy" in log[-1]
+    assert set(log[-1]["score"]) == {"gmm1", "gmm2", "gmm3"} and "classifier_accuracy" in log[-1]
     metrics = json.load(open(out / "train_metrics.json"))
     last = metrics["epochs"][-1]
-    assert last["steps_done"] == 50 and set(last["test_layer_scores"]) == {"gmm1", "gmm2"}
+    assert last["steps_done"] == 50 and set(last["test_layer_scores"]) == {"gmm1", "gmm2", "gmm3"}
     assert 0.0 <= last["test_accuracy"] <= 1.0 and metrics["plan"]["preset"] == "demo"
 
 
@@ -70,7 +70,7 @@ def test_sample_inpaint_eval_write_their_files(trained_run):
     dcgmm("eval", "--checkpoint", "out/checkpoint.pt", "--out", "out", cwd=d)
     metrics = json.load(open(d / "out" / "metrics.json"))
     assert {"test_accuracy", "layer_scores"} <= set(metrics) and "outlier_auroc" not in metrics
-    assert set(metrics["layer_scores"]) == {"gmm1", "gmm2"}
+    assert set(metrics["layer_scores"]) == {"gmm1", "gmm2", "gmm3"}
 
 
 def test_outlier_experiment_trains_without_the_class_and_eval_refuses_a_trained_one(trained_run, capsys,
@@ -107,12 +107,13 @@ def test_show_writes_prototypes_and_curves(trained_run, capsys, monkeypatch):
     monkeypatch.chdir(trained_run)
     assert cli.main(["show", "--checkpoint", "out/checkpoint.pt", "--out", "shown"]) == 0
     sizes = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(sizes) == {"prototypes_gmm1.png", "prototypes_gmm2.png", "curves.png"}
+    assert set(sizes) == {"prototypes_gmm1.png", "prototypes_gmm2.png", "prototypes_gmm3.png", "curves.png"}
     for name, wh in sizes.items():
         assert png_size(trained_run / "shown" / name) == (wh["width"], wh["height"])
     model, _ = load_checkpoint("out/checkpoint.pt")
     p1, p2 = prototypes(model, "gmm1"), prototypes(model, "gmm2")
-    assert p1.shape == (25, 3, 3, 1) and torch.allclose(p1, model["gmm1"].mu.detach().reshape(25, 3, 3, 1).clamp(0, 1))
+    centre = model["gmm1"].mu.detach()[676 // 2]  # independent mode: (P, K, D), the centre position's GMM
+    assert p1.shape == (25, 3, 3, 1) and torch.allclose(p1, centre.reshape(25, 3, 3, 1).clamp(0, 1))
     assert p2.shape == (25, 28, 28, 1) and float(p2.std(0).mean()) > 0  # different components, different images
     assert cli.main(["show", "--checkpoint", "out/checkpoint.pt", "--out", "shown", "--log", "nowhere.jsonl"]) == 2
 

@@ -77,14 +77,14 @@ def _state(path):
 
 
 def test_two_ranks_take_the_same_steps_as_one_process(tmp_path):
-    """torchrun, 2 gloo ranks, preset demo for 2 epochs of the shipped images (100 steps): both ranks end with the
+    """torchrun, 2 gloo ranks, a shared-mode stack (_ddp_worker.STACK) for 2 epochs of the shipped images (100 steps): both ranks end with the
     same parameters and annealing state bit for bit; against one process alone (the same schedule), the parameters
     agree within 1e-5 relative and the annealing took the same steps (som_sigma, eps and the counters equal)."""
     res = _torchrun(os.path.join(HERE, "_ddp_worker.py"), str(tmp_path), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     single, r0, r1 = (_state(tmp_path / f"{n}.pt") for n in ("single", "rank0", "rank1"))
     assert single.keys() == r0.keys() == r1.keys()
-    som0 = 0.25 * (2 * 25) ** 0.5  # demo's first layer: K = 25
+    som0 = 0.25 * (2 * 25) ** 0.5  # the first layer: K = 25
     assert float(single["layers.0.som_sigma"]) < som0  # annealing events happened within the run
     for key in single:
         assert torch.equal(r0[key], r1[key]), key
@@ -103,10 +103,21 @@ def _cli(*args, cwd):
 
 
 def test_cli_nproc_trains_the_same_model_and_resumes_in_one_process(tmp_path):
-    """`dcgmm train --preset demo --epochs 2 --seed 0` with and without --nproc 2: parameters within 1e-5 relative,
-    the same annealing state; the 2-process checkpoint continues in 1 process (--resume, a longer schedule)."""
-    _cli("train", "--preset", "demo", "--epochs", "2", "--seed", "0", "--out", "one", cwd=tmp_path)
-    _cli("train", "--preset", "demo", "--epochs", "2", "--seed", "0", "--out", "two", "--nproc", "2", cwd=tmp_path)
+    """`dcgmm train --stack STACK --epochs 2 --seed 0` with and without --nproc 2: parameters within 1e-5 relative,
+    the same annealing state; the 2-process checkpoint continues in 1 process (--resume, a longer schedule). The
+    stack: _ddp_worker.STACK (shared layers; why not the demo preset: see there)."""
+    import json
+
+    from _ddp_worker import STACK
+    from dcgmm_fast.checkpoint import model_config
+    from dcgmm_fast.model import DCGMM
+
+    config = model_config(DCGMM(STACK))
+    stack = {k: config[k] for k in ("input_shape", "n_classes", "layers")}
+    (tmp_path / "stack.json").write_text(json.dumps(stack))
+    common = ("train", "--stack", "stack.json", "--epochs", "2", "--seed", "0")
+    _cli(*common, "--out", "one", cwd=tmp_path)
+    _cli(*common, "--out", "two", "--nproc", "2", cwd=tmp_path)
     one, two = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in ("one", "two"))
     assert two["train"]["processes"] == 2 and one["train"]["processes"] == 1
     a, b = one["state_dict"], two["state_dict"]

@@ -19,7 +19,7 @@ def demo_one_epoch(shipped):
 
 def test_demo_epoch_raises_every_layers_test_loglik(demo_one_epoch):
     model, before, after, _ = demo_one_epoch
-    assert set(before) == {"gmm1", "gmm2"}
+    assert set(before) == {"gmm1", "gmm2", "gmm3"}
     for name in before:
         assert after[name] > before[name], (name, before[name], after[name])
 
@@ -36,9 +36,10 @@ def test_demo_epoch_anneals_and_classifies(demo_one_epoch, shipped):
 def test_forward_gives_every_layers_output(shipped):
     model = DCGMM("demo", seed=0)
     out = model(shipped.x_test[:3])
-    assert list(out) == ["gmm1", "pool1", "gmm2", "classifier"]
+    assert list(out) == ["gmm1", "pool1", "gmm2", "pool2", "gmm3", "classifier"]
     assert out["gmm1"].shape == (3, 26, 26, 25) and out["pool1"].shape == (3, 13, 13, 25)
-    assert out["gmm2"].shape == (3, 5, 5, 25) and out["classifier"].shape == (3, 10)
+    assert out["gmm2"].shape == (3, 10, 10, 25) and out["pool2"].shape == (3, 5, 5, 25)
+    assert out["gmm3"].shape == (3, 1, 1, 25) and out["classifier"].shape == (3, 10)
     assert torch.allclose(out["gmm1"].sum(-1), torch.ones(3, 26, 26))
 
 

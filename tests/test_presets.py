@@ -105,6 +105,8 @@ GOOD_STACK = {"input_shape": [28, 28, 1], "n_classes": 10, "layers": [
     (lambda c: c["layers"][0].update(n_components=2.5), r"layers\[0\].n_components: expected a positive int"),
     (lambda c: c["layers"][0].update(n_components=15), r"layers\[0\]: n_components: loss 'mc' needs a perfect"),
     (lambda c: c["layers"][0].update(mode=3), r"layers\[0\].mode: expected a string"),
+    (lambda c: c["layers"][0].update(tied_init=1), r"layers\[0\].tied_init: expected true or false"),
+    (lambda c: c["layers"][0].update(sharpen_iterations=-1), r"layers\[0\]: sharpen_iterations: expected an int >= 0"),
     (lambda c: c["layers"][0].update(eps0=None), r"layers\[0\].eps0: expected a value, got null"),
     (lambda c: c["layers"][2].update(reads="gmm9"), r"layers\[2\]: stack: the classifier reads 'gmm9'"),
     (lambda c: c.update(input_shape=[28, 28]), r"input_shape: expected \[H, W, C\]"),
