@@ -395,6 +395,7 @@ def cmd_sample(args) -> int:
     settings = {"top_s": args.top_s, "divisor": args.divisor, "sharpening": _sharpening(args.sharpen, model)}
     _positive("--top-s", args.top_s, integer=True)
     _positive("--divisor", args.divisor)
+    guidance = {} if args.guidance is None else {"guidance": _guidance(args.guidance)}
     starts = [n for n in model.names if n != "classifier"]
     if args.layer is not None and args.layer not in starts:
         raise ValueError(f"--layer: expected one of {starts}, got {args.layer!r}")
@@ -405,7 +406,7 @@ def cmd_sample(args) -> int:
     if model.classifier is not None and not args.no_classes:
         per = args.per_class
         classes = torch.arange(model.n_classes).repeat_interleave(per)
-        images = model.sample(classes.numel(), classes=classes.tolist(), generator=g, **settings)
+        images = model.sample(classes.numel(), classes=classes.tolist(), generator=g, **settings, **guidance)
         names = plan.get("class_names") or []
         labels = [f"{k} {names[k]}" if k < len(names) else f"class {k}" for k in range(model.n_classes)]
         written["samples_by_class.png"] = save_grid(os.path.join(args.out, "samples_by_class.png"), images, per,
@@ -466,6 +467,19 @@ def _sharpening(spec: Optional[str], model: DCGMM):
         for n in ([name] if name else gmms):
             out[n] = sharp
     return out
+
+
+def _guidance(value: str) -> Optional[float]:
+    """--guidance G (a number >= 0) or "off" (the original's class prior, spec 3.2)."""
+    if value.strip().lower() in ("off", "none"):
+        return None
+    try:
+        g = float(value)
+    except ValueError:
+        g = -1.0
+    if not (0 <= g < float("inf")):
+        raise ValueError(f"--guidance: expected a number >= 0 or 'off', got {value!r}")
+    return g
 
 
 def _mask(kind: str, h: int, w: int, g: torch.Generator) -> torch.Tensor:
@@ -585,6 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sharpening (spec 3.3): ITERATIONS:RATE for every GMM, or LAYER=ITERATIONS:RATE,... "
                         "(e.g. gmm1=300:0.1; RATE per image, the original's / 100), or 'off'; default: the "
                         "preset's (e.g. D: gmm1 and gmm2 300:0.1)")
+    s.add_argument("--guidance", default=None, metavar="G",
+                   help="class-conditional samples: weight of the classifier's class prior against the model's own "
+                        "top-down sample (default 3, see DCGMM.sample), or 'off' for the original's prior (spec 3.2)")
     s.add_argument("--top-s", type=int, default=None, help="components kept per position (default: each layer's)")
     s.add_argument("--divisor", type=float, default=None, help="noise divisor (default: each layer's)")
     s.add_argument("--layer", default=None, help="unconditional samples start at this GMM or pool (default: the top "

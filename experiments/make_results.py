@@ -16,8 +16,8 @@ import sys
 from typing import Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ORDER = ["classifier-B", "training-dynamics", "sampling", "class-conditional", "inpainting", "variants", "outliers",
-         "flat-gmm"]
+ORDER = ["classifier-B", "training-dynamics", "tied-init", "sampling", "sampling-C", "class-conditional", "inpainting",
+         "variants", "outliers", "flat-gmm"]
 
 
 def _pct(v) -> str:
@@ -59,7 +59,8 @@ def _provenance(m: dict) -> str:
     trained = ", ".join(f"{k}: {v:g} s" for k, v in m.get("model_train_seconds", {}).items())
     return (f"`{m['command']}` · seed {m['seed']} · {epochs} · {m['wall_seconds']:g} s"
             + (f" (+ training {trained})" if trained else "") + f" · {mach['cpu_count']} CPUs, "
-            f"{mach['torch_threads']} threads, torch {mach['torch']}, {m['date']}" + (" · **quick**" if m["quick"] else ""))
+            f"{mach['torch_threads']} threads, torch {mach['torch']}, {m['date']}"
+            + (" · **quick**" if m["quick"] else ""))
 
 
 def section(name: str, m: dict, results: str, docs: str) -> List[str]:
@@ -68,7 +69,8 @@ def section(name: str, m: dict, results: str, docs: str) -> List[str]:
         a = m["anchor_original"]
         L += ["| | ours | original TF2 (measured) |", "|---|---|---|"]
         for point in m["accuracy_curve"]:
-            ref = a["curve"].get(f"{point['epoch']:g}", a["test_accuracy"] if point is m["accuracy_curve"][-1] else None)
+            last = point is m["accuracy_curve"][-1]
+            ref = a["curve"].get(f"{point['epoch']:g}", a["test_accuracy"] if last else None)
             L.append(f"| test accuracy after {point['epoch']:g} epochs | {_pct(point['test_accuracy'])} | "
                      f"{_pct(ref) if ref is not None else '-'} |")
         for k, v in m["layer_metric_mc"].items():
@@ -85,7 +87,7 @@ def section(name: str, m: dict, results: str, docs: str) -> List[str]:
         L += [f"Test accuracy {_pct(m['test_accuracy'])} after {m['steps']} steps; final som_sigma "
               + ", ".join(f"{k} {v:.3f}" for k, v in m["final_som_sigma"].items()) + "; test log-likelihood "
               + ", ".join(f"{k} {v:.2f}" for k, v in m["test_layer_metric_loglik"].items()) + "."]
-    elif name == "sampling":
+    elif name in ("sampling", "sampling-C"):
         L += ["| | plain | sharpened (default) | real test images |", "|---|---|---|---|",
               f"| median distance to the nearest training image | {m['plain_nearest_train_distance']:.2f} | "
               f"{m['sharpened_nearest_train_distance']:.2f} | {m['test_images_nearest_train_distance']:.2f} |",
@@ -105,13 +107,19 @@ def section(name: str, m: dict, results: str, docs: str) -> List[str]:
             f"{c}: " + "/".join(_pct(v["per_class"][c]) for v in m["variants"].values())
             for c in range(len(next(iter(m["variants"].values()))["per_class"]))) + "."]
     elif name == "inpainting":
-        L += [f"Judge accuracy on the original images: {_pct(m['judge_accuracy_originals'])}.", "",
-              "| mask | RMSE on missing pixels | same, training mean image | judge accuracy, completed |",
-              "|---|---|---|---|"]
+        L += [f"{m.get('n_images', '')} test images; the judge's accuracy on them uncut: "
+              f"{_pct(m['judge_accuracy_originals'])}. Rows of each figure: the image, the masked image, the "
+              "original's completion (missing pixels black, one round), the default (mean known pixel, 3 rounds).",
+              "",
+              "| mask | completion | RMSE on the missing pixels | judge accuracy, completed | seconds |",
+              "|---|---|---|---|---|"]
         for kind in ("right-half", "centre", "random"):
             r = m[kind]
-            L.append(f"| {kind} | {r['rmse_missing']:.3f} | {r['rmse_missing_mean_image']:.3f} | "
-                     f"{_pct(r['judge_accuracy_completed'])} |")
+            L.append(f"| {kind} | training mean image | {r['rmse_missing_mean_image']:.3f} | | |")
+            for label in ("original", "default"):
+                v = r[label]
+                L.append(f"| {kind} | {label} | {v['rmse_missing']:.3f} | {_pct(v['judge_accuracy_completed'])} | "
+                         f"{v['seconds']:.0f} |")
     elif name == "variants":
         L += [f"Variants labelled as their source's class: from gmm3 {_pct(m['gmm3_same_class'])}, from gmm2 "
               f"{_pct(m['gmm2_same_class'])}. Each row: the source image, then its variants."]
@@ -121,6 +129,21 @@ def section(name: str, m: dict, results: str, docs: str) -> List[str]:
         for k, v in m.items():
             if isinstance(v, dict) and "auroc" in v:
                 L.append(f"| {k} | {v['auroc']:.3f} | {v['auc_original']:.3f} |")
+    elif name == "tied-init":
+        L += ["| | means drawn per position (the original) | tied (one draw for every position) |", "|---|---|---|"]
+        a, b = m["per_position"], m["tied"]
+        rows = [("gmm1: neighbouring positions, same component", "gmm1_neighbour_same_k", "{:.3f}"),
+                ("gmm1: neighbouring positions, random pairing", "gmm1_neighbour_random_k", "{:.3f}"),
+                ("gmm2: neighbouring positions, same component", "gmm2_neighbour_same_k", "{:.3f}"),
+                ("gmm2: neighbouring positions, random pairing", "gmm2_neighbour_random_k", "{:.3f}"),
+                ("RMSE of images re-sampled from their pool1 maps", "pool1_resample_rmse", "{:.3f}")]
+        for title, key, fmt in rows:
+            L.append(f"| {title} | {fmt.format(a[key])} | {fmt.format(b[key])} |")
+        L.append(f"| test accuracy | {_pct(a['test_accuracy'])} | {_pct(b['test_accuracy'])} |")
+        L.append(f"| class-conditional samples (original prior, plain) labelled as their class | "
+                 f"{_pct(a['class_conditional_labelled_as_class'])} | "
+                 f"{_pct(b['class_conditional_labelled_as_class'])} |")
+        L += ["", "Unconditional samples (sharpened): per-position means first, tied second."]
     elif name == "flat-gmm":
         L += [f"Test accuracy {_pct(m['test_accuracy'])}; class-conditional samples labelled as their class "
               f"{_pct(m['labelled_as_class'])}; median distance to the nearest training image "

@@ -2,11 +2,11 @@
 
     python experiments/run.py NAME [--data PATH] [--seed 0] [--out experiments/results] [--quick]
 
-NAME: classifier-B, training-dynamics, sampling, class-conditional, inpainting, variants, outliers, flat-gmm, or
-all. Each writes OUT/NAME/metrics.json (numbers, the exact command, seed, epochs, machine, wall time) and PNG
-figures; ``experiments/make_results.py`` builds docs/results.md from them. Trained models are kept in OUT/_models
-(not committed) and shared by the experiments that use the same stack, epochs, classes and seed. ``--quick`` runs
-a miniature (a few steps, few sharpening iterations) for the tests.
+NAME: classifier-B, training-dynamics, sampling, sampling-C, class-conditional, inpainting, variants, outliers,
+flat-gmm, tied-init, or all. Each writes OUT/NAME/metrics.json (numbers, the exact command, seed, epochs, machine, wall
+time) and PNG figures; ``experiments/make_results.py`` builds docs/results.md from them. Trained models are kept
+in OUT/_models (not committed) and shared by the experiments that use the same stack, epochs, classes and seed.
+``--quick`` runs a miniature (a few steps, few sharpening iterations) for the tests.
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ from dcgmm_fast.sampling import Sharpening  # noqa: E402
 DEFAULT_DATA = os.path.join(os.path.dirname(HERE), "..", "shared", "data", "fashion_mnist.npz")
 
 #: epochs per stack: the paper's where they fit in 30 minutes on 2 CPU cores, else reduced (the page says which)
-EPOCHS = {"B-class": 15, "D": 20, "F": 3, "A": 10, "D-outliers": 10}
-PAPER_EPOCHS = {"B-class": 15, "D": 20, "F": 3, "A": 80, "D-outliers": 20}
+EPOCHS = {"B-class": 15, "D": 20, "F": 3, "A": 10, "D-outliers": 10, "D-tied": 3, "C": 3}
+PAPER_EPOCHS = {"B-class": 15, "D": 20, "F": 3, "A": 80, "D-outliers": 20, "D-tied": 20, "C": 15}
 
 
 class Context:
@@ -199,14 +199,17 @@ def training_dynamics(ctx: Context, name: str) -> dict:
             "train_seconds": seconds, "steps": history.steps, "figures": ["curves.png"]}
 
 
-def sampling(ctx: Context, name: str) -> dict:
+def sampling(ctx: Context, name: str, preset: str = "D") -> dict:
     """Preset D (script sharpening-D): unconditional samples without and with the default sharpening (gmm1 and
     gmm2, 300 iterations); each sample's distance to its nearest training image beside real test images' (a
     model that copied its training set would be near 0)."""
-    model = ctx.model("D")
+    model = ctx.model(preset)
     n = 40 if not ctx.quick else 8
     out = {"figures": []}
-    for label, sharp in (("plain", False), ("sharpened", ctx.sharpening(model))):
+    sharp = ctx.sharpening(model)
+    if preset == "C":  # no sharpening default in preset C: D's setting on both GMMs
+        sharp = {layer: Sharpening(0.1, 5 if ctx.quick else 300) for layer in model.gmm_layers()}
+    for label, sharp in (("plain", False), ("sharpened", sharp)):
         g = torch.Generator().manual_seed(ctx.seed)
         t0 = time.time()
         x = model.sample(n, generator=g, sharpening=sharp)
@@ -217,6 +220,13 @@ def sampling(ctx: Context, name: str) -> dict:
     real = ctx.ds.x_test[:n]
     out["test_images_nearest_train_distance"] = float(nearest_distance(real, ctx.ds.x_train).median())
     return out
+
+
+def sampling_c(ctx: Context, name: str) -> dict:
+    """Preset C (script sharpening-C: 8x8 patches at stride 1, 49 components per position, pool, one shared GMM
+    on top) trained 3 epochs: unconditional samples without and with sharpening (gmm1 and gmm2, 300 iterations
+    at rate 0.1, preset D's), as for D."""
+    return sampling(ctx, name, "C")
 
 
 def class_conditional(ctx: Context, name: str) -> dict:
@@ -261,24 +271,28 @@ def _masks(h: int, w: int, g: torch.Generator) -> Dict[str, torch.Tensor]:
 
 def inpainting(ctx: Context, name: str) -> dict:
     """Preset D: complete the right half, the centre and a random half of the pixels of test images (variants from
-    the top GMM, spec 3.4); the error on the missing pixels beside filling them with the training mean image, and
-    the judge's accuracy on the completed images (real ones for scale)."""
+    the top GMM, spec 3.4), as the original (missing pixels black, one round) and as the library's default (each
+    image's mean known pixel to start, 3 rounds); the error on the missing pixels beside filling them with the
+    training mean image, and the judge's accuracy on the completed images (real ones for scale)."""
     model = ctx.model("D")
     judge = ctx.judge()
-    n = 200 if not ctx.quick else 8
+    n = 100 if not ctx.quick else 8
     x, y = ctx.ds.x_test[:n], ctx.ds.y_test[:n]
     mean_image = ctx.ds.x_train.mean(0, keepdim=True)
     g = torch.Generator().manual_seed(ctx.seed)
-    out = {"figures": [], "judge_accuracy_originals": judge.fraction_as(x, y)}
+    out = {"figures": [], "judge_accuracy_originals": judge.fraction_as(x, y), "n_images": n}
     for kind, mask in _masks(x.shape[1], x.shape[2], g).items():
-        done = model.inpaint(x, mask, generator=g, sharpening=ctx.sharpening(model))
         missing = ~mask[None, :, :, None].expand_as(x)
-        out[kind] = {"rmse_missing": float((done - x)[missing].square().mean().sqrt()),
-                     "rmse_missing_mean_image": float((mean_image.expand_as(x) - x)[missing].square().mean().sqrt()),
-                     "judge_accuracy_completed": judge.fraction_as(done, y)}
-        shown = torch.cat([x[:8], torch.where(mask[None, :, :, None], x[:8], torch.zeros(())), done[:8]])
-        out["figures"].append(ctx.figure(name, f"inpaint_{kind}.png", shown, 8,
-                                         row_labels=["original", "masked", "completed"]))
+        out[kind] = {"rmse_missing_mean_image": float((mean_image.expand_as(x) - x)[missing].square().mean().sqrt())}
+        shown = [x[:8], torch.where(mask[None, :, :, None], x[:8], torch.zeros(()))]
+        for label, kw in (("original", {"fill": 0.0, "iterations": 1}), ("default", {})):
+            t0 = time.time()
+            done = model.inpaint(x, mask, generator=g, sharpening=ctx.sharpening(model), **kw)
+            out[kind][label] = {"rmse_missing": float((done - x)[missing].square().mean().sqrt()),
+                                "judge_accuracy_completed": judge.fraction_as(done, y), "seconds": time.time() - t0}
+            shown.append(done[:8])
+        out["figures"].append(ctx.figure(name, f"inpaint_{kind}.png", torch.cat(shown), 8,
+                                         row_labels=["original", "masked", "original's", "default"]))
     return out
 
 
@@ -334,10 +348,57 @@ def flat_gmm(ctx: Context, name: str) -> dict:
             "figures": [ctx.figure(name, "samples.png", u, 10)]}
 
 
+def tied_init(ctx: Context, name: str) -> dict:
+    """Why preset D ties its initialisation: preset D trained 3 epochs with independent means drawn per position
+    (the original) and with one draw for every position (tied_init). Per GMM below a pool: the mean distance
+    between component k's means at horizontally neighbouring positions, beside that of randomly paired components
+    (aligned components: much smaller); images re-sampled from their own pool1 maps (RMSE to the images); test
+    accuracy; unconditional samples (sharpened) and the judge's labels of class-conditional ones."""
+    import dataclasses
+
+    from dcgmm_fast import presets
+    from dcgmm_fast.sampling import sample_down
+
+    judge = ctx.judge()
+    epochs = 0.2 if ctx.quick else 3
+    x = ctx.ds.x_test[:200]
+    out = {"figures": []}
+    for tied in (False, True):
+        specs = [dataclasses.replace(s, tied_init=tied) if isinstance(s, presets.GMM) else s
+                 for s in presets.PRESETS["D"].layers]
+        model = DCGMM(specs, ctx.ds.x_train.shape[1:], ctx.ds.n_classes, seed=ctx.seed)
+        t0 = time.time()
+        model.fit(ctx.ds.x_train, ctx.ds.y_train, epochs=epochs, seed=ctx.seed, verbose=not ctx.quick)
+        label = "tied" if tied else "per_position"
+        r = {"train_seconds": time.time() - t0}
+        g = torch.Generator().manual_seed(ctx.seed)
+        for gname in ("gmm1", "gmm2"):
+            layer = model[gname]
+            Ho, Wo, K = layer.out_shape
+            mu = layer.mu.detach().reshape(Ho, Wo, K, -1)
+            a, b = mu[:, :-1], mu[:, 1:]
+            perm = torch.randperm(K, generator=g)
+            r[f"{gname}_neighbour_same_k"] = float((a - b).square().sum(-1).mean())
+            r[f"{gname}_neighbour_random_k"] = float((a - b[:, :, perm]).square().sum(-1).mean())
+        with torch.no_grad():
+            pooled = model(x)["pool1"]
+        v = sample_down(model.layers, model.names, "pool1", pooled, generator=g, sharpening=False).clamp(0, 1)
+        r["pool1_resample_rmse"] = float((v - x).square().mean().sqrt())
+        r["test_accuracy"] = float((model.classify(ctx.ds.x_test) == ctx.ds.y_test).float().mean())
+        wanted = torch.arange(ctx.ds.n_classes).repeat_interleave(10 if ctx.quick else 20)
+        xc = model.sample(wanted.shape[0], classes=wanted, generator=g, sharpening=False, guidance=None)
+        r["class_conditional_labelled_as_class"] = judge.fraction_as(xc, wanted)
+        u = model.sample(8 if ctx.quick else 30, generator=g, sharpening=ctx.sharpening(model))
+        out["figures"].append(ctx.figure(name, f"samples_{label}.png", u, 10))
+        out[label] = r
+    return out
+
+
 EXPERIMENTS = {
     "classifier-B": (classifier_b, "B-class"), "training-dynamics": (training_dynamics, "F"),
     "sampling": (sampling, "D"), "class-conditional": (class_conditional, "D"), "inpainting": (inpainting, "D"),
     "variants": (variants, "D"), "outliers": (outliers, "D-outliers"), "flat-gmm": (flat_gmm, "A"),
+    "tied-init": (tied_init, "D-tied"), "sampling-C": (sampling_c, "C"),
 }
 
 

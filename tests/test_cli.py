@@ -95,6 +95,10 @@ def test_outlier_experiment_trains_without_the_class_and_eval_refuses_a_trained_
     assert "--classes: expected class ids" in capsys.readouterr().err
     assert cli.main(["sample", "--checkpoint", "no0/checkpoint.pt", "--out", "no0", "--sharpen", "gmm7=3:1"]) == 2
     assert "--sharpen: 'gmm7' is not a GMM layer" in capsys.readouterr().err
+    assert cli.main(["sample", "--checkpoint", "no0/checkpoint.pt", "--out", "no0", "--guidance", "-2"]) == 2
+    assert "--guidance: expected a number >= 0 or 'off'" in capsys.readouterr().err
+    assert cli.main(["sample", "--checkpoint", "no0/checkpoint.pt", "--out", "no0", "--n", "2", "--per-class", "2",
+                     "--sharpen", "off", "--guidance", "off"]) == 0
 
 
 def test_show_writes_prototypes_and_curves(trained_run, capsys, monkeypatch):

@@ -77,9 +77,10 @@ def _state(path):
 
 
 def test_two_ranks_take_the_same_steps_as_one_process(tmp_path):
-    """torchrun, 2 gloo ranks, a shared-mode stack (_ddp_worker.STACK) for 2 epochs of the shipped images (100 steps): both ranks end with the
-    same parameters and annealing state bit for bit; against one process alone (the same schedule), the parameters
-    agree within 1e-5 relative and the annealing took the same steps (som_sigma, eps and the counters equal)."""
+    """torchrun, 2 gloo ranks, a shared-mode stack (_ddp_worker.STACK) for 2 epochs of the shipped images (100
+    steps): both ranks end with the same parameters and annealing state bit for bit; against one process alone
+    (the same schedule), the parameters agree within 1e-5 relative and the annealing took the same steps
+    (som_sigma, eps and the counters equal)."""
     res = _torchrun(os.path.join(HERE, "_ddp_worker.py"), str(tmp_path), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     single, r0, r1 = (_state(tmp_path / f"{n}.pt") for n in ("single", "rank0", "rank1"))

@@ -12,7 +12,7 @@ from dcgmm_fast.quality import PixelJudge, nearest_distance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENTS = ["classifier-B", "training-dynamics", "sampling", "class-conditional", "inpainting", "variants",
-               "outliers", "flat-gmm"]
+               "outliers", "flat-gmm", "tied-init", "sampling-C"]
 
 
 def _run(*args, cwd):

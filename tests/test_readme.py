@@ -62,3 +62,15 @@ def test_readme_model_and_sampling_examples_run(monkeypatch):
     assert scope["history"].steps == 2
     exec(compile(blocks[2], "README.md", "exec"), scope)  # sampling and inference on it
     assert scope["completed"].shape == (8, 28, 28, 1) and scope["shirts"].shape == (16, 28, 28, 1)
+
+
+def test_readme_links_the_results_page_and_its_files_exist():
+    """The README links docs/results.md and shows a figure from it; every local link and image of the README and
+    of the results page names a committed file."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    assert "](docs/results.md)" in text and "![" in text.split("## Results", 1)[1].split("\n## ", 1)[0]
+    page = open(os.path.join(ROOT, "docs", "results.md")).read()
+    for base, doc in ((ROOT, text), (os.path.join(ROOT, "docs"), page)):
+        for target in re.findall(r"\]\(([^)#\s]+)\)", doc):
+            if "://" not in target:
+                assert os.path.exists(os.path.join(base, target)), target

@@ -46,9 +46,9 @@ def strided(shipped):
 
 # ------------------------------------------------------------------------------------------------ sampling
 def test_samples_are_images_and_reproducible(demo):
-    a = demo.sample(6, generator=torch.Generator().manual_seed(3))
-    b = demo.sample(6, generator=torch.Generator().manual_seed(3))
-    c = demo.sample(6, generator=torch.Generator().manual_seed(4))
+    a = demo.sample(6, generator=torch.Generator().manual_seed(3), sharpening=False)
+    b = demo.sample(6, generator=torch.Generator().manual_seed(3), sharpening=False)
+    c = demo.sample(6, generator=torch.Generator().manual_seed(4), sharpening=False)
     assert a.shape == (6, 28, 28, 1) and torch.isfinite(a).all()
     assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0 and float(a.max()) > 0.05
     assert torch.equal(a, b) and not torch.equal(a, c)
@@ -131,9 +131,9 @@ def test_the_presets_sharpening_is_the_default(demo):
     with pytest.raises(TypeError, match="sharpening"):
         sampling.layer_sharpening(demo["gmm1"], "gmm1", 0.1)
     g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
-    default = demo.sample(2, generator=g())
-    explicit = demo.sample(2, generator=g(), sharpening={"gmm1": Sharpening(0.1, 300), "gmm2": Sharpening(0.1, 300)})
-    off = demo.sample(2, generator=g(), sharpening=False)
+    default = demo.sample(1, generator=g())
+    explicit = demo.sample(1, generator=g(), sharpening={"gmm1": Sharpening(0.1, 300), "gmm2": Sharpening(0.1, 300)})
+    off = demo.sample(1, generator=g(), sharpening=False)
     assert torch.equal(default, explicit) and not torch.equal(default, off)
 
 
@@ -182,12 +182,22 @@ def _masks():
 def test_inpainting_keeps_known_pixels_and_fills_the_rest(demo, shipped, kind):
     x = shipped.x_test[:5]
     mask = _masks()[kind]
-    out = demo.inpaint(x, mask, generator=torch.Generator().manual_seed(0))
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     m = mask.expand(5, 28, 28)[..., None].expand_as(x) if mask.dim() == 2 else mask[..., None].expand_as(x)
+    # the original: black missing pixels, one round of variants
+    out = demo.inpaint(x, mask, fill=0.0, iterations=1, sharpening=False, generator=g())
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert torch.equal(out[m], x[m])  # bit-identical where known
-    variants = demo.variants(torch.where(m, x, torch.zeros(())), generator=torch.Generator().manual_seed(0))
+    variants = demo.variants(torch.where(m, x, torch.zeros(())), sharpening=False, generator=g())
     assert torch.equal(out[~m], variants[~m])  # every masked pixel comes from the model
+    # the default: each image's mean known pixel to start, 3 rounds, known pixels reset each round
+    out = demo.inpaint(x, mask, sharpening=False, generator=g())
+    gen = g()
+    mean_known = (x * m).sum(dim=(1, 2, 3), keepdim=True) / m.sum(dim=(1, 2, 3), keepdim=True)
+    current = torch.where(m, x, mean_known.expand_as(x))
+    for _ in range(3):
+        current = torch.where(m, x, demo.variants(current, sharpening=False, generator=gen))
+    assert torch.equal(out, current) and torch.equal(out[m], x[m])
     assert float(out[~m].max()) > 0.05
 
 
@@ -196,6 +206,8 @@ def test_inpaint_rejects_bad_masks(demo, shipped):
         demo.inpaint(shipped.x_test[:2], torch.ones(28, 28))
     with pytest.raises(ValueError, match="mask"):
         demo.inpaint(shipped.x_test[:2], torch.ones(20, 28, dtype=torch.bool))
+    with pytest.raises(ValueError, match="iterations"):
+        demo.inpaint(shipped.x_test[:2], torch.ones(28, 28, dtype=torch.bool), iterations=0)
 
 
 # ------------------------------------------------------------------------------------------------ outliers

@@ -286,7 +286,8 @@ def test_training_is_bit_identical_for_one_and_two_threads(shipped):
     assert torch.equal(means[0], means[1])
     assert abs(float(means[0]) - float(big.double().mean())) <= 1e-7 * abs(float(big.double().mean()))
     for key in states[0]:
-        if key.startswith(f"layers.{model.names.index('classifier')}."):  # the classifier: BLAS products, whose blocking follows the thread count
+        # the classifier: BLAS products, whose blocking follows the thread count
+        if key.startswith(f"layers.{model.names.index('classifier')}."):
             torch.testing.assert_close(states[0][key], states[1][key], rtol=1e-5, atol=1e-7)
         else:
             assert torch.equal(states[0][key], states[1][key]), key
