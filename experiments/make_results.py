@@ -54,8 +54,7 @@ def _provenance(m: dict) -> str:
     mach = m["machine"]
     epochs = f"{m['epochs']:g} epochs"
     if m["epochs"] != m["paper_epochs"]:
-        epochs += f" (the paper's script: {m['paper_epochs']:g}" + ("" if m["quick"] else "; reduced to fit 30 "
-                                                                    "minutes on 2 cores") + ")"
+        epochs += f" (the paper's script: {m['paper_epochs']:g}" + ("" if m["quick"] else "; reduced") + ")"
     trained = ", ".join(f"{k}: {v:g} s" for k, v in m.get("model_train_seconds", {}).items())
     return (f"`{m['command']}` · seed {m['seed']} · {epochs} · {m['wall_seconds']:g} s"
             + (f" (+ training {trained})" if trained else "") + f" · {mach['cpu_count']} CPUs, "
