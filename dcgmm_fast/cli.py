@@ -28,7 +28,7 @@ from .guard import DivergenceError
 from .metrics import auroc, original_auc
 from .model import DCGMM
 from .schedule import Schedule
-from .sampling import Sharpening
+from .sampling import Sharpening, check_guidance
 from .sources import ArrayImages, convert_npz
 
 #: train_log.jsonl gets a line every this many steps (and at the last step)
@@ -474,12 +474,9 @@ def _guidance(value: str) -> Optional[float]:
     if value.strip().lower() in ("off", "none"):
         return None
     try:
-        g = float(value)
+        return check_guidance(value)
     except ValueError:
-        g = -1.0
-    if not (0 <= g < float("inf")):
-        raise ValueError(f"--guidance: expected a number >= 0 or 'off', got {value!r}")
-    return g
+        raise ValueError(f"--guidance: expected a number >= 0 or 'off', got {value!r}") from None
 
 
 def _mask(kind: str, h: int, w: int, g: torch.Generator) -> torch.Tensor:

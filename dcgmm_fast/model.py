@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -18,7 +19,7 @@ from . import data, presets
 from .layers import ConvGMM, LinearClassifier, MaxPool
 from .types import Backend, Loss
 from .presets import Classifier, GMM, LayerSpec, Pool, Preset
-from .sampling import Sharpening, classifier_topdown, guided_prior, sample_down
+from .sampling import Sharpening, check_guidance, classifier_topdown, guided_prior, sample_down
 from .train import History, Trainer, _as_batch
 
 
@@ -211,6 +212,8 @@ class DCGMM(nn.Module):
         """
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n: expected a positive number of samples, got {n!r}")
+        if guidance is not None:
+            check_guidance(guidance)  # named here, also for stacks where it would go unused
         p = next(self.parameters())
         if classes is not None:
             clf = self.classifier
@@ -274,6 +277,8 @@ class DCGMM(nn.Module):
         """
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise ValueError(f"iterations: expected an int >= 1, got {iterations!r}")
+        if fill is not None and not math.isfinite(float(fill)):
+            raise ValueError(f"fill: expected a finite value or None, got {fill!r}")
         resolved = data.resolve_layout(torch.as_tensor(x).shape, self.input_shape, layout)
         x = self._images(x, layout=resolved)
         m = torch.as_tensor(mask, device=x.device)

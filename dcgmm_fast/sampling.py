@@ -81,7 +81,7 @@ def sample_down(
     generator: Optional[torch.Generator] = None,
     top_s: Optional[Union[int, Dict[str, int]]] = None,
     divisor: Optional[Union[float, Dict[str, float]]] = None,
-    sharpening: Optional[Union[Sharpening, Dict[str, Sharpening]]] = None,
+    sharpening: Union[None, bool, Sharpening, Dict[str, Sharpening]] = None,
     stop: Optional[str] = None,
 ) -> torch.Tensor:
     """Sample from layer ``start`` down to the input (or to layer ``stop``), given that layer's top-down prior.
@@ -207,8 +207,17 @@ def guided_prior(own: torch.Tensor, class_prior: torch.Tensor, guidance: float) 
     weighted by exp(guidance * (X - max X)), X = ``class_prior`` (N, H, W, C) from ``classifier_topdown`` (its
     maximum over a sample's positions and channels taken out, so the weights lie in (0, 1]). guidance 0 gives the
     unconditional sample; large guidance the classifier's most wanted entries alone. Returns (N, H, W, C)."""
-    g = float(guidance)
-    if not (g >= 0 and g < float("inf")):
-        raise ValueError(f"guidance: expected a finite value >= 0 or None, got {guidance!r}")
+    g = check_guidance(guidance)
     peak = class_prior.amax(dim=tuple(range(1, class_prior.dim())), keepdim=True)
     return own * torch.exp(g * (class_prior - peak))
+
+
+def check_guidance(guidance) -> float:
+    """``guidance`` as a float, or a ValueError naming it (finite and >= 0)."""
+    try:
+        g = float(guidance)
+    except (TypeError, ValueError):
+        g = float("nan")
+    if not (0 <= g < float("inf")):
+        raise ValueError(f"guidance: expected a finite value >= 0 or None, got {guidance!r}")
+    return g

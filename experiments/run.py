@@ -55,9 +55,6 @@ class Context:
     def epochs(self, stack: str) -> float:
         return 0.2 if self.quick else EPOCHS[stack]
 
-    def sharpen_iterations(self) -> Optional[int]:
-        return 5 if self.quick else None  # None: the presets' own (300)
-
     def sharpening(self, model: DCGMM):
         """The library's default sharpening (each layer's), with few iterations under --quick."""
         if not self.quick:
@@ -132,7 +129,7 @@ def classifier_b(ctx: Context, name: str) -> dict:
         model.fit(ctx.ds.x_train, ctx.ds.y_train, epochs=epochs, seed=ctx.seed, resume=True, stop_step=stop,
                   verbose=not ctx.quick)
         t_train += time.time() - t0
-        scores, pred = model.evaluate(ctx.ds.x_test)
+        pred = model.classify(ctx.ds.x_test)
         curve.append({"epoch": round(stop / steps_per_epoch, 3), "step": stop,
                       "test_accuracy": float((pred == ctx.ds.y_test).float().mean())})
     mc = {k: float(v.mean()) for k, v in model.log_prob(ctx.ds.x_test, loss=None).items()}

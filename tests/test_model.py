@@ -95,6 +95,8 @@ def test_odd_arguments_are_refused_or_handled(shipped):
         model.sample(2, classes=[2.9])  # not truncated to class 2
     with pytest.raises(ValueError, match="n:"):
         model.sample(0)
+    with pytest.raises(ValueError, match="guidance"):
+        model.sample(2, guidance=-1.0)  # named even where no class is asked for
     with pytest.raises(ValueError, match="batch_size: expected a positive integer"):
         model.fit(shipped.x_train[:200], shipped.y_train[:200], epochs=1, batch_size=-1)
     assert model.classify(shipped.x_test[:0]).shape == (0,)
