@@ -27,6 +27,14 @@ TORCH_LIBRARY(dcgmm, m) {
   m.def(
       "gmm_update_cpp(Tensor(a!) mu, Tensor(b!) sigma, Tensor(c!) log_pi, Tensor g_mu, Tensor g_sigma, "
       "Tensor g_pi, Tensor s_mu, Tensor s_sigma, Tensor s_pi, float sigma_min, float sigma_max) -> Tensor");
+  // the CUDA backend's fused training step with its arithmetic, on CPU (csrc/cpu/step.cpp; ops.cgmm_step_*)
+  m.def(
+      "cgmm_step_partials_cpp(Tensor x, Tensor mu, Tensor sigma, Tensor log_pi, int[2] kernel, int[2] stride, "
+      "str loss, Tensor? smoothing) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "cgmm_step_finalize_cpp(Tensor stats, Tensor mu, Tensor sigma, Tensor pi_logits, Tensor log_pi, "
+      "Tensor? smoothing, float scale, Tensor steps, float sigma_min, float sigma_max, bool pi_global) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "sample_components_cpp(Tensor topdown, Tensor mu, Tensor sigma, int top_s, float divisor, Tensor u, "
       "Tensor eps, float sigma_ceiling) -> Tensor");

@@ -321,7 +321,8 @@ class DCGMM(nn.Module):
     def fit(self, x, y=None, *, epochs: Optional[float] = None, batch_size: Optional[int] = None, optimizer=None,
             lr: Optional[float] = None, seed: Optional[int] = None, reshuffle: bool = False, compile=False,
             resume: bool = False, stop_step: Optional[int] = None, callback=None, should_stop=None,
-            world=None, layout: str = "auto", steps_per_epoch: Optional[int] = None, verbose: bool = True) -> History:
+            world=None, layout: str = "auto", steps_per_epoch: Optional[int] = None, verbose: bool = True,
+            fused_step: Optional[bool] = None) -> History:
         """Train layer by layer (``train.Trainer``), as the original: bottom-up, no gradient between layers.
 
         Args:
@@ -349,12 +350,15 @@ class DCGMM(nn.Module):
             layout: "auto" (the reading that fits the model's input shape), "NHWC" or "NCHW".
             steps_per_epoch: a stream without len(): its batches per epoch.
             verbose: a progress bar on stderr (tqdm, when installed; rank 0 only); False: silent.
+            fused_step: each layer's step by the two fused step ops instead of autograd (``Trainer``): None (where a
+                layer runs on the cuda backend), True (every layer), False (never).
         Returns:
             train.History with per-step scores, som_sigma and classifier metrics.
         """
         epochs = (self.preset.epochs if self.preset else 10) if epochs is None else epochs
         batch_size = (self.preset.batch_size if self.preset else 100) if batch_size is None else batch_size
-        trainer = Trainer(self.layers, self.names, optimizer=optimizer, lr=lr, compile=compile, world=world)
+        trainer = Trainer(self.layers, self.names, optimizer=optimizer, lr=lr, compile=compile, world=world,
+                          fused_step=fused_step)
         start = int(self.steps_done) if resume else 0
         bar = _ProgressBar(callback, f"fit {self.preset.name if self.preset else 'stack'}") \
             if verbose and (trainer.world is None or trainer.world.rank == 0) else None

@@ -5,6 +5,9 @@
     patch_average(v, image_hw, kernel, stride, *, backend="auto") -> (N, H, W, C)
     sample_components(topdown, mu, sigma, *, top_s, divisor, u, eps, sigma_ceiling, backend="auto")
     smoothing_matrix(K, som_sigma) -> (K, K);  smoothing_factors(K, som_sigma) -> (2, sqrt(K), sqrt(K))
+    cgmm_step_partials(x, mu, sigma, log_pi, *, kernel, stride, loss, smoothing, backend) -> (CGMMOut, stats)
+    cgmm_step_finalize(stats, mu, sigma, pi_logits, log_pi, *, smoothing, scale, steps, sigma_min, sigma_max,
+                       pi_global, backend) -> (mu, sigma, pi_logits, maxima)
 
 Backends live in ``dcgmm_fast.backends`` (the registry: "reference", "cpp", "triton", "cuda"); "auto" honours
 the ``DCGMM_BACKEND`` environment variable, else picks the fastest backend that is built for the tensors' device,
@@ -39,6 +42,8 @@ __all__ = [
     "sample_components",
     "smoothing_matrix",
     "smoothing_factors",
+    "cgmm_step_partials",
+    "cgmm_step_finalize",
 ]
 
 #: every backend name (the registry's), for callers that list them
@@ -100,8 +105,10 @@ def cgmm(
 def _cgmm_unchecked(x, mu, sigma, log_pi, *, kernel, stride, loss="mc", smoothing=None, backend="auto") -> CGMMOut:
     """``cgmm`` without the argument checks and data scans, for the package's own callers (layers in training,
     sampling, the model), whose shapes are fixed at construction and whose data was checked once."""
-    impl = backends.get(backend, x.device)
-    return impl.cgmm(x, mu, sigma, log_pi, kernel=pair(kernel), stride=pair(stride), loss=loss, smoothing=smoothing)
+    kernel, stride = pair(kernel), pair(stride)
+    key = backends.layer_key(x, mu, kernel, stride) if x.device.type == "cuda" else None
+    impl = backends.get(backend, x.device, key)
+    return impl.cgmm(x, mu, sigma, log_pi, kernel=kernel, stride=stride, loss=loss, smoothing=smoothing)
 
 
 def patches(x: torch.Tensor, kernel: IntPair, stride: IntPair) -> torch.Tensor:
@@ -165,3 +172,61 @@ def sample_components(
     return impl.sample_components(
         topdown, mu, sigma, top_s=top_s, divisor=divisor, u=u, eps=eps, sigma_ceiling=sigma_ceiling
     )
+
+
+# ---------------------------------------------------------------------------------- the fused training step
+def cgmm_step_partials(x, mu, sigma, log_pi, *, kernel: IntPair, stride: IntPair, loss: Loss = "mc",
+                       smoothing: Optional[torch.Tensor] = None, backend: Backend = "auto"):
+    """A layer's training step, first half: the forward and the statistics its update needs, in one fused op.
+
+    Returns (CGMMOut, stats (G, K, 1 + 2D) float64), G = P (independent) or 1 (shared): per component j the sums
+    over rows of W, W (x - mu_j) and W (x - mu_j)^2 with W the one-hot winner (mc) or resp (loglik)
+    (``reference.cgmm_step_partials``). Statistics of data shards add up (data-parallel training all-reduces them
+    between the two halves). Not differentiable (the step's gradients are in the statistics).
+    Backends: "cuda" (fused kernels), "cpp" (the same arithmetic on CPU), "reference"; others raise
+    ``BackendNotAvailable``. "auto" picks the layer's backend where it has the step, else "reference".
+    """
+    if not validation.skip_checks():
+        validation.check_cgmm(x, mu, sigma, log_pi, kernel, stride, loss, smoothing)
+    return _step_partials_unchecked(x, mu, sigma, log_pi, kernel=kernel, stride=stride, loss=loss,
+                                    smoothing=smoothing, backend=backend)
+
+
+def _step_partials_unchecked(x, mu, sigma, log_pi, *, kernel, stride, loss="mc", smoothing=None, backend="auto"):
+    """``cgmm_step_partials`` without the checks and data scans (the trainer's call; see ``_cgmm_unchecked``)."""
+    kernel, stride = pair(kernel), pair(stride)
+    key = backends.layer_key(x, mu, kernel, stride) if x.device.type == "cuda" else None
+    impl = backends.get_step(backend, x.device, key)
+    return impl.step_partials(x, mu, sigma, log_pi, kernel=kernel, stride=stride, loss=loss, smoothing=smoothing)
+
+
+def cgmm_step_finalize(stats, mu, sigma, pi_logits, log_pi, *, smoothing: Optional[torch.Tensor], scale: float,
+                       steps: torch.Tensor, sigma_min: float, sigma_max: float, pi_global: bool = False,
+                       backend: Backend = "auto"):
+    """A layer's training step, second half: the original update rule from the statistics (``cgmm_step_partials``).
+
+    Args:
+        stats: (G, K, 1 + 2D) float64 statistics (summed over ranks when data-parallel).
+        mu, sigma, pi_logits: the layer's parameters; log_pi: their normalised log weights (the forward's input).
+        smoothing: the mc loss's G (dense or factors) the statistics were taken under, else None.
+        scale: 1 / the number of rows the statistics sum over (the mean score's gradient).
+        steps: (3,) step sizes (s_mu, s_sigma, s_pi) = lambda * eps * loss_mult, on the parameters' device.
+        sigma_min, sigma_max: sigma's clip; pi_global: one softmax over all P*K logits (``pi_norm="global"``).
+    Returns:
+        new (mu, sigma, pi_logits) and (max |mu|, max |pi_logits|) (2,); the inputs are unchanged.
+    """
+    if not validation.skip_checks():
+        K, D = mu.shape[-2], mu.shape[-1]
+        G = mu.shape[0] if mu.dim() == 3 else 1
+        if tuple(stats.shape) != (G, K, 1 + 2 * D):
+            raise ValueError(f"stats: expected ({G}, {K}, {1 + 2 * D}) for mu {tuple(mu.shape)}, got "
+                             f"{tuple(stats.shape)}")
+        if tuple(steps.shape) != (3,):
+            raise ValueError(f"steps: expected (3,) step sizes (mu, sigma, pi), got {tuple(steps.shape)}")
+        if not 0 < sigma_min <= sigma_max:
+            raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min <= sigma_max, got {sigma_min}, "
+                             f"{sigma_max}")
+    impl = backends.get_step(backend, mu.device)
+    return impl.step_finalize(stats, mu, sigma, pi_logits, log_pi, smoothing=smoothing, scale=float(scale),
+                              steps=steps, sigma_min=float(sigma_min), sigma_max=float(sigma_max),
+                              pi_global=bool(pi_global))

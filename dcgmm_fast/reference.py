@@ -26,7 +26,8 @@ import torch
 from .geometry import cover_count, out_hw, pair, patch_offsets, patches, smoothing_dense
 from .types import CGMMOut, IntPair
 
-__all__ = ["cgmm", "patch_average", "sample_components", "patches", "CGMMOut"]
+__all__ = ["cgmm", "patch_average", "sample_components", "patches", "CGMMOut", "cgmm_step_partials",
+           "cgmm_step_finalize"]
 
 #: Budget that sizes a chunk: rows * K * D * itemsize * _LIVE_RKD <= CHUNK_BYTES. The whole backward working
 #: set measured ~210 MB peak RSS growth on (14400 rows, K=100, D=400) float32 (2026-11-25).
@@ -233,3 +234,78 @@ def sample_components(
     out = mu_k + eps.to(mu.dtype) * noisy / (sigma_k * divisor)
     alive = (topdown.sum(-1) > 0)[..., None]
     return torch.where(alive, out, torch.zeros_like(out))
+
+
+# ------------------------------------------------------------------------------------------ training step
+def cgmm_step_partials(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, log_pi: torch.Tensor, *,
+                       kernel: IntPair, stride: IntPair, loss: str = "mc",
+                       smoothing: Optional[torch.Tensor] = None) -> Tuple[CGMMOut, torch.Tensor]:
+    """A training step's forward and its parameter statistics (the first of the two fused step ops, issue 23).
+
+    Returns (the op's output, stats (G, K, 1 + 2D) float64) with G = P (independent) or 1 (shared) and, per GMM and
+    component j, ``sum_r W[r,j]``, ``sum_r W[r,j] (x_r - mu_j)`` (D) and ``sum_r W[r,j] (x_r - mu_j)^2`` (D) over
+    its rows, W the one-hot winner kstar for "mc" (the smoothing is applied by ``cgmm_step_finalize``) and resp
+    for "loglik". Sums of statistics over data shards are the statistics of the whole batch.
+    """
+    kernel, stride = pair(kernel), pair(stride)
+    with torch.no_grad():
+        out = cgmm(x, mu, sigma, log_pi, kernel=kernel, stride=stride, loss=loss, smoothing=smoothing)
+        N, K, D = x.shape[0], mu.shape[-2], mu.shape[-1]
+        P = out.score[0].numel()
+        pt = patches(x, kernel, stride).reshape(N, P, D).double()
+        if loss == "mc":
+            w = torch.nn.functional.one_hot(out.kstar.reshape(N, P).long(), K).double()
+        else:
+            w = out.resp.reshape(N, P, K).double()
+        if mu.dim() == 2:  # shared: every row in one GMM
+            pt, w = pt.reshape(1, N * P, D), w.reshape(1, N * P, K)
+        else:
+            pt, w = pt.transpose(0, 1), w.transpose(0, 1)  # (P, N, .)
+        m = mu.double().reshape(-1, K, D)
+        s0 = w.sum(1)                                       # (G, K)
+        sx = torch.einsum("grk,grd->gkd", w, pt)
+        sxx = torch.einsum("grk,grd->gkd", w, pt * pt)
+        s1 = sx - s0[..., None] * m
+        s2 = sxx - 2.0 * m * sx + s0[..., None] * m * m
+        return out, torch.cat([s0[..., None], s1, s2], -1)
+
+
+def cgmm_step_finalize(stats: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, pi_logits: torch.Tensor,
+                       log_pi: torch.Tensor, *, smoothing: Optional[torch.Tensor], scale: float,
+                       steps: torch.Tensor, sigma_min: float, sigma_max: float, pi_global: bool = False
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The original update rule from step statistics (``cgmm_step_partials``, possibly summed over ranks): the
+    second fused step op. Returns new (mu, sigma clipped to [sigma_min, sigma_max], pi_logits) and the step guard's
+    (max |mu|, max |pi_logits|) (2,); the inputs are not changed.
+
+    With a smoothing G (mc), component k's row weight is G[kstar, k], so its sums mix the winners' statistics:
+    A0 = sum_j G[j,k] c_j, A1 = sum_j G[j,k] (S1_j + c_j dl), A2 = sum_j G[j,k] (S2_j + 2 dl S1_j + c_j dl^2),
+    dl = mu_j - mu_k. Gradients of the mean score (scale = 1 / rows): d mu = scale sigma^2 A1, d sigma =
+    scale (A0 / sigma - sigma A2), d log_pi = scale A0, carried to pi_logits through the log-softmax (over each
+    GMM's K logits, or all P*K with ``pi_global``); then theta += step * d theta (``steps`` = (s_mu, s_sigma, s_pi)).
+    """
+    K, D = mu.shape[-2], mu.shape[-1]
+    st = stats.double().reshape(-1, K, 1 + 2 * D)
+    s0, s1, s2 = st[..., 0], st[..., 1:1 + D], st[..., 1 + D:]
+    m, sg = mu.double().reshape(-1, K, D), sigma.double().reshape(-1, K, D)
+    if smoothing is not None:
+        G = smoothing_dense(smoothing).double()
+        dl = m[:, :, None, :] - m[:, None, :, :]            # (G, j, k, D): mu_j - mu_k
+        a0 = torch.einsum("jk,gj->gk", G, s0)
+        a1 = torch.einsum("jk,gjkd->gkd", G, s1[:, :, None, :] + s0[:, :, None, None] * dl)
+        a2 = torch.einsum("jk,gjkd->gkd", G, s2[:, :, None, :] + 2.0 * dl * s1[:, :, None, :]
+                          + s0[:, :, None, None] * dl * dl)
+    else:
+        a0, a1, a2 = s0, s1, s2
+    g_log_pi = scale * a0
+    g_mu = (scale * sg * sg * a1).to(mu.dtype).reshape(mu.shape)
+    g_sigma = (scale * (a0[..., None] / sg - sg * a2)).to(mu.dtype).reshape(mu.shape)
+    prob = log_pi.double().reshape(-1, K).exp()
+    total = g_log_pi.sum() if pi_global or mu.dim() == 2 else g_log_pi.sum(-1, keepdim=True)
+    g_pi = (g_log_pi - prob * total).to(mu.dtype).reshape(pi_logits.shape)
+    steps = steps.to(mu.dtype)
+    new_mu = torch.addcmul(mu, g_mu, steps[0])
+    new_sigma = torch.addcmul(sigma, g_sigma, steps[1]).clamp(sigma_min, sigma_max)
+    new_pi = torch.addcmul(pi_logits, g_pi, steps[2])
+    maxima = torch.stack([new_mu.abs().max(), new_pi.abs().max()])
+    return new_mu, new_sigma, new_pi, maxima

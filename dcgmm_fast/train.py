@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backends
+from . import backends, ops
 from .anneal import SingleExp, anneal_  # noqa: F401  (SingleExp: the host reference)
 from .distributed import World
 from .guard import StepGuard
@@ -107,12 +107,60 @@ def _gmm_grads(layer: ConvGMM, x: torch.Tensor):
     return out, grads
 
 
-def _gmm_step(layer: ConvGMM, x: torch.Tensor):
+def _gmm_step(layer: ConvGMM, x: torch.Tensor, fused: Optional[str] = None):
     """gmm_step, plus (max |mu|, max |pi_logits|) (2,) after the update when the fused update took them (else
-    None: the step guard takes them itself)."""
+    None: the step guard takes them itself). ``fused``: the backend whose fused step ops run it (``fused_step``)."""
+    if fused is not None:
+        out, stats = step_partials(layer, x, fused)
+        maxima = step_finalize_(layer, stats, 1.0 / out.score.numel(), fused)
+        return out.resp, fixed_order_mean(out.score), maxima
     out, grads = _gmm_grads(layer, x)
     maxima = update_(layer, *grads)
     return out.resp.detach(), fixed_order_mean(out.score), maxima
+
+
+# ------------------------------------------------------------------------------- the fused step (issue 23)
+def fused_step(layer: ConvGMM, device: torch.device, mode: Optional[bool]) -> Optional[str]:
+    """The backend whose two fused step ops (``ops.cgmm_step_partials`` / ``cgmm_step_finalize``) train this layer,
+    or None for the autograd step. ``mode``: None = where the layer's calls resolve to the cuda backend (its fused
+    step replaces the ~60 launches of the autograd step, eager mode only); True = always, with the layer's resolved
+    backend when it has the step (cuda, cpp, reference), else the reference; False = never."""
+    if mode is False or torch.compiler.is_compiling():
+        return None
+    K = layer.n_components
+    key = (*layer.in_shape, *layer.kernel, *layer.stride, K, layer.mode) if device.type == "cuda" else None
+    name = backends.resolve_layer(layer.backend, device, key)
+    if mode is None:
+        return name if name == "cuda" and K <= 128 else None
+    return name if backends.has_step(name) else "reference"
+
+
+def _step_smoothing(layer: ConvGMM) -> Optional[torch.Tensor]:
+    return None if layer.loss == "loglik" or layer.smoothing_is_identity else layer.smoothing
+
+
+def step_partials(layer: ConvGMM, x: torch.Tensor, backend: str):
+    """(the layer's op output on x, its step statistics (G, K, 1 + 2D) float64) from the fused partials op."""
+    with torch.no_grad():
+        return ops._step_partials_unchecked(x, layer.mu, layer.sigma, layer.log_pi(), kernel=layer.kernel,
+                                            stride=layer.stride, loss=layer.loss, smoothing=_step_smoothing(layer),
+                                            backend=backend)
+
+
+def step_finalize_(layer: ConvGMM, stats: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
+    """The original update rule from step statistics (``scale`` = 1 / rows) by the fused finalize op, written into
+    the layer's parameters; returns (max |mu|, max |pi_logits|) (2,) for the step guard."""
+    step = layer.eps.to(layer.mu.dtype) * layer.loss_mult
+    steps = torch.stack([step * layer.lambda_mu, step * layer.lambda_sigma, step * layer.lambda_pi])
+    with torch.no_grad():
+        mu, sigma, pi, maxima = ops.cgmm_step_finalize(
+            stats, layer.mu, layer.sigma, layer.pi_logits, layer.log_pi(), smoothing=_step_smoothing(layer),
+            scale=scale, steps=steps, sigma_min=layer.sigma_min, sigma_max=layer.sigma_max,
+            pi_global=layer.mode == "independent" and layer.pi_norm == "global", backend=backend)
+        layer.mu.copy_(mu)
+        layer.sigma.copy_(sigma)
+        layer.pi_logits.copy_(pi)
+    return maxima
 
 
 def _forward_score(layer: ConvGMM, x: torch.Tensor):
@@ -303,6 +351,9 @@ class Trainer:
             history row) with ``torch.compile(fullgraph=True, dynamic=False)``: True for the default (inductor), or
             a torch.compile backend name (e.g. "aot_eager": traced, then run by the eager kernels). Original
             update rule only. One graph per set of training layers (a layer's ``wait`` ending recompiles once).
+        fused_step: the layer step by the two fused step ops (``ops.cgmm_step_partials`` / ``cgmm_step_finalize``)
+            instead of autograd: None (default) where a layer runs on the cuda backend; True for every layer (the
+            layer's backend when it has them, else the reference); False never. Original update rule, eager.
         world: a ``distributed.World`` to train data-parallel in (None: ``World.current()``, the initialised
             default process group when it has more than one rank): each rank takes its share of every global
             batch, one all-reduce per step combines every layer's gradients and gathers its per-image scores,
@@ -318,8 +369,10 @@ class Trainer:
 
     def __init__(self, layers: Sequence[nn.Module], names: Sequence[str], *,
                  optimizer: Union[None, str, OptimizerFactory] = None, lr: Optional[float] = None,
-                 compile: Union[bool, str] = False, world: Optional[World] = None):
+                 compile: Union[bool, str] = False, world: Optional[World] = None,
+                 fused_step: Optional[bool] = None):
         self.layers, self.names = list(layers), list(names)
+        self.fused_step = fused_step
         self.world = world if world is not None else World.current()
         if len(self.layers) != len(self.names):
             raise ValueError("names: expected one name per layer")
@@ -376,6 +429,12 @@ class Trainer:
             group["base_lr"], group["layer"] = group["lr"], spec["layer"]
         return opt
 
+    def _fused(self, layer: ConvGMM, x: torch.Tensor) -> Optional[str]:
+        """The backend of the layer's fused step, or None (see ``fused_step``); never for an optimizer."""
+        if self.optimizer is not None:
+            return None
+        return fused_step(layer, x.device, self.fused_step)
+
     def _anneal_host(self, i: int, score: torch.Tensor) -> None:
         layer, ctrl = self.layers[i], self.controllers[i]
         ctrl.step(float(score))
@@ -423,7 +482,7 @@ class Trainer:
                 else:
                     maxima = None
                     if self.optimizer is None:
-                        h, score, maxima = _gmm_step(layer, h)
+                        h, score, maxima = _gmm_step(layer, h, self._fused(layer, h))
                     else:
                         self._set_learning_rates()
                         # every other layer's grads are None after zero_grad, so the step moves only this one
@@ -455,6 +514,10 @@ class Trainer:
                     with torch.no_grad():
                         out = layer.cgmm(h, check=False)
                     work.append((i, "wait", [], out.score))
+                elif self._fused(layer, h) is not None:  # the step statistics are what the ranks add up
+                    name = self._fused(layer, h)
+                    out, stats = step_partials(layer, h, name)
+                    work.append((i, ("step", name), [stats], out.score))
                 else:
                     out, grads = _gmm_grads(layer, h)
                     work.append((i, "gmm", list(grads), out.score.detach()))
@@ -484,6 +547,8 @@ class Trainer:
             si += 1
             if kind == "gmm":
                 self._guard_and_anneal(i, mean, update_(layer, *mine))
+            elif isinstance(kind, tuple):  # ("step", backend): mean statistics over ranks, 1 / this rank's rows
+                self._guard_and_anneal(i, mean, step_finalize_(layer, mine[0], 1.0 / score.numel(), kind[1]))
             values += [mean.double(), layer.som_sigma.double()]
         self.guard.advance()
         return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64, device=x.device)

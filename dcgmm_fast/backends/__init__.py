@@ -43,8 +43,9 @@ REGISTRY = {spec.name: spec for spec in (
     BackendSpec("triton", ".triton", ("cuda", "cpu"), (_F32,), "fused Triton kernels (CPU under TRITON_INTERPRET=1)"),
     BackendSpec("cuda", ".cuda", ("cuda",), (_F32,), "hand-written CUDA kernels (csrc/cuda, through ctypes)"),
 )}
-#: "auto" tries these in order per device type and takes the first that is built.
-AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")}
+#: "auto" tries these in order per device type and takes the first that is built. The hand-written "cuda" backend
+#: is not in the order: "auto" takes it per layer shape from ``cuda_dispatch.json`` (``resolve_layer``).
+AUTO_ORDER = {"cpu": ("cpp", "reference"), "cuda": ("triton", "reference")}
 
 
 def names() -> Tuple[str, ...]:
@@ -105,6 +106,58 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
-def get(backend: str, device: torch.device) -> ModuleType:
-    """The module that implements the ops for ``backend`` (resolved as ``resolve`` does) on ``device``."""
-    return _MODULES[resolve(backend, device)]
+LayerKey = Tuple[int, int, int, int, int, int, int, int, str]
+
+
+def layer_key(x: torch.Tensor, mu: torch.Tensor, kernel, stride) -> LayerKey:
+    """(H, W, C, kh, kw, sh, sw, K, mode) of a cgmm call: the key of ``cuda_dispatch.json``."""
+    return (int(x.shape[1]), int(x.shape[2]), int(x.shape[3]), int(kernel[0]), int(kernel[1]), int(stride[0]),
+            int(stride[1]), int(mu.shape[-2]), "independent" if mu.dim() == 3 else "shared")
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_dispatch() -> frozenset:
+    """The layer shapes the GPU check measured faster with the cuda backend (and verified correct): a set of
+    ``layer_key`` tuples read once from ``cuda_dispatch.json`` (empty when the file has none)."""
+    import json
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_dispatch.json")
+    try:
+        with open(path) as f:
+            entries = json.load(f).get("entries", [])
+    except (OSError, ValueError):
+        return frozenset()
+    return frozenset(tuple(e["layer"][:8]) + (str(e["layer"][8]),) for e in entries)
+
+
+def resolve_layer(backend: str, device: torch.device, key: Optional[LayerKey]) -> str:
+    """``resolve`` for one layer's call: on a CUDA device "auto" takes "cuda" for the shapes of
+    ``cuda_dispatch.json`` (when it is built), else what ``resolve`` picks (triton)."""
+    name = resolve(backend, device)
+    if (key is not None and device.type == "cuda" and name != "cuda" and backend == "auto"
+            and not os.environ.get("DCGMM_BACKEND", "").strip() and key in cuda_dispatch()
+            and problem("cuda") is None):
+        return "cuda"
+    return name
+
+
+def has_step(name: str) -> bool:
+    """Whether backend ``name`` implements the fused training step (``step_partials`` / ``step_finalize``)."""
+    return hasattr(module(name), "step_partials")
+
+
+def get_step(backend: str, device: torch.device, key: Optional[LayerKey] = None) -> ModuleType:
+    """The module that runs the fused training step for ``backend``: the resolved backend when it has the step,
+    "reference" when "auto" resolved to one without it. Raises BackendNotAvailable for a named backend without it."""
+    name = resolve_layer(backend, device, key)
+    if has_step(name):
+        return _MODULES[name]
+    if backend == "auto":
+        return module("reference")
+    raise BackendNotAvailable(f"backend {name!r} has no fused training step (cgmm_step_partials / "
+                              "cgmm_step_finalize); use backend='cuda', 'cpp' or 'reference'")
+
+
+def get(backend: str, device: torch.device, key: Optional[LayerKey] = None) -> ModuleType:
+    """The module that implements the ops for ``backend`` (resolved as ``resolve_layer`` does) on ``device``."""
+    return _MODULES[resolve_layer(backend, device, key)]

@@ -13,6 +13,8 @@ from .fused import FusedOps, register_fused_ops
 
 _OPS = FusedOps("cpp")
 cgmm, patch_average, sample_components = _OPS.cgmm, _OPS.patch_average, _OPS.sample_components
+#: the CUDA backend's fused training step with its arithmetic on CPU (csrc/cpu/step.cpp): tests, not training speed
+step_partials, step_finalize = _OPS.step_partials, _OPS.step_finalize
 
 
 def problem() -> Optional[str]:
@@ -26,5 +28,7 @@ def problem() -> Optional[str]:
         )
     if not hasattr(torch.ops.dcgmm, "cgmm_fwd_cpp"):
         return "backend 'cpp' is not built: dcgmm_fast._C does not register dcgmm::cgmm_fwd_cpp; rebuild it"
-    register_fused_ops("cpp")
+    if not hasattr(torch.ops.dcgmm, "cgmm_step_partials_cpp"):
+        return "backend 'cpp' is out of date: dcgmm_fast._C lacks dcgmm::cgmm_step_partials_cpp; rebuild it"
+    register_fused_ops("cpp", step=True)
     return None

@@ -42,6 +42,18 @@ def sample_components_fake(topdown, mu, sigma, top_s, divisor, u, eps, sigma_cei
     return mu.new_empty(*topdown.shape[:3], mu.shape[-1])
 
 
+def cgmm_step_partials_fake(x, mu, sigma, log_pi, kernel, stride, loss, smoothing):
+    K, D = mu.shape[-2], mu.shape[-1]
+    G = mu.shape[0] if mu.dim() == 3 else 1
+    return (*cgmm_fwd_fake(x, mu, sigma, log_pi, kernel, stride, loss, smoothing),
+            mu.new_empty(G, K, 1 + 2 * D, dtype=torch.float64))
+
+
+def cgmm_step_finalize_fake(stats, mu, sigma, pi_logits, log_pi, smoothing, scale, steps, sigma_min, sigma_max,
+                            pi_global):
+    return torch.empty_like(mu), torch.empty_like(sigma), torch.empty_like(pi_logits), mu.new_empty(2)
+
+
 # ---------------------------------------------------------------------------------------------- autograd
 def _cgmm_setup_context(ctx, inputs, output):
     x, mu, sigma, log_pi, kernel, stride, loss, smoothing = inputs
@@ -77,18 +89,24 @@ def _patch_average_backward(ctx, g):
     return patch_average_grad(g, ctx.kernel, ctx.stride), None, None, None
 
 
-def register_fused_ops(suffix: str) -> None:
-    """Fakes and autograd of ``dcgmm::{cgmm_fwd,cgmm_bwd,patch_average,sample_components}_<suffix>``, once,
-    after the ops are defined (a C++ library loaded, or Python custom ops created)."""
+def register_fused_ops(suffix: str, helpers: bool = True, step: bool = False) -> None:
+    """Fakes and autograd of ``dcgmm::{cgmm_fwd,cgmm_bwd}_<suffix>`` (and with ``helpers`` of
+    ``patch_average_<suffix>``, ``sample_components_<suffix>``; with ``step`` the fakes of the fused training step
+    ``cgmm_step_partials_<suffix>``, ``cgmm_step_finalize_<suffix>``, which carry no autograd), once, after the ops
+    are defined (a C++ library loaded, or Python custom ops created)."""
     name = lambda op: f"dcgmm::{op}_{suffix}"  # noqa: E731
     torch.library.register_fake(name("cgmm_fwd"))(cgmm_fwd_fake)
     torch.library.register_fake(name("cgmm_bwd"))(cgmm_bwd_fake)
-    torch.library.register_fake(name("patch_average"))(patch_average_fake)
-    torch.library.register_fake(name("sample_components"))(sample_components_fake)
     bwd = getattr(torch.ops.dcgmm, f"cgmm_bwd_{suffix}")
     torch.library.register_autograd(name("cgmm_fwd"), _make_cgmm_backward(bwd), setup_context=_cgmm_setup_context)
-    torch.library.register_autograd(name("patch_average"), _patch_average_backward,
-                                    setup_context=_patch_average_setup_context)
+    if helpers:
+        torch.library.register_fake(name("patch_average"))(patch_average_fake)
+        torch.library.register_fake(name("sample_components"))(sample_components_fake)
+        torch.library.register_autograd(name("patch_average"), _patch_average_backward,
+                                        setup_context=_patch_average_setup_context)
+    if step:
+        torch.library.register_fake(name("cgmm_step_partials"))(cgmm_step_partials_fake)
+        torch.library.register_fake(name("cgmm_step_finalize"))(cgmm_step_finalize_fake)
 
 
 class FusedOps:
@@ -109,3 +127,14 @@ class FusedOps:
     def sample_components(self, topdown, mu, sigma, *, top_s, divisor, u, eps, sigma_ceiling):
         return self._op("sample_components")(topdown, mu, sigma, int(top_s), float(divisor), u, eps,
                                              float(sigma_ceiling))
+
+    def step_partials(self, x, mu, sigma, log_pi, *, kernel, stride, loss, smoothing):
+        """(CGMMOut, stats) of ``dcgmm::cgmm_step_partials_<suffix>`` (see ``ops.cgmm_step_partials``)."""
+        resp, score, lse, kstar, stats = self._op("cgmm_step_partials")(x, mu, sigma, log_pi, list(kernel),
+                                                                        list(stride), loss, smoothing)
+        return CGMMOut(resp, score, lse, kstar), stats
+
+    def step_finalize(self, stats, mu, sigma, pi_logits, log_pi, *, smoothing, scale, steps, sigma_min, sigma_max,
+                      pi_global):
+        return self._op("cgmm_step_finalize")(stats, mu, sigma, pi_logits, log_pi, smoothing, float(scale), steps,
+                                              float(sigma_min), float(sigma_max), bool(pi_global))
