@@ -238,18 +238,19 @@ def sample_components(
 
 # ------------------------------------------------------------------------------------------ training step
 def cgmm_step_partials(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, log_pi: torch.Tensor, *,
-                       kernel: IntPair, stride: IntPair, loss: str = "mc",
-                       smoothing: Optional[torch.Tensor] = None) -> Tuple[CGMMOut, torch.Tensor]:
+                       kernel: IntPair, stride: IntPair, loss: str = "mc", smoothing: Optional[torch.Tensor] = None,
+                       kstar: Optional[torch.Tensor] = None) -> Tuple[CGMMOut, torch.Tensor]:
     """A training step's forward and its parameter statistics (the first of the two fused step ops, issue 23).
 
     Returns (the op's output, stats (G, K, 1 + 2D) float64) with G = P (independent) or 1 (shared) and, per GMM and
     component j, ``sum_r W[r,j]``, ``sum_r W[r,j] (x_r - mu_j)`` (D) and ``sum_r W[r,j] (x_r - mu_j)^2`` (D) over
     its rows, W the one-hot winner kstar for "mc" (the smoothing is applied by ``cgmm_step_finalize``) and resp
-    for "loglik". Sums of statistics over data shards are the statistics of the whole batch.
+    for "loglik". Sums of statistics over data shards are the statistics of the whole batch. ``kstar``: forced
+    winners (tests: the statistics given a kernel's own winners, as ``cgmm``).
     """
     kernel, stride = pair(kernel), pair(stride)
     with torch.no_grad():
-        out = cgmm(x, mu, sigma, log_pi, kernel=kernel, stride=stride, loss=loss, smoothing=smoothing)
+        out = cgmm(x, mu, sigma, log_pi, kernel=kernel, stride=stride, loss=loss, smoothing=smoothing, kstar=kstar)
         N, K, D = x.shape[0], mu.shape[-2], mu.shape[-1]
         P = out.score[0].numel()
         pt = patches(x, kernel, stride).reshape(N, P, D).double()

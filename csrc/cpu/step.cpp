@@ -12,6 +12,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <cstring>
 #include <vector>
 
 #include "../cgmm_math.h"
@@ -20,6 +23,17 @@ namespace dcgmm {
 namespace {
 
 constexpr int64_t ROWS = 64;  // csrc/cuda/common.cuh ROWS
+
+// DCGMM_POISON=1 (tests): outputs filled with NaN (-1 for integers) before they are written
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  auto t = at::empty(sizes, opts);
+  const char* v = std::getenv("DCGMM_POISON");
+  if (v != nullptr && std::strcmp(v, "1") == 0) {
+    if (at::isFloatingType(opts.dtype().toScalarType())) t.fill_(std::numeric_limits<double>::quiet_NaN());
+    else t.fill_(-1);
+  }
+  return t;
+}
 
 struct StepGeo {
   int64_t N, H, W, C, kh, kw, sh, sw, Ho, Wo, P, M, D, K, Gc, nchunks, nblocks;
@@ -129,9 +143,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> step_part
     G = G.to(x.scalar_type()).contiguous();
   }
   auto opts = x.options();
-  auto resp = at::empty({g.N, g.Ho, g.Wo, g.K}, opts), score = at::empty({g.N, g.Ho, g.Wo}, opts);
-  auto lse = at::empty({g.N, g.Ho, g.Wo}, opts), kstar = at::empty({g.N, g.Ho, g.Wo}, opts.dtype(at::kInt));
-  auto stats = at::empty({g.Gc, g.K, 1 + 2 * g.D}, opts.dtype(at::kDouble));
+  auto resp = new_output({g.N, g.Ho, g.Wo, g.K}, opts), score = new_output({g.N, g.Ho, g.Wo}, opts);
+  auto lse = new_output({g.N, g.Ho, g.Wo}, opts), kstar = new_output({g.N, g.Ho, g.Wo}, opts.dtype(at::kInt));
+  auto stats = new_output({g.Gc, g.K, 1 + 2 * g.D}, opts.dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cgmm_step_partials_cpu", [&] {
     using T = scalar_t;
     auto run = [&](auto kmax) {
@@ -160,8 +174,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> step_finalize_cpu(
     G = smoothing->dim() == 3 ? at::kron((*smoothing)[0], (*smoothing)[1]) : *smoothing;
     G = G.to(mu.scalar_type()).contiguous();
   }
-  auto new_mu = at::empty_like(mu), new_sigma = at::empty_like(sigma), new_pi = at::empty_like(pi);
-  auto maxima = at::empty({2}, mu.options());
+  auto new_mu = new_output(mu.sizes(), mu.options()), new_sigma = new_output(sigma.sizes(), sigma.options());
+  auto new_pi = new_output(pi.sizes(), pi.options()), maxima = new_output({2}, mu.options());
   AT_DISPATCH_FLOATING_TYPES(mu.scalar_type(), "cgmm_step_finalize_cpu", [&] {
     using T = scalar_t;
     auto steps = steps_.to(mu.scalar_type()).contiguous();
