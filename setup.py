@@ -10,8 +10,9 @@ The C++ extension ``dcgmm_fast._C`` is built from ``csrc/**/*.cpp`` when such so
 package installs as pure Python and the ``reference`` backend serves every op. The torch-free CUDA library
 ``dcgmm_fast/libdcgmm_cuda.so`` is built from ``csrc/cuda/*.cu`` (``tools/cuda_build.py``) whenever nvcc is found,
 whether or not torch is a CUDA build; without nvcc, or when nvcc fails (a warning, never a failed install), the
-``cuda`` backend says how to get it. ``DCGMM_NO_CUDA=1`` skips it; ``DCGMM_NO_EXTENSION=1`` skips the C++ extension. ``triton_kernels/`` is installed
-as ``dcgmm_fast.triton_kernels`` (a top-level ``triton_kernels`` already exists on PyPI and in Triton's repo).
+``cuda`` backend says how to get it. ``DCGMM_NO_CUDA=1`` skips it; ``DCGMM_NO_EXTENSION=1`` skips the C++ extension
+(and with it the build_ext step that builds the library: ``python tools/cuda_build.py build`` does it by hand).
+``triton_kernels/`` is installed as ``dcgmm_fast.triton_kernels`` (a top-level ``triton_kernels`` already exists on PyPI and in Triton's repo).
 """
 import glob
 import importlib.util
@@ -32,30 +33,14 @@ def _cuda_build_module():
 
 
 def build_cuda_library(out_dir: str) -> None:
-    """libdcgmm_cuda.so into out_dir when nvcc is found and the library is older than its sources; warns, never
-    fails the install."""
-    if os.environ.get("DCGMM_NO_CUDA") == "1":
-        return
+    """libdcgmm_cuda.so into out_dir when nvcc is found (``tools/cuda_build.py build_for_install``: warns, never
+    fails the install)."""
     try:
         cb = _cuda_build_module()
     except Exception as e:  # a source tree without tools/: nothing to build
         print(f"dcgmm_fast: CUDA library not built ({e})", file=sys.stderr)
         return
-    if cb.nvcc() is None or not cb.sources():
-        print("dcgmm_fast: nvcc not found, the cuda backend is not built (backend='cuda' says how to get it)",
-              file=sys.stderr)
-        return
-    target = os.path.join(out_dir, cb.LIBRARY)
-    newest = max(os.path.getmtime(f) for f in cb.sources() + glob.glob(os.path.join(ROOT, "csrc", "**", "*.h*"),
-                                                                          recursive=True))
-    if os.path.exists(target) and os.path.getmtime(target) >= newest:
-        return
-    try:
-        cb.build(out_dir, jobs=os.cpu_count() or 2)
-        print(f"dcgmm_fast: built {target}", file=sys.stderr)
-    except Exception as e:
-        print(f"WARNING: dcgmm_fast: the CUDA library failed to build; the cuda backend will be unavailable:\n{e}",
-              file=sys.stderr)
+    cb.build_for_install(out_dir)
 
 
 def _with_cuda_library(base):

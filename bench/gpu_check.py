@@ -163,6 +163,27 @@ def stage_env(res: Results, out: str) -> None:
     res.add(**info)
 
 
+def stage_build(res: Results, out: str) -> None:
+    """The CUDA library for this GPU (csrc/cuda, tools/cuda_build.py; sm_90a only unless DCGMM_CUDA_ARCHS says
+    otherwise, to save the machine's minutes), unless an up-to-date one is there."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import cuda_build
+
+    target = os.path.join(ROOT, "dcgmm_fast", cuda_build.LIBRARY)
+    newest = max(os.path.getmtime(f) for f in cuda_build.sources())
+    if os.path.exists(target) and os.path.getmtime(target) >= newest:
+        res.add(library=target, built=False, note="up to date")
+        return
+    os.environ.setdefault("DCGMM_CUDA_ARCHS", "sm_90a")
+    t = time.perf_counter()
+    try:
+        cuda_build.build(os.path.dirname(target), jobs=os.cpu_count() or 4)
+        res.add(library=target, built=True, archs=os.environ["DCGMM_CUDA_ARCHS"],
+                seconds=round(time.perf_counter() - t, 1))
+    except Exception as e:  # noqa: BLE001
+        res.add(library=target, built=False, error=str(e)[-2000:])
+
+
 def stage_ceilings(res: Results, out: str) -> None:
     if not _cuda_or_skip(res):
         return
@@ -176,8 +197,8 @@ def stage_tests(res: Results, out: str) -> None:
     if not _cuda_or_skip(res):
         return
     env = dict(os.environ, TRITON_INTERPRET="0")
-    cmd = [sys.executable, "-m", "pytest", "tests/test_backends.py", "-q", "-p", "no:cacheprovider", "-k", "cuda",
-           "-rfE"]
+    cmd = [sys.executable, "-m", "pytest", "tests/test_backends.py", "tests/test_step_ops.py",
+           "tests/test_cuda_backend.py", "-q", "-p", "no:cacheprovider", "-k", "cuda", "-rfE"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     text = p.stdout + p.stderr
     print(text[-20000:], flush=True)  # into gpu_check.log
@@ -202,9 +223,25 @@ def _rule(out, ref64, ref32):
     return err, own, err / (4 * own + 1e-6)
 
 
+#: (variant, backend, environment) of the accuracy and timing stages
+_VARIANTS = (("ieee", "triton", {}), ("tf32x3", "triton", {"DCGMM_TRITON_PRECISION": "tf32x3"}),
+             ("v1", "triton", {"DCGMM_TRITON_KERNELS": "v1"}), ("cuda", "cuda", {}),
+             ("cuda-wgmma", "cuda", {"DCGMM_CUDA_FORWARD": "wgmma"}))
+
+
+def _variant_applies(variant: str, mu: torch.Tensor) -> bool:
+    """cuda: K <= 128; its warpgroup-MMA forward: shared layers on sm_90 only."""
+    if variant.startswith("cuda") and mu.shape[-2] > 128:
+        return False
+    if variant == "cuda-wgmma":
+        return mu.dim() == 2 and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+    return True
+
+
 def stage_accuracy(res: Results, out: str) -> None:
     """Trained-regime error of every output and parameter gradient on CUDA against float64, for the triton
-    kernels (ieee, tf32x3, v1): err / (4 x the float32 reference's own error + 1e-6) must stay <= 1."""
+    kernels (ieee, tf32x3, v1) and the cuda backend (its direct kernels; its warpgroup-MMA forward where it
+    applies): err / (4 x the float32 reference's own error + 1e-6) must stay <= 1."""
     if not _cuda_or_skip(res):
         return
     from dcgmm_fast import geometry, ops, reference
@@ -215,11 +252,16 @@ def stage_accuracy(res: Results, out: str) -> None:
             smoothing = G if loss == "mc" else None
             cpu64 = [t.double().cpu().requires_grad_() for t in inputs]
             cpu32 = [t.float().cpu().requires_grad_() for t in inputs]
-            for variant, env in (("ieee", {}), ("tf32x3", {"DCGMM_TRITON_PRECISION": "tf32x3"}),
-                                 ("v1", {"DCGMM_TRITON_KERNELS": "v1"})):
+            for variant, backend, env in _VARIANTS:
+                if not _variant_applies(variant, inputs[1]):
+                    continue
                 with environ(env):
                     dev = [t.clone().requires_grad_() for t in inputs]
-                    o = ops.cgmm(*dev, loss=loss, smoothing=smoothing, backend="triton", **kw)
+                    try:
+                        o = ops.cgmm(*dev, loss=loss, smoothing=smoothing, backend=backend, **kw)
+                    except Exception as e:  # noqa: BLE001
+                        res.add(layer=layer, loss=loss, variant=variant, error=f"{type(e).__name__}: {e}"[:300])
+                        continue
                     obj = o.score.sum() + (o.resp * torch.linspace(-1, 1, o.resp.shape[-1], device=DEVICE)).sum()
                     grads = torch.autograd.grad(obj, dev)
                 kstar = o.kstar.cpu() if loss == "mc" else None
@@ -272,7 +314,13 @@ def stage_timings(res: Results, out: str) -> None:
             for mode in ("forward", "fwd+bwd"):
                 base = None
                 for provider, backend, env in (("reference", "reference", None), ("triton", "triton", None),
-                                               ("triton-v1", "triton", {"DCGMM_TRITON_KERNELS": "v1"})):
+                                               ("triton-v1", "triton", {"DCGMM_TRITON_KERNELS": "v1"}),
+                                               ("cuda", "cuda", None),
+                                               ("cuda-wgmma", "cuda", {"DCGMM_CUDA_FORWARD": "wgmma"})):
+                    if provider.startswith("cuda") and not _variant_applies(provider, mu):
+                        continue
+                    if provider == "cuda-wgmma" and mode != "forward":
+                        continue
                     try:
                         ms = bench_ms(_run_fn(backend, x, params, kw, loss, smoothing, mode, env))
                     except Exception as e:  # noqa: BLE001 - a provider that fails is recorded, the stage goes on
@@ -342,12 +390,12 @@ def stage_train(res: Results, out: str) -> None:
     xs = (ds.x_train * 255).round().to(torch.uint8).to(DEVICE)  # uint8 on the device, scaled inside the step
     ys = ds.y_train.to(DEVICE)
     sync = torch.cuda.synchronize if not DRY else (lambda: None)
-    for mode in ("eager", "cudagraphs"):
+    for mode in ("eager", "cudagraphs", "eager-cuda"):
         for batch in (batch_size(100), batch_size(1000)):
-            try:
-                model = DCGMM("D", seed=0, backend="triton").to(DEVICE)
+            try:  # eager-cuda: the cuda backend's fused layer step (two ops per layer), eager
+                model = DCGMM("D", seed=0, backend="cuda" if mode == "eager-cuda" else "triton").to(DEVICE)
                 trainer = Trainer(list(model.layers), list(model.names),
-                                  compile=False if mode == "eager" or DRY else mode)
+                                  compile=False if mode.startswith("eager") or DRY else mode)
                 h = History()
                 steps = 0
                 for i in range(3):  # warm-up (compiles the kernels, captures the graph)
@@ -384,7 +432,8 @@ def stage_train(res: Results, out: str) -> None:
 
 
 def stage_sanitizer(res: Results, out: str) -> None:
-    """compute-sanitizer memcheck on a tiny forward + backward per flag set (a tool that refuses is logged)."""
+    """compute-sanitizer memcheck and racecheck on a tiny forward + backward per flag set, triton and cuda (with the
+    cuda backend's fused step), at the test shapes (a tool that refuses is logged)."""
     if not _cuda_or_skip(res):
         return
     tool = shutil.which("compute-sanitizer") or next(
@@ -402,10 +451,20 @@ def stage_sanitizer(res: Results, out: str) -> None:
         "    s = (1 + torch.rand(*lead, 18, device='cuda')).requires_grad_()\n"
         "    lp = torch.log_softmax(torch.zeros(*lead, device='cuda'), -1).requires_grad_()\n"
         "    xg = x.clone().requires_grad_()\n"
-        "    o = ops.cgmm(xg, mu, s, lp, kernel=3, stride=1, loss=loss, smoothing=G, backend='triton')\n"
-        "    (o.score.sum() + o.resp.sum()).backward()\n"
+        "    for b in BACKENDS:\n"
+        "      o = ops.cgmm(xg, mu, s, lp, kernel=3, stride=1, loss=loss, smoothing=G, backend=b)\n"
+        "      (o.score.sum() + o.resp.sum()).backward()\n"
+        "    if 'cuda' in BACKENDS:\n"
+        "      out, st = ops.cgmm_step_partials(x, mu.detach(), s.detach(), lp.detach(), kernel=3, stride=1,\n"
+        "                                       loss=loss, smoothing=G, backend='cuda')\n"
+        "      ops.cgmm_step_finalize(st, mu.detach(), s.detach(), lp.detach(), lp.detach(), smoothing=G,\n"
+        "                             scale=0.01, steps=torch.ones(3, device='cuda'), sigma_min=0.1, sigma_max=4.0,\n"
+        "                             pi_global=indep, backend='cuda')\n"
         "torch.cuda.synchronize()\nprint('ok')\n"
     )
+    from dcgmm_fast import ops as _ops
+
+    code = f"BACKENDS = {tuple(b for b in ('triton', 'cuda') if b in _ops.available_backends())!r}\n" + code
     env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
     for check in ("memcheck", "racecheck"):
         try:
@@ -421,6 +480,32 @@ def stage_sanitizer(res: Results, out: str) -> None:
             res.add(tool=check, clean=p.returncode == 0, tail=tail[-600:])
 
 
+def stage_dispatch(res: Results, out: str) -> None:
+    """The cuda backend's dispatch table from this run: a layer shape enters where the cuda backend passed the
+    accuracy stage (every loss, worst ratio <= 1) and beat triton in forward + backward for every loss. Written to
+    RESULTS_DIR/cuda_dispatch.json; committing it to dcgmm_fast/backends/ is what makes "auto" use it."""
+    acc = res.read("accuracy")
+    tim = res.read("timings")
+    entries = []
+    for layer, ((H, W, C), k, s, K, indep) in LAYERS.items():
+        ok = [r for r in acc if r.get("layer") == layer and r.get("variant") == "cuda"]
+        if not ok or not all(r.get("passes") for r in ok):
+            continue
+        faster = True
+        for loss in ("mc", "loglik"):
+            ms = {r["provider"]: r["ms"] for r in tim if r.get("layer") == layer and r.get("loss") == loss
+                  and r.get("mode") == "fwd+bwd" and "ms" in r}
+            faster &= "cuda" in ms and "triton" in ms and ms["cuda"] < ms["triton"]
+        if faster:
+            entries.append({"layer": [H, W, C, k, k, s, s, K, "independent" if indep else "shared"],
+                            "verified": f"{out}/results.jsonl (accuracy, timings)"})
+    device = next((r.get("device") for r in res.read("env") if r.get("device")), None)
+    table = {"about": "written by bench/gpu_check.py stage dispatch", "measured_on": device, "entries": entries}
+    with open(os.path.join(out, "cuda_dispatch.json"), "w") as f:
+        json.dump(table, f, indent=2)
+    res.add(entries=len(entries), layers=[e["layer"] for e in entries])
+
+
 def stage_summary(res: Results, out: str) -> None:
     rows = [json.loads(line) for line in open(res.path)] if os.path.exists(res.path) else []
     by = {}
@@ -434,7 +519,7 @@ def stage_summary(res: Results, out: str) -> None:
         if "fp32_flops" in r:
             lines.append(f"- measured ceilings: fp32 {r['fp32_flops'] / 1e12:.1f} TFLOP/s (TF32 off), "
                          f"copy {r['hbm_bytes'] / 1e12:.2f} TB/s")
-    for name in ("tests", "accuracy", "timings", "sweep", "train", "sanitizer"):
+    for name in ("build", "tests", "accuracy", "timings", "sweep", "train", "sanitizer", "dispatch"):
         part = by.get(name, [])
         lines += ["", f"## {name}", ""]
         if not part:
@@ -452,9 +537,9 @@ def stage_summary(res: Results, out: str) -> None:
     print("\n".join(lines))
 
 
-STAGES = {"env": stage_env, "ceilings": stage_ceilings, "tests": stage_tests, "accuracy": stage_accuracy,
-          "timings": stage_timings,
-          "sweep": stage_sweep, "train": stage_train, "sanitizer": stage_sanitizer, "summary": stage_summary}
+STAGES = {"env": stage_env, "build": stage_build, "ceilings": stage_ceilings, "tests": stage_tests,
+          "accuracy": stage_accuracy, "timings": stage_timings, "sweep": stage_sweep, "train": stage_train,
+          "sanitizer": stage_sanitizer, "dispatch": stage_dispatch, "summary": stage_summary}
 
 
 def main() -> int:

@@ -122,10 +122,29 @@ def test_auto_takes_cuda_only_for_listed_shapes(monkeypatch):
     assert backends.resolve_layer("auto", torch.device("cpu"), listed) != "cuda"
 
 
-# ---------------------------------------------------------------------------------------- the build check
-def test_ptxas_report_is_parsed():
+# ---------------------------------------------------------------------------------------- the build
+def _cuda_build():
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import cuda_build
+
+    return cuda_build
+
+
+def test_a_failing_nvcc_warns_and_does_not_fail_the_install(tmp_path, monkeypatch, capsys):
+    cuda_build = _cuda_build()
+    fake = tmp_path / "nvcc"
+    fake.write_text("#!/bin/sh\necho 'nvcc: fatal error' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("DCGMM_NVCC", str(fake))
+    assert cuda_build.build_for_install(str(tmp_path)) is None
+    assert "WARNING" in capsys.readouterr().err and not (tmp_path / cuda_build.LIBRARY).exists()
+    monkeypatch.setenv("DCGMM_NVCC", str(tmp_path / "absent"))
+    assert cuda_build.build_for_install(str(tmp_path)) is None
+    assert "nvcc not found" in capsys.readouterr().err
+
+
+def test_ptxas_report_is_parsed():
+    cuda_build = _cuda_build()
 
     text = """ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90a'
 ptxas info    : Function properties for _Z3fooPf

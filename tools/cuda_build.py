@@ -96,6 +96,30 @@ def build(out_dir: str, jobs: int = 2) -> str:
     return target
 
 
+def build_for_install(out_dir: str) -> Optional[str]:
+    """What setup.py runs: the library into out_dir unless DCGMM_NO_CUDA=1, nvcc is missing or the library is newer
+    than every source. Never raises: a failed build is a warning (the cuda backend then says how to get it).
+    Returns the library's path, or None when there is none."""
+    target = os.path.join(out_dir, LIBRARY)
+    if os.environ.get("DCGMM_NO_CUDA") == "1":
+        return None
+    if nvcc() is None or not sources():
+        print("dcgmm_fast: nvcc not found, the cuda backend is not built (backend='cuda' says how to get it)",
+              file=sys.stderr)
+        return None
+    deps = sources() + glob.glob(os.path.join(ROOT, "csrc", "**", "*.h*"), recursive=True)
+    if os.path.exists(target) and os.path.getmtime(target) >= max(os.path.getmtime(f) for f in deps):
+        return target
+    try:
+        build(out_dir, jobs=os.cpu_count() or 2)
+    except Exception as e:  # noqa: BLE001 - the install goes on without the cuda backend
+        print(f"WARNING: dcgmm_fast: the CUDA library failed to build; the cuda backend is unavailable:\n{e}",
+              file=sys.stderr)
+        return None
+    print(f"dcgmm_fast: built {target}", file=sys.stderr)
+    return target
+
+
 # ------------------------------------------------------------------------------------------------ check
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(\w+)'")
 _STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -199,7 +223,8 @@ def check(arch_names: List[str], jobs: int) -> int:
     if exe is None:
         print("cuda check: nvcc not found (set DCGMM_NVCC or put nvcc on PATH)")
         return 1
-    print(f"cuda check: {exe}, {subprocess.run([exe, '--version'], capture_output=True, text=True).stdout.strip().splitlines()[-1]}")
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    print(f"cuda check: {exe}, {version}")
     with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
         results = list(pool.map(lambda s: check_file(s, arch_names), sources()))
     rows = [r for rs, _ in results for r in rs]
