@@ -111,8 +111,10 @@ def _gmm_step(layer: ConvGMM, x: torch.Tensor, fused: Optional[str] = None):
     """gmm_step, plus (max |mu|, max |pi_logits|) (2,) after the update when the fused update took them (else
     None: the step guard takes them itself). ``fused``: the backend whose fused step ops run it (``fused_step``)."""
     if fused is not None:
-        out, stats = step_partials(layer, x, fused)
-        maxima = step_finalize_(layer, stats, 1.0 / out.score.numel(), fused)
+        with torch.no_grad():
+            log_pi = layer.log_pi()
+        out, stats = step_partials(layer, x, fused, log_pi)
+        maxima = step_finalize_(layer, stats, 1.0 / out.score.numel(), fused, log_pi)
         return out.resp, fixed_order_mean(out.score), maxima
     out, grads = _gmm_grads(layer, x)
     maxima = update_(layer, *grads)
@@ -139,22 +141,37 @@ def _step_smoothing(layer: ConvGMM) -> Optional[torch.Tensor]:
     return None if layer.loss == "loglik" or layer.smoothing_is_identity else layer.smoothing
 
 
-def step_partials(layer: ConvGMM, x: torch.Tensor, backend: str):
-    """(the layer's op output on x, its step statistics (G, K, 1 + 2D) float64) from the fused partials op."""
+def step_partials(layer: ConvGMM, x: torch.Tensor, backend: str, log_pi: torch.Tensor):
+    """(the layer's op output on x, its step statistics (G, K, 1 + 2D) float64) from the fused partials op;
+    log_pi: ``layer.log_pi()`` (computed once for both halves of the step)."""
     with torch.no_grad():
-        return ops._step_partials_unchecked(x, layer.mu, layer.sigma, layer.log_pi(), kernel=layer.kernel,
+        return ops._step_partials_unchecked(x, layer.mu, layer.sigma, log_pi, kernel=layer.kernel,
                                             stride=layer.stride, loss=layer.loss, smoothing=_step_smoothing(layer),
                                             backend=backend)
 
 
-def step_finalize_(layer: ConvGMM, stats: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
+def _step_multipliers(layer: ConvGMM) -> torch.Tensor:
+    """(3,) loss_mult * (lambda_mu, lambda_sigma, lambda_pi) on the parameters' device, made once per layer (the
+    step sizes are eps times these: one op per step, no host-to-device copy)."""
+    p = layer.mu
+    key = (p.device, p.dtype, layer.loss_mult, layer.lambda_mu, layer.lambda_sigma, layer.lambda_pi)
+    cached = getattr(layer, "_step_multipliers", None)
+    if cached is None or cached[0] != key:
+        lam = torch.tensor([layer.lambda_mu, layer.lambda_sigma, layer.lambda_pi], dtype=torch.float64)
+        cached = (key, (lam * layer.loss_mult).to(device=p.device, dtype=p.dtype))
+        layer._step_multipliers = cached
+    return cached[1]
+
+
+def step_finalize_(layer: ConvGMM, stats: torch.Tensor, scale: float, backend: str,
+                   log_pi: torch.Tensor) -> torch.Tensor:
     """The original update rule from step statistics (``scale`` = 1 / rows) by the fused finalize op, written into
-    the layer's parameters; returns (max |mu|, max |pi_logits|) (2,) for the step guard."""
-    step = layer.eps.to(layer.mu.dtype) * layer.loss_mult
-    steps = torch.stack([step * layer.lambda_mu, step * layer.lambda_sigma, step * layer.lambda_pi])
+    the layer's parameters; returns (max |mu|, max |pi_logits|) (2,) for the step guard. log_pi: the layer's
+    normalised log weights before the update (those of the forward)."""
     with torch.no_grad():
+        steps = layer.eps.to(layer.mu.dtype) * _step_multipliers(layer)
         mu, sigma, pi, maxima = ops.cgmm_step_finalize(
-            stats, layer.mu, layer.sigma, layer.pi_logits, layer.log_pi(), smoothing=_step_smoothing(layer),
+            stats, layer.mu, layer.sigma, layer.pi_logits, log_pi, smoothing=_step_smoothing(layer),
             scale=scale, steps=steps, sigma_min=layer.sigma_min, sigma_max=layer.sigma_max,
             pi_global=layer.mode == "independent" and layer.pi_norm == "global", backend=backend)
         layer.mu.copy_(mu)
@@ -516,8 +533,10 @@ class Trainer:
                     work.append((i, "wait", [], out.score))
                 elif self._fused(layer, h) is not None:  # the step statistics are what the ranks add up
                     name = self._fused(layer, h)
-                    out, stats = step_partials(layer, h, name)
-                    work.append((i, ("step", name), [stats], out.score))
+                    with torch.no_grad():
+                        log_pi = layer.log_pi()
+                    out, stats = step_partials(layer, h, name, log_pi)
+                    work.append((i, ("step", name, log_pi), [stats], out.score))
                 else:
                     out, grads = _gmm_grads(layer, h)
                     work.append((i, "gmm", list(grads), out.score.detach()))
@@ -547,8 +566,9 @@ class Trainer:
             si += 1
             if kind == "gmm":
                 self._guard_and_anneal(i, mean, update_(layer, *mine))
-            elif isinstance(kind, tuple):  # ("step", backend): mean statistics over ranks, 1 / this rank's rows
-                self._guard_and_anneal(i, mean, step_finalize_(layer, mine[0], 1.0 / score.numel(), kind[1]))
+            elif isinstance(kind, tuple):  # ("step", backend, log_pi): mean statistics over ranks, 1 / own rows
+                self._guard_and_anneal(i, mean, step_finalize_(layer, mine[0], 1.0 / score.numel(), kind[1],
+                                                               kind[2]))
             values += [mean.double(), layer.som_sigma.double()]
         self.guard.advance()
         return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64, device=x.device)

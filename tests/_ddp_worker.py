@@ -1,6 +1,8 @@
 """Run by ``tests/test_distributed.py`` under torchrun (2 processes, gloo): trains ``STACK`` on the shipped
 images for 2 epochs (100 steps, annealing events among them) data-parallel, and writes each rank's state to
-OUT/rank{R}.pt; rank 0 first trains the same schedule alone, before the process group exists (OUT/single.pt)."""
+OUT/rank{R}.pt; rank 0 first trains the same schedule alone, before the process group exists (OUT/single.pt).
+``fused`` as a second argument: 1 epoch, each layer's step by the fused step ops (the cpp backend's, which run the
+CUDA kernels' arithmetic), so the ranks all-reduce step statistics instead of gradients."""
 import os
 import sys
 
@@ -18,21 +20,22 @@ STACK = [presets.GMM(3, 1, 25, window=5), presets.Pool(), presets.GMM(4, 2, 25, 
          presets.Classifier("pool1", 0.1)]
 
 
-def train() -> dict:
+def train(fused: bool) -> dict:
     ds = data.load_shipped()
-    model = DCGMM(STACK, seed=0)
-    model.fit(ds.x_train, ds.y_train, epochs=2, batch_size=100, seed=0)
+    model = DCGMM(STACK, seed=0, backend="cpp" if fused else "auto")
+    model.fit(ds.x_train, ds.y_train, epochs=1 if fused else 2, batch_size=100, seed=0, fused_step=fused or None,
+              verbose=False)
     return model.state_dict()
 
 
-def main(out: str) -> None:
+def main(out: str, fused: bool) -> None:
     rank = int(os.environ["RANK"])
     if rank == 0:
-        torch.save(train(), os.path.join(out, "single.pt"))
+        torch.save(train(fused), os.path.join(out, "single.pt"))
     dist.init_process_group("gloo")
-    torch.save(train(), os.path.join(out, f"rank{rank}.pt"))
+    torch.save(train(fused), os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], len(sys.argv) > 2 and sys.argv[2] == "fused")

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from dcgmm_fast import ops
 from dcgmm_fast.distributed import World, threads_per_process
 from dcgmm_fast.train import fixed_order_mean, fixed_order_row_sums, image_score_sums, mean_of_image_sums
 
@@ -76,12 +77,16 @@ def _state(path):
     return torch.load(path, weights_only=True)
 
 
-def test_two_ranks_take_the_same_steps_as_one_process(tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["autograd-step", "fused-step"])
+def test_two_ranks_take_the_same_steps_as_one_process(tmp_path, fused):
     """torchrun, 2 gloo ranks, a shared-mode stack (_ddp_worker.STACK) for 2 epochs of the shipped images (100
-    steps): both ranks end with the same parameters and annealing state bit for bit; against one process alone
-    (the same schedule), the parameters agree within 1e-5 relative and the annealing took the same steps
-    (som_sigma, eps and the counters equal)."""
-    res = _torchrun(os.path.join(HERE, "_ddp_worker.py"), str(tmp_path), cwd=tmp_path)
+    steps; fused: 1 epoch through the fused step ops, the ranks adding step statistics): both ranks end with the
+    same parameters and annealing state bit for bit; against one process alone (the same schedule), the parameters
+    agree within 1e-5 relative and the annealing took the same steps (som_sigma, eps and the counters equal)."""
+    if fused and "cpp" not in ops.available_backends():
+        pytest.skip("the fused variant runs the cpp backend's step ops")
+    res = _torchrun(os.path.join(HERE, "_ddp_worker.py"), str(tmp_path), *(["fused"] if fused else []),
+                    cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     single, r0, r1 = (_state(tmp_path / f"{n}.pt") for n in ("single", "rank0", "rank1"))
     assert single.keys() == r0.keys() == r1.keys()

@@ -211,7 +211,7 @@ def cgmm_bwd_cuda(g_resp: Optional[torch.Tensor], g_score: Optional[torch.Tensor
     scalar = 0
     if g_score is not None:
         if g_score.numel() > 0 and all(s == 0 for s in g_score.stride()):
-            g_score, scalar = g_score.reshape(-1)[:1], 1  # one value expanded (a mean's gradient): read once
+            g_score, scalar = g_score.as_strided((1,), (1,)), 1  # one value expanded (a mean's gradient): no copy
         else:
             g_score = g_score.contiguous()
     if g_resp is not None:
