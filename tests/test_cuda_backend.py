@@ -50,6 +50,22 @@ def test_fakes_give_the_output_shapes_on_meta_tensors():
         assert dx.shape == x.shape and dmu.shape == mu.shape and dlp.shape == log_pi.shape
 
 
+def test_fakes_on_fake_cuda_tensors():
+    """What torch.compile sees on a GPU machine: fake CUDA tensors (no GPU needed) through every op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(4, 8, 8, 1, device="cuda")
+        mu, log_pi = torch.empty(36, 16, 9, device="cuda"), torch.empty(36, 16, device="cuda")
+        out = torch.ops.dcgmm.cgmm_fwd_cuda(x, mu, mu, log_pi, [3, 3], [1, 1], "loglik", None)
+        assert [t.device.type for t in out] == ["cuda"] * 4 and out[0].shape == (4, 6, 6, 16)
+        *_, stats = torch.ops.dcgmm.cgmm_step_partials_cuda(x, mu, mu, log_pi, [3, 3], [1, 1], "mc", None)
+        assert stats.shape == (36, 16, 19) and stats.device.type == "cuda"
+        new = torch.ops.dcgmm.cgmm_step_finalize_cuda(stats, mu, mu, log_pi, log_pi, None, 0.01,
+                                                     torch.empty(3, device="cuda"), 0.1, 4.0, True)
+        assert [t.shape for t in new] == [mu.shape, mu.shape, log_pi.shape, (2,)]
+
+
 def test_the_forward_differentiates_through_the_registered_autograd():
     """Autograd is wired (register_autograd): a meta forward's score has a grad_fn."""
     meta = torch.device("meta")
