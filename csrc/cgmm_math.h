@@ -95,12 +95,38 @@ DCGMM_HD void row_log_scores(const T* xp, int64_t row_stride, int64_t kh, int64_
   for (int k = 0; k < KMAX; ++k) ls[k] = k < K ? c[k] - T(0.5) * ls[k] : -T(INFINITY);
 }
 
-// Everything after the log scores of a row: lse, resp (written to resp[0..K)), score and kstar (ties -> lowest
-// index). G: dense (K, K) smoothing for mc, or null (identity; loglik always null). The smoothed scores are
-// m + sum_j G[k, j] (ls[j] - m) (G's rows sum to 1), one row of G at a time.
+// The mc loss's smoothed argmax with the separable G = kron(Gy, Gx) (design.md; n x n factors, K = n^2): 2 K n
+// multiply-adds instead of K^2. Over v = ls - m: tmp[jy, kx] = sum_jx Gx[kx, jx] v[jy, jx], then smoothed[ky, kx] =
+// sum_jy Gy[ky, jy] tmp[jy, kx], each sum in ascending index order. tmp: K scratch values at tmp[k * ts].
 template <int KMAX, typename T>
-DCGMM_HD void row_epilogue(const T (&ls)[KMAX], int64_t K, bool is_mc, const T* G, T half_d_log_2pi, T* resp,
-                           T& score, T& lse, int32_t& kstar) {
+DCGMM_HD void row_smoothed_argmax_separable(const T (&ls)[KMAX], T m, int64_t K, int64_t n, const T* Gy,
+                                            const T* Gx, T* tmp, int64_t ts, T& best, int32_t& bk) {
+  for (int64_t k = 0; k < K; ++k) tmp[k * ts] = T(0);
+#pragma unroll
+  for (int j = 0; j < KMAX; ++j) {
+    if (j < K) {
+      const T v = ls[j] - m;
+      const int64_t jy = j / n, jx = j - jy * n;
+      T* row = tmp + jy * n * ts;
+      for (int64_t kx = 0; kx < n; ++kx) row[kx * ts] = math_fma(Gx[kx * n + jx], v, row[kx * ts]);
+    }
+  }
+  best = -T(INFINITY), bk = 0;
+  for (int64_t ky = 0; ky < n; ++ky)
+    for (int64_t kx = 0; kx < n; ++kx) {
+      T t = T(0);
+      for (int64_t jy = 0; jy < n; ++jy) t = math_fma(Gy[ky * n + jy], tmp[(jy * n + kx) * ts], t);
+      if (t > best) best = t, bk = int32_t(ky * n + kx);
+    }
+}
+
+// Everything after the log scores of a row: lse, resp (written to resp[0..K)), score and kstar (ties -> lowest
+// index). G (mc only; loglik always null): null (identity), the dense (K, K) matrix (sep_n == 0), or the stacked
+// factors (2, n, n) of G = kron(Gy, Gx) (sep_n == n; tmp: K scratch values at stride ts). The smoothed scores are
+// m + sum_j G[k, j] (ls[j] - m) (G's rows sum to 1); dense: one row of G at a time.
+template <int KMAX, typename T>
+DCGMM_HD void row_epilogue(const T (&ls)[KMAX], int64_t K, bool is_mc, const T* G, int64_t sep_n, T* tmp, int64_t ts,
+                           T half_d_log_2pi, T* resp, T& score, T& lse, int32_t& kstar) {
   T m = ls[0];
   int32_t am = 0;
 #pragma unroll
@@ -114,7 +140,12 @@ DCGMM_HD void row_epilogue(const T (&ls)[KMAX], int64_t K, bool is_mc, const T* 
 #pragma unroll
   for (int k = 0; k < KMAX; ++k)
     if (k < K) resp[k] = math_exp(ls[k] - lse);
-  if (is_mc && G != nullptr) {
+  if (is_mc && G != nullptr && sep_n > 0) {
+    T best;
+    int32_t bk;
+    row_smoothed_argmax_separable<KMAX, T>(ls, m, K, sep_n, G, G + sep_n * sep_n, tmp, ts, best, bk);
+    score = m + best - half_d_log_2pi, kstar = bk;
+  } else if (is_mc && G != nullptr) {
     T best = -T(INFINITY);
     int32_t bk = 0;
     for (int64_t k = 0; k < K; ++k) {

@@ -92,16 +92,40 @@ def test_library_refuses_bad_arguments_with_a_message():
     assert lib.dcgmm_cuda_abi_version() == cuda_backend.ABI_VERSION
     shape = cuda_backend.Shape(2, 8, 8, 1, 64, 8, 3, 3, 1, 1, 200, 0)
     assert lib.dcgmm_cuda_workspace_bytes(ctypes.byref(shape), cuda_backend.WS_FORWARD) == -1
-    err = lib.dcgmm_cgmm_fwd(ctypes.byref(shape), *([None] * 5), 1, *([None] * 6), 0, None)
+    err = lib.dcgmm_cgmm_fwd(ctypes.byref(shape), *([None] * 4), 1, None, 0, *([None] * 5), 0, None)
     assert err == 1 and "K" in lib.dcgmm_cuda_error_string(err).decode()
     shape.K = 9
     assert lib.dcgmm_cuda_workspace_bytes(ctypes.byref(shape), cuda_backend.WS_FORWARD) > 0
-    err = lib.dcgmm_cgmm_fwd(ctypes.byref(shape), ctypes.c_void_p(256), *([None] * 4), 1, *([None] * 6), 0, None)
+    err = lib.dcgmm_cgmm_fwd(ctypes.byref(shape), ctypes.c_void_p(256), *([None] * 3), 1, ctypes.c_void_p(512), 4,
+                             *([None] * 5), 0, None)
+    assert err == 1 and "n * n == K" in lib.dcgmm_cuda_error_string(err).decode()
+    err = lib.dcgmm_cgmm_fwd(ctypes.byref(shape), ctypes.c_void_p(256), *([None] * 3), 1, ctypes.c_void_p(512), 3,
+                             *([None] * 5), 0, None)
     assert err == 1 and "workspace" in lib.dcgmm_cuda_error_string(err).decode()
     shape.kh = 9
-    err = lib.dcgmm_cgmm_bwd(ctypes.byref(shape), None, None, 0, *([None] * 4), 1, None, None, None, 1, 1,
+    err = lib.dcgmm_cgmm_bwd(ctypes.byref(shape), None, None, 0, *([None] * 4), 1, None, 0, None, None, 1, 1,
                              *([None] * 5), 0, None)
     assert err == 1 and "kernel" in lib.dcgmm_cuda_error_string(err).decode()
+
+
+def test_ctypes_signatures_match_the_header():
+    """Every entry point's argument types in cuda.py against its prototype in csrc/cuda/dcgmm_cuda.h (a count or type
+    slip would shift every argument of the call on the GPU)."""
+    import re
+
+    header = open(os.path.join(ROOT, "csrc", "cuda", "dcgmm_cuda.h")).read()
+    header = re.sub(r"//[^\n]*", "", header)
+    kinds = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "double": ctypes.c_double, "float": ctypes.c_float}
+    for name, (args, res) in cuda_backend._SIGNATURES.items():
+        m = re.search(r"\b(\w[\w\s\*]*?)\s*\b" + name + r"\s*\(([^)]*)\)", header)
+        assert m, f"{name} is not declared in dcgmm_cuda.h"
+        params = [p.strip() for p in m.group(2).replace("\n", " ").split(",") if p.strip() and p.strip() != "void"]
+        assert len(params) == len(args), f"{name}: {len(params)} parameters in the header, {len(args)} in cuda.py"
+        for p, a in zip(params, args):
+            if "*" in p:
+                assert a in (ctypes.c_void_p, ctypes.c_char_p) or issubclass(a, ctypes._Pointer), (name, p, a)
+            else:
+                assert a is kinds[p.rsplit(" ", 1)[0].replace("const ", "").strip()], (name, p, a)
 
 
 def test_unbuilt_library_says_how_to_build_it(tmp_path):
@@ -194,3 +218,61 @@ def test_wgmma_forward_within_design_rule(case, monkeypatch, fresh_seed):
     got = ops.cgmm(*[t.cuda() for t in c32], smoothing=None if G is None else G.float().cuda(), backend="cuda", **kw)
     for name, a, b, c in zip(("resp", "score", "lse"), got[:3], ref[:3], ref32[:3]):
         assert rel_err(a.cpu().double(), b) <= 4 * rel_err(c.double(), b) + 1e-6, name
+
+
+# ---------------------------------------------------------------------------------------- marshalling, no GPU
+class _FakeLib:
+    """Stands in for libdcgmm_cuda.so: checks each call against the ctypes signature (count and, through ctypes'
+    own conversion, types) and records it; returns success without touching memory."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        args_t, _ = cuda_backend._SIGNATURES[name]
+
+        def call(*args):
+            assert len(args) == len(args_t), f"{name}: {len(args)} arguments, the signature has {len(args_t)}"
+            for a, t in zip(args, args_t):
+                if a is not None and not isinstance(a, (ctypes.c_void_p, ctypes._Pointer, ctypes.Structure)) \
+                        and not hasattr(a, "_obj"):
+                    t(a)  # raises for a value ctypes cannot convert to the declared type
+            self.calls.append((name, args))
+            return 64 if name == "dcgmm_cuda_workspace_bytes" else 0
+
+        return call
+
+
+@pytest.fixture
+def fake_lib(monkeypatch):
+    """The op bodies run on CPU tensors against _FakeLib: the device checks, guard and stream are bypassed."""
+    import contextlib
+
+    lib = _FakeLib()
+    monkeypatch.setattr(cuda_backend, "_load", lambda: lib)
+    monkeypatch.setattr(cuda_backend, "_check", lambda t, name: None)
+    monkeypatch.setattr(cuda_backend, "_stream", lambda device: ctypes.c_void_p(0))
+    monkeypatch.setattr(cuda_backend, "_use_wgmma", lambda mu, x: False)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    return lib
+
+
+def test_every_op_marshals_its_arguments_as_the_abi_declares(fake_lib):
+    x, mu, sigma, log_pi = [t.float() for t in make_inputs(2, 8, 8, 1, 3, 1, 25, True)]
+    G = geometry.smoothing_factors(25, 1.0)
+    fwd = cuda_backend.cgmm_fwd_cuda._init_fn(x, mu, sigma, log_pi, [3, 3], [1, 1], "mc", G)
+    name, args = fake_lib.calls[-1]
+    assert name == "dcgmm_cgmm_fwd" and args[7] == 5  # the factors go as they are: n = 5
+    assert args[0]._obj.K == 25 and args[0]._obj.independent == 1 and args[0]._obj.stride_h == 8
+    resp, score, lse, kstar = fwd
+    cuda_backend.cgmm_bwd_cuda._init_fn(None, torch.full((), 0.1).expand(score.shape), x, mu, sigma, log_pi,
+                                        [3, 3], [1, 1], "mc", G, resp, lse, kstar, True, True)
+    name, args = fake_lib.calls[-1]
+    assert name == "dcgmm_cgmm_bwd" and args[3] == 1 and args[10] == 5  # g_score read once; factors
+    *_, stats = cuda_backend.cgmm_step_partials_cuda._init_fn(x, mu, sigma, log_pi, [3, 3], [1, 1], "loglik", G)
+    name, args = fake_lib.calls[-1]
+    assert name == "dcgmm_cgmm_step_partials" and args[6] is None and stats.shape == (36, 25, 19)
+    cuda_backend.cgmm_step_finalize_cuda._init_fn(stats, mu, sigma, log_pi, log_pi, G, 0.01, torch.ones(3), 0.1,
+                                                  4.0, True)
+    name, args = fake_lib.calls[-1]
+    assert name == "dcgmm_cgmm_step_finalize" and args[0]._obj.H == 36 and args[0]._obj.C == 9

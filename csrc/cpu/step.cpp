@@ -58,7 +58,7 @@ StepGeo step_geo(const at::Tensor& x, const at::Tensor& mu, at::IntArrayRef kern
 
 template <int KMAX, typename T>
 void partials_impl(const StepGeo& g, const T* x, const T* mu, const T* sigma, const T* log_pi, bool is_mc, const T* G,
-                   T* resp, T* score, T* lse, int32_t* kstar, double* stats) {
+                   int64_t sep_n, T* resp, T* score, T* lse, int32_t* kstar, double* stats) {
   const int64_t K = g.K, D = g.D, E = 1 + 2 * D, kwc = g.kw * g.C, sH = g.W * g.C, sN = g.H * sH;
   std::vector<T> prm(g.Gc * D * KMAX * 2, T(0)), c(g.Gc * KMAX, T(0));
   for (int64_t gi = 0; gi < g.Gc; ++gi)
@@ -74,7 +74,7 @@ void partials_impl(const StepGeo& g, const T* x, const T* mu, const T* sigma, co
   const T half = T(0.5 * double(D) * 1.8378770664093453);
   std::vector<T> partials(g.nblocks * K * E);
   at::parallel_for(0, g.nblocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> Ws(ROWS * K), Xs(ROWS * D);
+    std::vector<T> Ws(ROWS * K), Xs(ROWS * D), tmp(K);
     for (int64_t b = b0; b < b1; ++b) {
       // block b's rows, in the CUDA grid's order: independent (chunk, p) = (b / P, b % P); shared consecutive rows
       const int64_t chunk = g.independent ? b / g.P : b, p_fixed = g.independent ? b % g.P : 0;
@@ -95,7 +95,7 @@ void partials_impl(const StepGeo& g, const T* x, const T* mu, const T* sigma, co
         T ls[KMAX];
         row_log_scores<KMAX, T>(xp, sH, g.kh, kwc, prm.data() + gi * D * KMAX * 2, c.data() + gi * KMAX, K, ls);
         int32_t ks = 0;
-        row_epilogue<KMAX, T>(ls, K, is_mc, G, half, resp + r * K, score[r], lse[r], ks);
+        row_epilogue<KMAX, T>(ls, K, is_mc, G, sep_n, tmp.data(), 1, half, resp + r * K, score[r], lse[r], ks);
         kstar[r] = ks;
         for (int64_t k = 0; k < K; ++k) Ws[t * K + k] = is_mc ? (k == ks ? T(1) : T(0)) : resp[r * K + k];
         for (int64_t d = 0; d < D; ++d) Xs[t * D + d] = xp[(d / kwc) * sH + d % kwc];
@@ -137,10 +137,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> step_part
   TORCH_CHECK(loss == "mc" || loss == "loglik", "loss: expected 'mc' or 'loglik'");
   const bool is_mc = loss == "mc";
   auto x = x_.contiguous(), mu = mu_.contiguous(), sigma = sigma_.contiguous(), log_pi = log_pi_.contiguous();
-  at::Tensor G;
+  at::Tensor G;  // the factors (2, n, n) as they are (the separable smoothing), or the dense (K, K) G
+  int64_t sep_n = 0;
   if (is_mc && smoothing.has_value()) {
-    G = smoothing->dim() == 3 ? at::kron((*smoothing)[0], (*smoothing)[1]) : *smoothing;
-    G = G.to(x.scalar_type()).contiguous();
+    G = smoothing->to(x.scalar_type()).contiguous();
+    if (G.dim() == 3) {
+      sep_n = G.size(-1);
+      TORCH_CHECK(G.size(0) == 2 && G.size(1) == sep_n && sep_n * sep_n == g.K, "smoothing: expected factors (2, n, "
+                  "n) with n * n = K = ", g.K, ", got ", G.sizes());
+    }
   }
   auto opts = x.options();
   auto resp = new_output({g.N, g.Ho, g.Wo, g.K}, opts), score = new_output({g.N, g.Ho, g.Wo}, opts);
@@ -151,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> step_part
     auto run = [&](auto kmax) {
       partials_impl<decltype(kmax)::value, T>(g, x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(),
                                              log_pi.data_ptr<T>(), is_mc, G.defined() ? G.data_ptr<T>() : nullptr,
-                                             resp.data_ptr<T>(), score.data_ptr<T>(), lse.data_ptr<T>(),
+                                             sep_n, resp.data_ptr<T>(), score.data_ptr<T>(), lse.data_ptr<T>(),
                                              kstar.data_ptr<int32_t>(), stats.data_ptr<double>());
     };
     if (g.K <= 32) run(std::integral_constant<int, 32>{});

@@ -86,9 +86,10 @@ __device__ void block_sums(const Geo& g, const float* __restrict__ x, const floa
 template <int KMAX, bool STEP>
 __global__ void __launch_bounds__(ROWS, 1) forward_kernel(Geo g, const float* __restrict__ x,
                                                        const float* __restrict__ prm, const float* __restrict__ c,
-                                                       int is_mc, const float* __restrict__ G, float* resp,
-                                                       float* __restrict__ score, float* __restrict__ lse,
-                                                       int32_t* __restrict__ kstar, float* __restrict__ partials) {
+                                                       int is_mc, const float* __restrict__ G, int sep_n,
+                                                       float* resp, float* __restrict__ score,
+                                                       float* __restrict__ lse, int32_t* __restrict__ kstar,
+                                                       float* __restrict__ partials) {
   extern __shared__ float smem[];
   const int t = threadIdx.x;
   const RowAt a = row_at(g, t);
@@ -99,11 +100,13 @@ __global__ void __launch_bounds__(ROWS, 1) forward_kernel(Geo g, const float* __
     row_log_scores<KMAX>(patch_origin(g, x, a.n, a.p), g.sH, g.kh, g.kw * g.C, prm + a.gi * g.D * KMAX * 2,
                          c + a.gi * KMAX, g.K, ls);
     float sc;
-    row_epilogue<KMAX>(ls, g.K, is_mc != 0, G, float(0.5 * double(g.D) * 1.8378770664093453), resp + a.r * g.K,
-                       sc, l, ks);
+    // separable smoothing: this thread's K scratch values in shared memory, column t (conflict-free)
+    row_epilogue<KMAX>(ls, g.K, is_mc != 0, G, sep_n, smem + t, ROWS, float(0.5 * double(g.D) * 1.8378770664093453),
+                       resp + a.r * g.K, sc, l, ks);
     score[a.r] = sc, lse[a.r] = l, kstar[a.r] = ks;
   }
   if (STEP) {  // the step's weights: the one-hot winner (mc) or resp (loglik)
+    __syncthreads();  // the smoothing's scratch and Ws share the shared memory
     float* Ws = smem;  // resp read back (this thread's own writes): the log scores are dead by now
     const float* rp = resp + a.r * g.K;
     for (int64_t k = 0; k < g.K; ++k)
@@ -117,7 +120,7 @@ template <int KMAX>
 __global__ void __launch_bounds__(ROWS) backward_kernel(Geo g, const float* __restrict__ g_resp,
                                                         const float* __restrict__ g_score, int g_score_scalar,
                                                         const float* __restrict__ x, const float* __restrict__ prm,
-                                                        int is_mc, const float* __restrict__ G,
+                                                        int is_mc, const float* __restrict__ G, int sep_n,
                                                         const float* __restrict__ resp,
                                                         const int32_t* __restrict__ kstar, int need_x, int need_p,
                                                         float* __restrict__ dxp, float* __restrict__ partials) {
@@ -142,7 +145,12 @@ __global__ void __launch_bounds__(ROWS) backward_kernel(Geo g, const float* __re
 #pragma unroll
     for (int k = 0; k < KMAX; ++k) {
       if (k < K) {
-        float first = is_mc ? (G != nullptr ? gs * G[ks * K + k] : (k == ks ? gs : 0.f)) : gs * rp[k];
+        // G[kstar, k]: a row of the dense G, or Gy[kstar / n, k / n] Gx[kstar % n, k % n] of the factors
+        const float gk = G == nullptr ? 0.f
+                         : sep_n > 0 ? G[(ks / sep_n) * sep_n + k / sep_n] *
+                                           G[sep_n * sep_n + (ks % sep_n) * sep_n + k % sep_n]
+                                     : G[ks * K + k];
+        float first = is_mc ? (G != nullptr ? gs * gk : (k == ks ? gs : 0.f)) : gs * rp[k];
         float v = gr != nullptr ? first + rp[k] * (gr[k] - dot) : first;
         w[k] = fabsf(v) < 1.17549435e-38f ? 0.f : v;
       }
@@ -284,17 +292,19 @@ inline unsigned blocks_for(int64_t n, int threads) { return unsigned((n + thread
 
 template <bool STEP>
 int launch_forward(const Geo& g, const float* x, const float* prm, const float* c, int is_mc, const float* G,
-                   float* resp, float* score, float* lse, int32_t* kstar, float* partials, cudaStream_t st) {
-  const size_t smem = STEP ? sums_smem(g) : 0;
+                   int sep_n, float* resp, float* score, float* lse, int32_t* kstar, float* partials,
+                   cudaStream_t st) {
+  const size_t scratch = G != nullptr && sep_n > 0 ? size_t(ROWS) * size_t(g.K) * sizeof(float) : 0;
+  const size_t smem = STEP && sums_smem(g) > scratch ? sums_smem(g) : scratch;
   if (g.kmax == 32)
-    forward_kernel<32, STEP><<<row_grid(g), ROWS, smem, st>>>(g, x, prm, c, is_mc, G, resp, score, lse, kstar,
-                                                              partials);
+    forward_kernel<32, STEP><<<row_grid(g), ROWS, smem, st>>>(g, x, prm, c, is_mc, G, sep_n, resp, score, lse,
+                                                              kstar, partials);
   else if (g.kmax == 64)
-    forward_kernel<64, STEP><<<row_grid(g), ROWS, smem, st>>>(g, x, prm, c, is_mc, G, resp, score, lse, kstar,
-                                                              partials);
+    forward_kernel<64, STEP><<<row_grid(g), ROWS, smem, st>>>(g, x, prm, c, is_mc, G, sep_n, resp, score, lse,
+                                                              kstar, partials);
   else
-    forward_kernel<128, STEP><<<row_grid(g), ROWS, smem, st>>>(g, x, prm, c, is_mc, G, resp, score, lse, kstar,
-                                                               partials);
+    forward_kernel<128, STEP><<<row_grid(g), ROWS, smem, st>>>(g, x, prm, c, is_mc, G, sep_n, resp, score, lse,
+                                                               kstar, partials);
   return launched();
 }
 
@@ -302,6 +312,13 @@ int check_x(const Geo& g, const float* x) {
   if (x == nullptr) return fail("x: NULL");
   if (g.sH < g.W * g.C || g.sN < g.H * g.sH - (g.sH - g.W * g.C))
     return fail("x: pixel rows and images must not overlap (stride_h %lld, stride_n %lld)", g.sH, g.sN);
+  return 0;
+}
+
+// the smoothing argument: dense (K, K) (n == 0) or factors (2, n, n) with n * n == K
+int check_smoothing(const Geo& g, const float* G, int n) {
+  if (G != nullptr && n != 0 && int64_t(n) * n != g.K)
+    return fail("smoothing: factors (2, n, n) need n * n == K, got n = %lld, K = %lld", n, g.K);
   return 0;
 }
 
@@ -320,32 +337,34 @@ using namespace dcgmm::cuda;
 extern "C" {
 
 int dcgmm_cgmm_fwd(const dcgmm_shape* s, const float* x, const float* mu, const float* sigma, const float* log_pi,
-                   int is_mc, const float* smoothing, float* resp, float* score, float* lse, int32_t* kstar,
-                   void* workspace, int64_t workspace_bytes, void* stream) {
+                   int is_mc, const float* smoothing, int smoothing_n, float* resp, float* score, float* lse,
+                   int32_t* kstar, void* workspace, int64_t workspace_bytes, void* stream) {
   Geo g;
   Workspace w;
   DCGMM_TRY(make_geo(s, g));
   DCGMM_TRY(check_x(g, x));
+  DCGMM_TRY(check_smoothing(g, smoothing, smoothing_n));
   DCGMM_TRY(check_workspace(g, DCGMM_WS_FORWARD, workspace, workspace_bytes, w));
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   DCGMM_TRY(pack_params(g, mu, sigma, log_pi, w.prm, w.c, st));
-  return launch_forward<false>(g, x, w.prm, w.c, is_mc, is_mc ? smoothing : nullptr, resp, score, lse, kstar,
-                               nullptr, st);
+  return launch_forward<false>(g, x, w.prm, w.c, is_mc, is_mc ? smoothing : nullptr, smoothing_n, resp, score, lse,
+                               kstar, nullptr, st);
 }
 
 int dcgmm_cgmm_step_partials(const dcgmm_shape* s, const float* x, const float* mu, const float* sigma,
-                             const float* log_pi, int is_mc, const float* smoothing, float* resp, float* score,
-                             float* lse, int32_t* kstar, double* stats, void* workspace, int64_t workspace_bytes,
-                             void* stream) {
+                             const float* log_pi, int is_mc, const float* smoothing, int smoothing_n, float* resp,
+                             float* score, float* lse, int32_t* kstar, double* stats, void* workspace,
+                             int64_t workspace_bytes, void* stream) {
   Geo g;
   Workspace w;
   DCGMM_TRY(make_geo(s, g));
   DCGMM_TRY(check_x(g, x));
+  DCGMM_TRY(check_smoothing(g, smoothing, smoothing_n));
   DCGMM_TRY(check_workspace(g, DCGMM_WS_STEP_PARTIALS, workspace, workspace_bytes, w));
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   DCGMM_TRY(pack_params(g, mu, sigma, log_pi, w.prm, w.c, st));
-  DCGMM_TRY(launch_forward<true>(g, x, w.prm, w.c, is_mc, is_mc ? smoothing : nullptr, resp, score, lse, kstar,
-                                 w.partials, st));
+  DCGMM_TRY(launch_forward<true>(g, x, w.prm, w.c, is_mc, is_mc ? smoothing : nullptr, smoothing_n, resp, score,
+                                 lse, kstar, w.partials, st));
   const int64_t n = g.Gc * g.K * (1 + 2 * g.D);
   stats_kernel<<<blocks_for(n, 256), 256, 0, st>>>(g, w.partials, stats);
   return launched();
@@ -353,13 +372,14 @@ int dcgmm_cgmm_step_partials(const dcgmm_shape* s, const float* x, const float* 
 
 int dcgmm_cgmm_bwd(const dcgmm_shape* s, const float* g_resp, const float* g_score, int g_score_scalar,
                    const float* x, const float* mu, const float* sigma, const float* log_pi, int is_mc,
-                   const float* smoothing, const float* resp, const int32_t* kstar, int need_x_grad,
+                   const float* smoothing, int smoothing_n, const float* resp, const int32_t* kstar, int need_x_grad,
                    int need_param_grads, float* dx, float* d_mu, float* d_sigma, float* d_log_pi, void* workspace,
                    int64_t workspace_bytes, void* stream) {
   Geo g;
   Workspace w;
   DCGMM_TRY(make_geo(s, g));
   DCGMM_TRY(check_x(g, x));
+  DCGMM_TRY(check_smoothing(g, smoothing, smoothing_n));
   DCGMM_TRY(check_workspace(g, DCGMM_WS_BACKWARD, workspace, workspace_bytes, w));
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   const float* G = is_mc ? smoothing : nullptr;
@@ -369,13 +389,13 @@ int dcgmm_cgmm_bwd(const dcgmm_shape* s, const float* g_resp, const float* g_sco
   const int nx = need_x_grad ? 1 : 0, np = need_param_grads ? 1 : 0;
   if (g.kmax == 32)
     backward_kernel<32><<<row_grid(g), ROWS, smem, st>>>(g, g_resp, g_score, g_score_scalar, x, w.prm, is_mc, G,
-                                                        resp, kstar, nx, np, w.dxp, w.partials);
+                                                        smoothing_n, resp, kstar, nx, np, w.dxp, w.partials);
   else if (g.kmax == 64)
     backward_kernel<64><<<row_grid(g), ROWS, smem, st>>>(g, g_resp, g_score, g_score_scalar, x, w.prm, is_mc, G,
-                                                        resp, kstar, nx, np, w.dxp, w.partials);
+                                                        smoothing_n, resp, kstar, nx, np, w.dxp, w.partials);
   else
     backward_kernel<128><<<row_grid(g), ROWS, smem, st>>>(g, g_resp, g_score, g_score_scalar, x, w.prm, is_mc, G,
-                                                         resp, kstar, nx, np, w.dxp, w.partials);
+                                                        smoothing_n, resp, kstar, nx, np, w.dxp, w.partials);
   DCGMM_TRY(launched());
   if (need_param_grads) {
     const int64_t n = g.Gc * g.K * g.D;

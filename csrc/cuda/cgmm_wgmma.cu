@@ -196,8 +196,8 @@ template <int N>
 __global__ void __launch_bounds__(THREADS, 1)
     wgmma_forward_kernel(Geo g, int64_t dp, const float* __restrict__ x, const float* __restrict__ b,
                          const float* __restrict__ ctr, const float* __restrict__ cprime, int is_mc,
-                         const float* __restrict__ G, float* resp, float* __restrict__ score, float* __restrict__ lse,
-                         int32_t* __restrict__ kstar) {
+                         const float* __restrict__ G, int sep_n, float* resp, float* __restrict__ score,
+                         float* __restrict__ lse, int32_t* __restrict__ kstar) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int A_F = BM * BK, B_F = N * BK, STAGE_F = 2 * A_F + 2 * B_F;
   constexpr int KMAX = N <= 32 ? 32 : (N <= 64 ? 64 : 128);
@@ -286,8 +286,9 @@ __global__ void __launch_bounds__(THREADS, 1)
       for (int k = 0; k < KMAX; ++k) ls[k] = k < g.K ? cprime[k] + tile[lt * N + k] : -CUDART_INF_F;
       float sc, l2;
       int32_t ks;
-      row_epilogue<KMAX>(ls, g.K, is_mc != 0, G, float(0.5 * double(g.D) * 1.8378770664093453), resp + r * g.K, sc,
-                         l2, ks);
+      // separable smoothing's scratch: stage 0's buffers (every stage consumed), column lt
+      row_epilogue<KMAX>(ls, g.K, is_mc != 0, G, sep_n, smem + lt, BM, float(0.5 * double(g.D) * 1.8378770664093453),
+                         resp + r * g.K, sc, l2, ks);
       score[r] = sc, lse[r] = l2, kstar[r] = ks;
     }
   }
@@ -302,14 +303,15 @@ size_t smem_bytes(int64_t dp) {
 }
 
 template <int N>
-int launch(const Geo& g, int64_t dp, const float* x, const Workspace& w, int is_mc, const float* G, float* resp,
-           float* score, float* lse, int32_t* kstar, cudaStream_t st) {
+int launch(const Geo& g, int64_t dp, const float* x, const Workspace& w, int is_mc, const float* G, int sep_n,
+           float* resp, float* score, float* lse, int32_t* kstar, cudaStream_t st) {
   const size_t smem = smem_bytes<N>(dp);
   cudaError_t err = cudaFuncSetAttribute(wgmma_forward_kernel<N>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          int(smem));
   if (err != cudaSuccess) return int(err);
   wgmma_forward_kernel<N><<<unsigned((g.M + BM - 1) / BM), THREADS, smem, st>>>(g, dp, x, w.wg_b, w.wg_ctr, w.wg_c,
-                                                                                is_mc, G, resp, score, lse, kstar);
+                                                                                is_mc, G, sep_n, resp, score, lse,
+                                                                                kstar);
   return launched();
 }
 
@@ -320,9 +322,9 @@ int launch(const Geo& g, int64_t dp, const float* x, const Workspace& w, int is_
 using namespace dcgmm::cuda;
 
 extern "C" int dcgmm_cgmm_fwd_wgmma(const dcgmm_shape* s, const float* x, const float* mu, const float* sigma,
-                                    const float* log_pi, int is_mc, const float* smoothing, float* resp, float* score,
-                                    float* lse, int32_t* kstar, void* workspace, int64_t workspace_bytes,
-                                    void* stream) {
+                                    const float* log_pi, int is_mc, const float* smoothing, int smoothing_n,
+                                    float* resp, float* score, float* lse, int32_t* kstar, void* workspace,
+                                    int64_t workspace_bytes, void* stream) {
   Geo g;
   Workspace w;
   int err = make_geo(s, g);
@@ -331,6 +333,8 @@ extern "C" int dcgmm_cgmm_fwd_wgmma(const dcgmm_shape* s, const float* x, const 
   const int64_t dp = wg_dp(g.D), np = wg_np(g.K);
   if (dp > WG_MAX_DP) return fail("wgmma forward: at most %lld patch entries, got %lld", WG_MAX_DP, g.D);
   if (g.sH < g.W * g.C) return fail("x: pixel rows must not overlap (stride_h %lld)", g.sH);
+  if (smoothing != nullptr && smoothing_n != 0 && int64_t(smoothing_n) * smoothing_n != g.K)
+    return fail("smoothing: factors (2, n, n) need n * n == K, got n = %lld, K = %lld", smoothing_n, g.K);
   err = check_workspace(g, DCGMM_WS_FORWARD, workspace, workspace_bytes, w);
   if (err != 0) return err;
   int dev = 0, major = 0;
@@ -345,9 +349,9 @@ extern "C" int dcgmm_cgmm_fwd_wgmma(const dcgmm_shape* s, const float* x, const 
   if ((err = launched()) != 0) return err;
   const float* G = is_mc ? smoothing : nullptr;
   switch (np) {
-    case 32: return launch<32>(g, dp, x, w, is_mc, G, resp, score, lse, kstar, st);
-    case 64: return launch<64>(g, dp, x, w, is_mc, G, resp, score, lse, kstar, st);
-    case 104: return launch<104>(g, dp, x, w, is_mc, G, resp, score, lse, kstar, st);
-    default: return launch<128>(g, dp, x, w, is_mc, G, resp, score, lse, kstar, st);
+    case 32: return launch<32>(g, dp, x, w, is_mc, G, smoothing_n, resp, score, lse, kstar, st);
+    case 64: return launch<64>(g, dp, x, w, is_mc, G, smoothing_n, resp, score, lse, kstar, st);
+    case 104: return launch<104>(g, dp, x, w, is_mc, G, smoothing_n, resp, score, lse, kstar, st);
+    default: return launch<128>(g, dp, x, w, is_mc, G, smoothing_n, resp, score, lse, kstar, st);
   }
 }

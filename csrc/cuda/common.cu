@@ -60,7 +60,7 @@ using namespace dcgmm::cuda;
 
 extern "C" {
 
-int dcgmm_cuda_abi_version(void) { return 1; }
+int dcgmm_cuda_abi_version(void) { return 2; }
 
 int dcgmm_cuda_device_count(int* count) {
   int n = 0;

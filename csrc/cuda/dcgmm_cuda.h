@@ -32,17 +32,19 @@ const char* dcgmm_cuda_error_string(int err);
 const char* dcgmm_cuda_last_message(void);
 int64_t dcgmm_cuda_workspace_bytes(const dcgmm_shape* s, int op);
 
-// resp (N,H',W',K), score, lse (N,H',W'), kstar int32. smoothing: dense (K, K) G for mc, or NULL.
+// resp (N,H',W',K), score, lse (N,H',W'), kstar int32. smoothing (mc): NULL (identity), the dense (K, K) G
+// (smoothing_n == 0) or the stacked separable factors (2, n, n) of G = kron(Gy, Gx) (smoothing_n == n, n * n == K:
+// 2 K n operations per row instead of K^2).
 int dcgmm_cgmm_fwd(const dcgmm_shape* s, const float* x, const float* mu, const float* sigma, const float* log_pi,
-                   int is_mc, const float* smoothing, float* resp, float* score, float* lse, int32_t* kstar,
-                   void* workspace, int64_t workspace_bytes, void* stream);
+                   int is_mc, const float* smoothing, int smoothing_n, float* resp, float* score, float* lse,
+                   int32_t* kstar, void* workspace, int64_t workspace_bytes, void* stream);
 
 // The backward of design.md. g_resp (N,H',W',K) or NULL; g_score: per row (g_score_scalar == 0) or one value read
 // from g_score[0] (g_score_scalar == 1, an expanded tensor), or NULL. dx (N,H,W,C) when need_x_grad; d_mu,
 // d_sigma (as mu), d_log_pi (as log_pi) when need_param_grads.
 int dcgmm_cgmm_bwd(const dcgmm_shape* s, const float* g_resp, const float* g_score, int g_score_scalar,
                    const float* x, const float* mu, const float* sigma, const float* log_pi, int is_mc,
-                   const float* smoothing, const float* resp, const int32_t* kstar, int need_x_grad,
+                   const float* smoothing, int smoothing_n, const float* resp, const int32_t* kstar, int need_x_grad,
                    int need_param_grads, float* dx, float* d_mu, float* d_sigma, float* d_log_pi, void* workspace,
                    int64_t workspace_bytes, void* stream);
 
@@ -50,13 +52,13 @@ int dcgmm_cgmm_bwd(const dcgmm_shape* s, const float* g_resp, const float* g_sco
 // step_component): the forward's outputs as dcgmm_cgmm_fwd, and per component j the fixed-order sums over rows of
 // W, W (x - mu_j), W (x - mu_j)^2 with W the one-hot winner (mc) or resp (loglik). G_count = P or 1.
 int dcgmm_cgmm_step_partials(const dcgmm_shape* s, const float* x, const float* mu, const float* sigma,
-                             const float* log_pi, int is_mc, const float* smoothing, float* resp, float* score,
-                             float* lse, int32_t* kstar, double* stats, void* workspace, int64_t workspace_bytes,
-                             void* stream);
+                             const float* log_pi, int is_mc, const float* smoothing, int smoothing_n, float* resp,
+                             float* score, float* lse, int32_t* kstar, double* stats, void* workspace,
+                             int64_t workspace_bytes, void* stream);
 
 // The original update rule from (possibly all-reduced) statistics: new mu, sigma (clipped to [sigma_min,
-// sigma_max]), pi_logits; steps (3,) = (s_mu, s_sigma, s_pi) on the device; scale = 1 / rows; smoothing: dense G
-// when the statistics are of an mc loss with smoothing, else NULL; pi_global: one softmax over all P*K logits.
+// sigma_max]), pi_logits; steps (3,) = (s_mu, s_sigma, s_pi) on the device; scale = 1 / rows; smoothing: the dense
+// (K, K) G when the statistics are of an mc loss with smoothing, else NULL; pi_global: one softmax over all P*K logits.
 // maxima (2,): max |new mu|, max |new pi_logits| (NaN if any is NaN).
 int dcgmm_cgmm_step_finalize(const dcgmm_shape* s, const double* stats, const float* mu, const float* sigma,
                              const float* pi_logits, const float* log_pi, const float* smoothing, double scale,
@@ -67,8 +69,9 @@ int dcgmm_cgmm_step_finalize(const dcgmm_shape* s, const double* stats, const fl
 // sm_90a only: the forward of a shared layer by warpgroup MMA in split TF32 (3xTF32) on the centred GEMM form
 // (cgmm_wgmma.cu). Returns cudaErrorNoKernelImageForDevice on other GPUs.
 int dcgmm_cgmm_fwd_wgmma(const dcgmm_shape* s, const float* x, const float* mu, const float* sigma,
-                         const float* log_pi, int is_mc, const float* smoothing, float* resp, float* score,
-                         float* lse, int32_t* kstar, void* workspace, int64_t workspace_bytes, void* stream);
+                         const float* log_pi, int is_mc, const float* smoothing, int smoothing_n, float* resp,
+                         float* score, float* lse, int32_t* kstar, void* workspace, int64_t workspace_bytes,
+                         void* stream);
 
 #ifdef __cplusplus
 }

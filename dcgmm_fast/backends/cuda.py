@@ -28,7 +28,7 @@ from .fused import FusedOps, register_fused_ops
 LIBRARY = "libdcgmm_cuda.so"
 #: workspace kinds (csrc/cuda/dcgmm_cuda.h)
 WS_FORWARD, WS_BACKWARD, WS_STEP_PARTIALS, WS_STEP_FINALIZE = 0, 1, 2, 3
-ABI_VERSION = 1
+ABI_VERSION = 2
 MAX_COMPONENTS = 128
 
 
@@ -49,16 +49,23 @@ def library_path() -> str:
 
 _LIB: Optional[ctypes.CDLL] = None
 _P, _I, _I64, _D, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_double, ctypes.c_float
-_SIGNATURES = {
+_SIGNATURES = {  # argument and result types of csrc/cuda/dcgmm_cuda.h (a test checks them against the header)
     "dcgmm_cuda_abi_version": ([], _I),
     "dcgmm_cuda_device_count": ([ctypes.POINTER(ctypes.c_int)], _I),
     "dcgmm_cuda_error_string": ([_I], ctypes.c_char_p),
+    "dcgmm_cuda_last_message": ([], ctypes.c_char_p),
     "dcgmm_cuda_workspace_bytes": ([_P, _I], _I64),
-    "dcgmm_cgmm_fwd": ([_P] + [_P] * 5 + [_I, _P] + [_P] * 4 + [_P, _I64, _P], _I),
-    "dcgmm_cgmm_fwd_wgmma": ([_P] + [_P] * 5 + [_I, _P] + [_P] * 4 + [_P, _I64, _P], _I),
-    "dcgmm_cgmm_bwd": ([_P, _P, _P, _I, _P, _P, _P, _P, _I, _P, _P, _P, _I, _I, _P, _P, _P, _P, _P, _I64, _P], _I),
-    "dcgmm_cgmm_step_partials": ([_P] + [_P] * 5 + [_I, _P] + [_P] * 5 + [_P, _I64, _P], _I),
-    "dcgmm_cgmm_step_finalize": ([_P, _P, _P, _P, _P, _P, _P, _D, _P, _F, _F, _I, _P, _P, _P, _P, _P, _I64, _P], _I),
+    # shape, x, mu, sigma, log_pi, is_mc, smoothing, smoothing_n, resp, score, lse, kstar, workspace, bytes, stream
+    "dcgmm_cgmm_fwd": ([_P] * 5 + [_I, _P, _I] + [_P] * 4 + [_P, _I64, _P], _I),
+    "dcgmm_cgmm_fwd_wgmma": ([_P] * 5 + [_I, _P, _I] + [_P] * 4 + [_P, _I64, _P], _I),
+    # shape, g_resp, g_score, g_score_scalar, x, mu, sigma, log_pi, is_mc, smoothing, smoothing_n, resp, kstar,
+    # need_x_grad, need_param_grads, dx, d_mu, d_sigma, d_log_pi, workspace, bytes, stream
+    "dcgmm_cgmm_bwd": ([_P, _P, _P, _I] + [_P] * 4 + [_I, _P, _I, _P, _P, _I, _I] + [_P] * 4 + [_P, _I64, _P], _I),
+    # shape, x, mu, sigma, log_pi, is_mc, smoothing, smoothing_n, resp, score, lse, kstar, stats, workspace, ...
+    "dcgmm_cgmm_step_partials": ([_P] * 5 + [_I, _P, _I] + [_P] * 5 + [_P, _I64, _P], _I),
+    # shape, stats, mu, sigma, pi_logits, log_pi, smoothing, scale, steps, sigma_min, sigma_max, pi_global, new_mu,
+    # new_sigma, new_pi_logits, maxima, workspace, bytes, stream
+    "dcgmm_cgmm_step_finalize": ([_P] * 7 + [_D, _P, _F, _F, _I] + [_P] * 4 + [_P, _I64, _P], _I),
 }
 
 
@@ -161,10 +168,13 @@ def _workspace(lib: ctypes.CDLL, shape: Shape, kind: int, device) -> torch.Tenso
     return torch.empty(max(int(n), 1), dtype=torch.uint8, device=device)
 
 
-def _dense(smoothing: Optional[torch.Tensor], loss: str) -> Optional[torch.Tensor]:
+def _smoothing(smoothing: Optional[torch.Tensor], loss: str) -> Tuple[Optional[torch.Tensor], int]:
+    """The kernels' smoothing argument: (the factors (2, n, n), n) as the layers pass them (separable: 2 K n per row),
+    (the dense (K, K) G, 0), or (None, 0) for the identity and for loglik."""
     if smoothing is None or loss != "mc":
-        return None
-    return smoothing_dense(smoothing).to(torch.float32).contiguous()
+        return None, 0
+    G = smoothing.to(torch.float32).contiguous()
+    return G, (int(G.shape[-1]) if G.dim() == 3 else 0)
 
 
 def _stream(device) -> ctypes.c_void_p:
@@ -190,11 +200,11 @@ def cgmm_fwd_cuda(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, log_pi
     with torch.cuda.device(x.device):
         resp, score, lse = _new(N, Ho, Wo, K, like=x), _new(N, Ho, Wo, like=x), _new(N, Ho, Wo, like=x)
         kstar = _new(N, Ho, Wo, like=x, dtype=torch.int32)
-        G = _dense(smoothing, loss)
+        G, n = _smoothing(smoothing, loss)
         entry = "dcgmm_cgmm_fwd_wgmma" if _use_wgmma(mu, x) else "dcgmm_cgmm_fwd"
         ws = _workspace(lib, shape, WS_FORWARD, x.device)
         _call(entry, lib, ctypes.byref(shape), _ptr(x), _ptr(mu), _ptr(sigma), _ptr(log_pi), int(loss == "mc"),
-              _ptr(G), _ptr(resp), _ptr(score), _ptr(lse), _ptr(kstar), _ptr(ws), ws.numel(), _stream(x.device))
+              _ptr(G), n, _ptr(resp), _ptr(score), _ptr(lse), _ptr(kstar), _ptr(ws), ws.numel(), _stream(x.device))
     return resp, score, lse, kstar
 
 
@@ -224,8 +234,9 @@ def cgmm_bwd_cuda(g_resp: Optional[torch.Tensor], g_score: Optional[torch.Tensor
         else:
             d_mu = d_sigma = d_log_pi = mu.new_empty(0)
         ws = _workspace(lib, shape, WS_BACKWARD, x.device)
+        G, n = _smoothing(smoothing, loss)
         _call("dcgmm_cgmm_bwd", lib, ctypes.byref(shape), _ptr(g_resp), _ptr(g_score), scalar, _ptr(x), _ptr(mu),
-              _ptr(sigma), _ptr(log_pi), int(loss == "mc"), _ptr(_dense(smoothing, loss)), _ptr(resp), _ptr(kstar),
+              _ptr(sigma), _ptr(log_pi), int(loss == "mc"), _ptr(G), n, _ptr(resp), _ptr(kstar),
               int(need_x_grad), int(need_param_grads), _ptr(dx if need_x_grad else None),
               _ptr(d_mu if need_param_grads else None), _ptr(d_sigma if need_param_grads else None),
               _ptr(d_log_pi if need_param_grads else None), _ptr(ws), ws.numel(), _stream(x.device))
@@ -249,8 +260,9 @@ def cgmm_step_partials_cuda(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tens
         kstar = _new(N, Ho, Wo, like=x, dtype=torch.int32)
         stats = _new(Gc, K, 1 + 2 * D, like=x, dtype=torch.float64)
         ws = _workspace(lib, shape, WS_STEP_PARTIALS, x.device)
+        G, n = _smoothing(smoothing, loss)
         _call("dcgmm_cgmm_step_partials", lib, ctypes.byref(shape), _ptr(x), _ptr(mu), _ptr(sigma), _ptr(log_pi),
-              int(loss == "mc"), _ptr(_dense(smoothing, loss)), _ptr(resp), _ptr(score), _ptr(lse), _ptr(kstar),
+              int(loss == "mc"), _ptr(G), n, _ptr(resp), _ptr(score), _ptr(lse), _ptr(kstar),
               _ptr(stats), _ptr(ws), ws.numel(), _stream(x.device))
     return resp, score, lse, kstar, stats
 
