@@ -30,7 +30,7 @@ def main() -> None:
     for backend in args.backends:
         model = DCGMM(args.preset, seed=0, backend=backend)
         t = time.perf_counter()
-        history = model.fit(ds.x_train, ds.y_train, epochs=args.epochs, seed=0)
+        history = model.fit(ds.x_train, ds.y_train, epochs=args.epochs, seed=0).history_
         seconds = time.perf_counter() - t
         scores = {k: round(v.mean().item(), 3) for k, v in model.log_prob(ds.x_test[:500]).items()}
         rows.append((backend, seconds, history.steps, scores))

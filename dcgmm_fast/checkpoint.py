@@ -34,7 +34,8 @@ def model_config(model: DCGMM) -> Dict[str, Any]:
     }
 
 
-def model_from_config(config: Dict[str, Any], *, backend: str = "auto", seed=None) -> DCGMM:
+def specs_from_config(config: Dict[str, Any]) -> list:
+    """The layer specs (presets.GMM / Pool / Classifier) of a config's "layers"."""
     specs = []
     for spec in config["layers"]:
         fields = dict(spec)
@@ -43,6 +44,11 @@ def model_from_config(config: Dict[str, Any], *, backend: str = "auto", seed=Non
             if isinstance(fields.get(key), list):
                 fields[key] = tuple(fields[key])
         specs.append(kind(**fields))
+    return specs
+
+
+def model_from_config(config: Dict[str, Any], *, backend: str = "auto", seed=None) -> DCGMM:
+    specs = specs_from_config(config)
     name = config.get("preset")
     stack = name if name in presets.PRESETS and presets.PRESETS[name].layers == tuple(specs) else specs
     name_dtype = config.get("dtype", "float32")
@@ -53,7 +59,7 @@ def model_from_config(config: Dict[str, Any], *, backend: str = "auto", seed=Non
 
 
 _POSITIVE_INTS = ("n_components", "top_s", "window")
-_STRINGS = ("mode", "loss", "pi_norm", "reads")
+_STRINGS = ("mode", "loss", "pi_norm", "reads", "init")
 _BOOLS = ("tied_init",)
 
 

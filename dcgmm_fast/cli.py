@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -16,14 +17,16 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
 from . import backends, data, distributed, presets
 from .atomic import atomic_open, remove_stale_temporaries, write_json
 from .backends import BackendNotAvailable
-from .checkpoint import CheckpointError, load_checkpoint, load_stack, model_from_config, save_checkpoint
+from .callbacks import log_entry
+from .checkpoint import (CheckpointError, load_checkpoint, load_stack, model_from_config, save_checkpoint,
+                         specs_from_config)
 from .guard import DivergenceError
 from .metrics import auroc, original_auc
 from .model import DCGMM
@@ -89,6 +92,17 @@ class _Interrupt:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def _settings(items: List[str]) -> Dict[str, object]:
+    """--set KEY=VALUE items -> {key: parsed value} (``presets.parse_value``)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set: expected KEY=VALUE (e.g. gmm2.n_components=64), got {item!r}")
+        out[key.strip()] = presets.parse_value(value.strip())
+    return out
 
 
 def _check_device(device: str) -> torch.device:
@@ -164,6 +178,8 @@ def _train(args, device: torch.device, world) -> int:
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     _positive("--batch-size", args.batch_size, integer=True)
     if args.resume:
+        if args.settings:
+            raise ValueError("--set: a resumed run keeps its checkpoint's architecture and settings")
         model, plan = load_checkpoint(args.resume, backend=args.backend, map_location=device)
         model.to(device)
         for key in ("epochs", "batch_size", "seed", "data"):
@@ -189,6 +205,20 @@ def _train(args, device: torch.device, world) -> int:
             raise ValueError("--stack, --preset: give one architecture, not both")
         stack = load_stack(args.stack) if args.stack is not None else None
         preset = presets.get_preset(args.preset or "demo") if stack is None else None
+        settings = _settings(args.settings)
+        if settings and stack is not None:
+            stack = dict(stack, layers=[{"kind": type(sp).__name__, **dataclasses.asdict(sp)}
+                                        for sp in presets.override(specs_from_config(stack), settings)])
+        elif settings:
+            preset = presets.override(preset, settings)
+        if settings:  # the layers' own checks (e.g. a perfect square K for mc), named as the user's --set
+            try:
+                if stack is not None:
+                    model_from_config(stack)
+                else:
+                    DCGMM(preset)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"--set {' '.join(args.settings)}: {e}") from None
         input_shape = preset.input_shape if stack is None else tuple(stack["input_shape"])
         epochs = (preset.epochs if preset else 10) if args.epochs is None else args.epochs
         batch_size = 100 if args.batch_size is None else args.batch_size
@@ -265,13 +295,7 @@ def _train(args, device: torch.device, world) -> int:
             post = {n: f"{v[-1]:.2f}" for n, v in history.score.items()}
             post.update({f"som_{n}": f"{v[-1]:.3f}" for n, v in history.som_sigma.items()})
             bar.set_postfix(post, refresh=False)
-        entry = {"step": step, "seconds": round(time.time() - t0, 3),
-                 "score": {n: v[-1] for n, v in history.score.items()},
-                 "som_sigma": {n: v[-1] for n, v in history.som_sigma.items()},
-                 "eps": {n: float(g.eps) for n, g in model.gmm_layers().items()}}
-        if history.classifier_loss:
-            entry.update(classifier_loss=history.classifier_loss[-1],
-                         classifier_accuracy=history.classifier_accuracy[-1])
+        entry = log_entry(model, step, time.time() - t0, history)  # format: dcgmm_fast/callbacks.py
         log_file.write(json.dumps(entry) + "\n")
         log_file.flush()
 
@@ -292,11 +316,11 @@ def _train(args, device: torch.device, world) -> int:
                                                         world_size=size),
                                                pin_memory=device.type == "cuda")
                     history = model.fit(loader, epochs=epochs, resume=True, stop_step=epoch_end, callback=tick,
-                                        should_stop=should_stop, world=world, verbose=False)
+                                        should_stop=should_stop, world=world, verbose=False).history_
                 else:
                     history = model.fit(ds.x_train, ds.y_train, epochs=epochs, batch_size=batch_size, seed=seed,
                                         reshuffle=reshuffle, resume=True, stop_step=epoch_end, callback=tick,
-                                        should_stop=should_stop, world=world, verbose=False)
+                                        should_stop=should_stop, world=world, verbose=False).history_
                 if not main:
                     continue  # rank 0 evaluates and writes; the others wait for it at the next step's all-reduce
                 steps = int(model.steps_done)
@@ -418,9 +442,8 @@ def cmd_sample(args) -> int:
 def cmd_show(args) -> int:
     """prototypes_<GMM>.png for every GMM layer and, from train_log.jsonl next to the checkpoint (or --log),
     curves.png."""
-    from PIL import Image
-
     from .images import save_grid
+    from .png import save_png
     from .show import plot_curves, prototypes, read_log
 
     model, _ = _load(args)
@@ -433,9 +456,13 @@ def cmd_show(args) -> int:
                                                     scale=scale)
     log_path = args.log or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "train_log.jsonl")
     if os.path.exists(log_path):
-        picture = plot_curves(read_log(log_path))
+        try:
+            picture = plot_curves(read_log(log_path))
+        except ImportError:
+            raise data.DataError("dcgmm show: drawing curves.png needs Pillow (pip install pillow); the "
+                                 "prototypes were written") from None
         with atomic_open(os.path.join(args.out, "curves.png"), "wb") as f:
-            Image.fromarray(picture, mode="RGB").save(f, format="PNG")
+            save_png(f, picture)
         written["curves.png"] = (picture.shape[1], picture.shape[0])
     elif args.log:
         raise ValueError(f"--log: {args.log}: no such file")
@@ -550,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p, data_arg=True, train=False):
         # train: None marks "not given", so --resume can tell which flags disagree with the checkpoint
-        p.add_argument("--device", default="cpu", help="torch device (cpu, cuda); default cpu")
+        p.add_argument("--device", default="auto",
+                       help="torch device: auto (CUDA when present, else CPU; the default), cpu, cuda[:N]")
         p.add_argument("--backend", default="auto", choices=("auto",) + backends.names(),
                        help="ops backend; auto picks the fastest built one")
         p.add_argument("--seed", type=int, default=None if train else 0, help="seed of every random draw (0)")
@@ -566,6 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an architecture of your own: a JSON file in the checkpoint's format (layers, input_shape, "
                         "n_classes; see checkpoint.load_stack)")
     t.add_argument("--epochs", type=float, default=None, help="epochs (default: the preset's)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                   help="override a field of the preset or stack (repeatable): LAYER.FIELD=VALUE "
+                        "(gmm2.n_components=64, classifier.lr=0.05), gmm.FIELD=VALUE for every GMM "
+                        "(gmm.sigma_min=0.05, gmm.init=kmeans++), or epochs / batch_size; stored in the checkpoint")
     t.add_argument("--batch-size", type=int, default=None, help="images per step (default 100)")
     t.add_argument("--resume", default=None, metavar="CHECKPOINT",
                    help="continue the run a checkpoint belongs to (same data, seed and schedule)")
@@ -661,6 +693,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Anticipated failures print ``dcgmm CMD: error: <what>: <problem>`` and exit 2; anything else prints its
     traceback and asks to be reported (exit 1)."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "device", None) == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         if args.command == "train" and args.nproc != 1 and distributed.launched_world_size() == 1:
             return _launch_train(args, sys.argv[1:] if argv is None else list(argv))

@@ -1,12 +1,16 @@
-"""Image grids as PNG files (Pillow, imported on use), written atomically."""
+"""Image grids as PNG files, written atomically (Pillow when installed, else ``png``'s standard-library writer;
+the row labels' text needs Pillow and is left out, with a warning, without it)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
+
+import warnings
 
 import numpy as np
 import torch
 
 from .atomic import atomic_open
+from .png import save_png
 
 
 def grid(images: torch.Tensor, n_cols: int, pad: int = 2, scale: int = 2) -> np.ndarray:
@@ -48,12 +52,12 @@ def save_grid(path: str, images: torch.Tensor, n_cols: int, pad: int = 2, scale:
               row_labels: Optional[Sequence[str]] = None) -> Optional[tuple]:
     """Write ``grid(images)`` as a PNG (with a label column when ``row_labels``, one per row); returns its
     (width, height)."""
-    from PIL import Image
-
     picture = grid(images, n_cols, pad, scale)
     if row_labels is not None:
-        picture = label_rows(picture, row_labels, images.shape[1] * scale, pad)
-    mode = "L" if picture.shape[2] == 1 else "RGB"
+        try:
+            picture = label_rows(picture, row_labels, images.shape[1] * scale, pad)
+        except ImportError:
+            warnings.warn(f"{path}: row labels need Pillow (pip install pillow); written without them")
     with atomic_open(path, "wb") as f:
-        Image.fromarray(picture[..., 0] if mode == "L" else picture, mode=mode).save(f, format="PNG")
+        save_png(f, picture)
     return picture.shape[1], picture.shape[0]

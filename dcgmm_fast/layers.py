@@ -18,6 +18,10 @@ from .geometry import out_hw, pair, smoothing_factors
 from .types import Backend, CGMMOut, Loss, Mode, PiNorm, Shape3
 
 
+#: the ways ``DCGMM.fit`` can initialise a layer's means (``ConvGMM(init=)``)
+INITS = ("uniform", "data", "kmeans++")
+
+
 class ConvGMM(nn.Module):
     """Convolutional GMM layer: every (kernel, stride) patch scored by a diagonal GMM with K components.
 
@@ -54,6 +58,10 @@ class ConvGMM(nn.Module):
             which max-pooling across positions and top-down sampling through a pool rely on (docs/results.md).
         sharpen_iterations, sharpen_rate: the default sharpening of this layer's back-projected samples (spec 3.3,
             ``sampling.Sharpening``; 0 iterations: none).
+        init: how ``DCGMM.fit`` initialises the means before the first step: "uniform" (the original's
+            U(-mu_init, mu_init), kept from construction), "data" (patches of the layer's input drawn from the first
+            training images) or "kmeans++" (k-means++ seeding over those patches); per position in independent
+            mode unless ``tied_init`` (``init.init_from_data``).
         backend: ops backend for this layer.
         generator: torch.Generator for the initialisation (None: torch's global RNG).
     """
@@ -87,6 +95,7 @@ class ConvGMM(nn.Module):
         sharpen_iterations: int = 0,
         sharpen_rate: float = 0.1,
         tied_init: bool = False,
+        init: str = "uniform",
         backend: Backend = "auto",
         dtype: torch.dtype = torch.float32,
         generator: Optional[torch.Generator] = None,
@@ -109,6 +118,8 @@ class ConvGMM(nn.Module):
             raise ValueError(f"n_components: loss 'mc' needs a perfect square (sqrt(K) x sqrt(K) grid), got {K}")
         if pi_norm not in ("position", "global"):
             raise ValueError(f"pi_norm: expected 'position' or 'global', got {pi_norm!r}")
+        if init not in INITS:
+            raise ValueError(f"init: expected one of {INITS}, got {init!r}")
         if not 0.0 <= wait <= 1.0:
             raise ValueError(f"wait: expected a fraction in [0, 1], got {wait}")
         if not 0 < sigma_min < math.sqrt(sigma_upper_bound):
@@ -145,6 +156,7 @@ class ConvGMM(nn.Module):
         self.wait, self.top_s, self.divisor, self.backend = float(wait), int(top_s), float(divisor), backend
         self.sharpen_iterations, self.sharpen_rate = int(sharpen_iterations), float(sharpen_rate)
         self.tied_init = bool(tied_init)
+        self.init = init
         #: in independent mode the original multiplies the update by P (undoes the mean over positions)
         self.loss_mult = float(self.P) if mode == "independent" else 1.0
 
@@ -207,6 +219,23 @@ class ConvGMM(nn.Module):
     def clip_(self) -> None:
         """Clip sigma to [sigma_min, sqrt(sigma_upper_bound)] in place."""
         self.sigma.clamp_(self.sigma_min, self.sigma_max)
+
+    # ------------------------------------------------------------------------------ parameters, usual forms
+    @property
+    def stddev(self) -> torch.Tensor:
+        """Standard deviations 1 / sigma, like mu: (K, D) or (P, K, D) (a detached copy)."""
+        return 1.0 / self.sigma.detach()
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Diagonal covariances 1 / sigma^2, like mu (a detached copy); scikit-learn's ``covariances_``
+        (covariance_type="diag")."""
+        return 1.0 / self.sigma.detach() ** 2
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """Mixing weights exp(log_pi) (K,) or (P, K), normalised by ``pi_norm``; scikit-learn's ``weights_``."""
+        return self.log_pi().detach().exp()
 
     # ---------------------------------------------------------------------------------------------- forward
     def log_pi(self) -> torch.Tensor:

@@ -1,9 +1,18 @@
 """The DCGMM stack: build from a preset or layer specs, forward, log_prob, classify, fit.
 
     model = DCGMM("demo", input_shape=(28, 28, 1), n_classes=10, seed=0)
-    model.fit(x_train, y_train, epochs=1)            # uint8 or float images, (N, H, W) or (N, H, W, C)
-    model.log_prob(x_test)                            # {"gmm1": (N,), "gmm2": (N,)} mean score per image
-    model.classify(x_test)                            # (N,) predicted classes
+    model.fit(x_train, y_train, epochs=1)            # returns the model; the per-step record in model.history_
+    model.log_prob(x_test)                            # {"gmm1": (N,), ...} mean score per image and GMM layer
+    model.log_prob(x_test, mask=known)                # the same with unknown pixels marginalised out
+    model.predict(x_test), model.predict_proba(x_test)   # (N,) classes, (N, n_classes) probabilities
+    model.score_samples(x_test), model.score(x_test)  # (N,) per-image score of the top GMM, its mean
+    model.save("m.pt"); DCGMM.load("m.pt")
+
+What ``log_prob`` is: for each GMM layer the mean over its positions of a per-patch score (the mixture
+log-likelihood of the patch, "loglik", or the layer's training loss), each layer scoring its own input (images for
+the bottom layer, the responsibilities of the layer below for the others). It is a score to compare images under
+one model (outliers, classes), not a normalised density of the image: overlapping patches are not independent, so
+it does not convert to bits per dimension.
 """
 from __future__ import annotations
 
@@ -15,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import data, presets
+from . import data, presets, queries
+from . import init as init_mod
 from .layers import ConvGMM, LinearClassifier, MaxPool
 from .types import Backend, Loss
 from .presets import Classifier, GMM, LayerSpec, Pool, Preset
@@ -132,15 +142,98 @@ class DCGMM(nn.Module):
         return outputs
 
     @torch.no_grad()
-    def log_prob(self, x, *, loss: Optional[Loss] = "loglik", batch_size: int = 500,
+    def log_prob(self, x, mask=None, *, loss: Optional[Loss] = "loglik", batch_size: int = 500,
                  layout: str = "auto") -> Dict[str, torch.Tensor]:
-        """Per GMM layer, each image's mean score over positions, (N,) (higher is better).
+        """Per GMM layer, each image's mean score over positions, (N,) (higher is better): a per-patch score
+        averaged over the layer's positions, not a normalised image density (see the module docstring).
 
         Args:
+            mask: None, or bool pixels, True = observed ((H, W), (N, H, W) or x's shape, as ``inpaint``): the
+                unknown pixels are marginalised out. The bottom GMM is exact: each patch's diagonal GMM with its
+                unknown entries dropped (``queries.marginal_cgmm``; a patch with no observed pixel scores 0 and
+                passes up the prior pi). The layers above score the bottom layer's responsibilities given the
+                observed pixels (its posterior), as they score any input: their numbers are not marginals over
+                pixels. An all-True mask gives exactly the unmasked result. Needs a GMM as the bottom layer; with a
+                mask the bottom layer's score is always "loglik".
             loss: "loglik" (default: the mixture log-likelihood per patch), "mc" (max-component with the
                 current smoothing), or None (each layer's training loss).
         """
-        return self._scores_and_predictions(self._images(x, layout=layout), loss, batch_size, False)[0]
+        resolved = data.resolve_layout(torch.as_tensor(x).shape, self.input_shape, layout)
+        images = self._images(x, layout=resolved)
+        if mask is None:
+            return self._scores_and_predictions(images, loss, batch_size, False)[0]
+        m = self._mask(mask, images, resolved)
+        if not isinstance(self.layers[0], ConvGMM):
+            raise ValueError("mask: a marginal query needs a GMM as the bottom layer")
+        if bool(m.all()):
+            return self._scores_and_predictions(images, loss, batch_size, False)[0]
+        scores: Dict[str, list] = OrderedDict((n, []) for n in self.gmm_layers())
+        for start in range(0, images.shape[0], batch_size):
+            h, mb = images[start:start + batch_size], m[start:start + batch_size]
+            for i, (name, layer) in enumerate(zip(self.names, self.layers)):
+                if isinstance(layer, ConvGMM) and i == 0:
+                    h, score = queries.marginal_cgmm(layer, h, mb)
+                    scores[name].append(score.mean(dim=(1, 2)).to(images.dtype))
+                elif isinstance(layer, ConvGMM):
+                    out = layer.cgmm(h, loss=loss, check=False)
+                    scores[name].append(out.score.mean(dim=(1, 2)))
+                    h = out.resp
+                elif isinstance(layer, MaxPool):
+                    h = layer(h)
+        return OrderedDict((n, torch.cat(v)) for n, v in scores.items())
+
+    @torch.no_grad()
+    def predict_components(self, x, *, batch_size: int = 500, layout: str = "auto") -> Dict[str, torch.Tensor]:
+        """Per GMM layer the most responsible component of every position, (N, H', W') int64 (argmax of the
+        responsibilities, ties -> lowest index): the layer's cluster assignment, as ``GaussianMixture.predict``."""
+        x = self._images(x, layout=layout)
+        out: Dict[str, list] = OrderedDict((n, []) for n in self.gmm_layers())
+        for start in range(0, x.shape[0], batch_size):
+            outputs = self.forward(x[start:start + batch_size], layout="NHWC")
+            for name in out:
+                out[name].append(outputs[name].argmax(-1))
+        return OrderedDict((n, torch.cat(v)) for n, v in out.items())
+
+    # -------------------------------------------------------------------------------------------- scikit-learn
+    @torch.no_grad()
+    def predict_proba(self, x, *, batch_size: int = 500, layout: str = "auto") -> torch.Tensor:
+        """Class probabilities (N, n_classes): the softmax of the linear read-out."""
+        if self.classifier is None:
+            raise ValueError("predict_proba: this stack has no classifier")
+        x = self._images(x, layout=layout)
+        probs = [torch.softmax(self.forward(x[s:s + batch_size], layout="NHWC")["classifier"], 1)
+                 for s in range(0, x.shape[0], batch_size)]
+        return torch.cat(probs) if probs else x.new_empty(0, self.n_classes)
+
+    def predict(self, x, *, batch_size: int = 500, layout: str = "auto") -> torch.Tensor:
+        """Predicted classes (N,) int64: the argmax of ``predict_proba`` (``classify``)."""
+        return self.classify(x, batch_size=batch_size, layout=layout)
+
+    def score_samples(self, x, *, layer: Optional[str] = None, loss: Optional[Loss] = None,
+                      layout: str = "auto") -> torch.Tensor:
+        """(N,) per-image score of GMM ``layer`` (default the top GMM, with its training loss): the mean over its
+        positions of the per-patch score, the quantity ``outlier_scores`` ranks by. Higher = more typical. A score,
+        not a normalised log density (see ``log_prob``)."""
+        return self.outlier_scores(x, layer=layer, loss=loss, layout=layout)
+
+    def score(self, x, *, layer: Optional[str] = None, loss: Optional[Loss] = None, layout: str = "auto") -> float:
+        """The mean of ``score_samples`` over x."""
+        return float(self.score_samples(x, layer=layer, loss=loss, layout=layout).double().mean())
+
+    def save(self, path: str) -> None:
+        """Write the model (architecture, parameters, annealing state) to ``path`` in the safe checkpoint format,
+        atomically (``checkpoint.save_checkpoint``)."""
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(path, self)
+
+    @classmethod
+    def load(cls, path: str, *, backend: Backend = "auto", map_location="cpu") -> "DCGMM":
+        """The model saved at ``path`` (``save`` or ``dcgmm train``'s checkpoint; loaded with weights_only=True).
+        Raises checkpoint.CheckpointError naming the file when it is missing, damaged or not a model."""
+        from .checkpoint import load_checkpoint
+
+        return load_checkpoint(path, backend=backend, map_location=map_location)[0]
 
     @torch.no_grad()
     def evaluate(self, x, *, batch_size: int = 500, layout: str = "auto"
@@ -257,10 +350,13 @@ class DCGMM(nn.Module):
         return _in_layout(h.clamp(0.0, 1.0), resolved)
 
     @torch.no_grad()
-    def inpaint(self, x, mask, *, root: Optional[str] = None, top_s=None, divisor=None, sharpening=None,
-                fill: Optional[float] = None, iterations: int = 3, generator: Optional[torch.Generator] = None,
-                layout: str = "auto") -> torch.Tensor:
-        """Complete the pixels where ``mask`` is False from variants of the masked images (spec 3.4).
+    def inpaint(self, x, mask, *, mode: str = "sample", root: Optional[str] = None, top_s=None, divisor=None,
+                sharpening=None, fill: Optional[float] = None, iterations: int = 3,
+                generator: Optional[torch.Generator] = None, layout: str = "auto") -> torch.Tensor:
+        """Complete the pixels where ``mask`` is False: ``mode="sample"`` from variants of the masked images
+        (spec 3.4), ``mode="mpe"`` deterministically from the bottom GMM (per patch the most probable component
+        given its observed pixels, its mean, averaged over the patches covering each pixel, no noise:
+        ``queries.mpe_completion``; root, sampling and iteration arguments do not apply).
 
         The missing pixels start at ``fill``; each iteration replaces them with a variant of the current
         completion (known pixels reset every time). The original: ``fill=0.0, iterations=1`` (black missing
@@ -279,22 +375,15 @@ class DCGMM(nn.Module):
             raise ValueError(f"iterations: expected an int >= 1, got {iterations!r}")
         if fill is not None and not math.isfinite(float(fill)):
             raise ValueError(f"fill: expected a finite value or None, got {fill!r}")
+        if mode not in ("sample", "mpe"):
+            raise ValueError(f"mode: expected 'sample' or 'mpe', got {mode!r}")
         resolved = data.resolve_layout(torch.as_tensor(x).shape, self.input_shape, layout)
         x = self._images(x, layout=resolved)
-        m = torch.as_tensor(mask, device=x.device)
-        if m.dim() == 4 and resolved == "NCHW":
-            m = m.permute(0, 2, 3, 1)
-        if m.dtype != torch.bool:
-            raise TypeError(f"mask: expected a bool tensor (True = known pixel), got {m.dtype}")
-        if m.dim() == 2:
-            m = m[None]
-        if m.dim() == 3:
-            m = m[..., None]
-        try:
-            m = m.expand_as(x)
-        except RuntimeError:
-            raise ValueError(f"mask: shape {tuple(torch.as_tensor(mask).shape)} does not fit images "
-                             f"{tuple(x.shape)}") from None
+        m = self._mask(mask, x, resolved)
+        if mode == "mpe":
+            if not isinstance(self.layers[0], ConvGMM):
+                raise ValueError("mode: 'mpe' needs a GMM as the bottom layer")
+            return _in_layout(queries.mpe_completion(self.layers[0], x, m), resolved)
         if fill is None:
             known = m.to(x.dtype)
             start = (x * known).sum(dim=(1, 2, 3), keepdim=True) / known.sum(dim=(1, 2, 3), keepdim=True).clamp_min(1)
@@ -306,6 +395,23 @@ class DCGMM(nn.Module):
                               generator=generator, layout="NHWC")
             current = torch.where(m, x, v)
         return _in_layout(current, resolved)
+
+    def _mask(self, mask, x: torch.Tensor, resolved: str) -> torch.Tensor:
+        """A pixel mask (True = observed) as x's (N, H, W, C) bool: (H, W), (N, H, W) or x's shape in its layout."""
+        m = torch.as_tensor(mask, device=x.device)
+        if m.dim() == 4 and resolved == "NCHW":
+            m = m.permute(0, 2, 3, 1)
+        if m.dtype != torch.bool:
+            raise TypeError(f"mask: expected a bool tensor (True = known pixel), got {m.dtype}")
+        if m.dim() == 2:
+            m = m[None]
+        if m.dim() == 3:
+            m = m[..., None]
+        try:
+            return m.expand_as(x)
+        except RuntimeError:
+            raise ValueError(f"mask: shape {tuple(torch.as_tensor(mask).shape)} does not fit images "
+                             f"{tuple(x.shape)}") from None
 
     @torch.no_grad()
     def outlier_scores(self, x, *, layer: Optional[str] = None, loss: Optional[Loss] = None,
@@ -322,8 +428,10 @@ class DCGMM(nn.Module):
             lr: Optional[float] = None, seed: Optional[int] = None, reshuffle: bool = False, compile=False,
             resume: bool = False, stop_step: Optional[int] = None, callback=None, should_stop=None,
             world=None, layout: str = "auto", steps_per_epoch: Optional[int] = None, verbose: bool = True,
-            fused_step: Optional[bool] = None) -> History:
+            fused_step: Optional[bool] = None) -> "DCGMM":
         """Train layer by layer (``train.Trainer``), as the original: bottom-up, no gradient between layers.
+        Returns the model (scikit-learn's convention: ``model.fit(x, y).predict(x_test)``); this call's per-step
+        record is ``model.history_`` (a ``train.History``).
 
         Args:
             x: images (N, H, W), (N, H, W, C) or (N, C, H, W) (``layout``), uint8 (divided by 255) or float in
@@ -353,7 +461,7 @@ class DCGMM(nn.Module):
             fused_step: each layer's step by the two fused step ops instead of autograd (``Trainer``): None (where a
                 layer runs on the cuda backend), True (every layer), False (never).
         Returns:
-            train.History with per-step scores, som_sigma and classifier metrics.
+            self; ``self.history_``: train.History with per-step scores, som_sigma and classifier metrics.
         """
         epochs = (self.preset.epochs if self.preset else 10) if epochs is None else epochs
         batch_size = (self.preset.batch_size if self.preset else 100) if batch_size is None else batch_size
@@ -370,19 +478,29 @@ class DCGMM(nn.Module):
             if bar is not None:
                 bar.close()
         self.steps_done += history.steps
-        return history
+        self.history_ = history
+        return self
 
     def _fit(self, trainer, x, y, epochs, batch_size, seed, reshuffle, start, stop_step, callback, should_stop,
              layout, steps_per_epoch) -> History:
         if _is_stream(x):
             if y is not None:
                 raise ValueError("y: a stream of batches brings its own labels ((x, y) batches); pass y=None")
+            if start == 0 and int(self.steps_done) == 0 and any(
+                    isinstance(m, ConvGMM) and m.init != "uniform" for m in self.layers):
+                first = self._batch(next(iter(x)), layout)[0]  # init from data: the stream's first batch
+                init_mod.init_from_data(list(self.layers), data.to_images(first) if first.dtype == torch.uint8
+                                        else first, seed=seed)
             history = trainer.fit_batches(x, epochs=epochs, steps_per_epoch=steps_per_epoch,
                                           to_batch=lambda item: self._batch(item, layout), start_step=start,
                                           stop_step=stop_step, callback=callback, should_stop=should_stop)
         else:
             x = self._images(x, keep_uint8=True, layout=layout)  # a uint8 data set stays uint8 on the device
             y = None if y is None else self._labels(y, x.shape[0])
+            if start == 0 and int(self.steps_done) == 0:  # init="data" / "kmeans++" layers, before the first step
+                first = x[:init_mod.POOL_IMAGES]
+                init_mod.init_from_data(list(self.layers), data.to_images(first) if first.dtype == torch.uint8
+                                        else first, seed=seed)
             history = trainer.fit(x, y, epochs=epochs, batch_size=batch_size, seed=seed, reshuffle=reshuffle,
                                   start_step=start, stop_step=stop_step, callback=callback, should_stop=should_stop,
                                   check_data=False)  # _images checked them

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 IntPair = Union[int, Tuple[int, int]]
 
@@ -43,6 +43,8 @@ class GMM:
     sharpen_iterations: int = 0
     sharpen_rate: float = 0.1
     tied_init: bool = False
+    sigma_min: float = 1e-2
+    init: str = "uniform"
 
 
 @dataclass(frozen=True)
@@ -172,3 +174,89 @@ def get_preset(name: Union[str, Preset]) -> Preset:
 def with_overrides(spec: GMM, **changes) -> GMM:
     """A copy of a GMM spec with some fields changed (e.g. ``loss="loglik"``)."""
     return dataclasses.replace(spec, **changes)
+
+
+# ------------------------------------------------------------------------------------------------ overrides
+def parse_value(text: str):
+    """A ``--set`` value: a Python literal (int, float, bool, None, tuple, list, quoted str) or, failing that, the
+    bare string (e.g. ``loglik``)."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _coerce(where: str, value, default):
+    """value checked against the type of the field's default (ints where ints are, floats accept ints, ...)."""
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected True or False, got {value!r}")
+        return value
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an int, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    if isinstance(value, list):
+        value = tuple(value)
+    return value
+
+
+def override(stack: Union[str, Preset, Sequence[LayerSpec]], settings: Dict[str, object]):
+    """A preset (or a list of layer specs) with fields changed, as ``dcgmm train --set`` does.
+
+    Keys: ``LAYER.FIELD`` for one layer (``gmm2.n_components``, ``pool1.kernel``, ``classifier.lr``; layers are
+    named as in the model: gmm1.., pool1.., classifier), ``gmm.FIELD`` for every GMM layer (e.g. ``gmm.sigma_min``,
+    the sigma floor), or a preset field (``epochs``, ``batch_size``, ``input_shape``). Values are checked against the
+    field's type; the layer's own checks (e.g. a perfect-square K for the mc loss) run when the model is built.
+
+    Raises:
+        ValueError: naming the key: an unknown layer or field, or a value of the wrong type.
+    """
+    preset = get_preset(stack) if isinstance(stack, (str, Preset)) else None
+    layers = list(preset.layers if preset is not None else stack)
+    names, counts = [], {"gmm": 0, "pool": 0}
+    for spec in layers:
+        if isinstance(spec, GMM):
+            counts["gmm"] += 1
+            names.append(f"gmm{counts['gmm']}")
+        elif isinstance(spec, Pool):
+            counts["pool"] += 1
+            names.append(f"pool{counts['pool']}")
+        else:
+            names.append("classifier")
+    top: Dict[str, object] = {}
+    for key, value in settings.items():
+        where, _, field = key.rpartition(".")
+        if not where:
+            if preset is None or field not in {f.name for f in dataclasses.fields(Preset)} or field in ("name",
+                                                                                                      "layers"):
+                raise ValueError(f"{key}: expected LAYER.FIELD (layers: {', '.join(names)}, or gmm.FIELD for every "
+                                 "GMM) or a preset field (epochs, batch_size, input_shape)")
+            default = 1.0 if field == "epochs" else getattr(preset, field)  # fractional epochs are fine
+            top[field] = _coerce(key, value, default)
+            continue
+        targets = [i for i, n in enumerate(names) if n == where or (where == "gmm" and n.startswith("gmm"))]
+        if not targets:
+            raise ValueError(f"{key}: no layer {where!r} in this stack (layers: {', '.join(names)}; gmm = every GMM)")
+        for i in targets:
+            spec = layers[i]
+            fields = {f.name: f for f in dataclasses.fields(spec)}
+            if field not in fields:
+                raise ValueError(f"{key}: {type(spec).__name__} has no field {field!r} (fields: "
+                                 f"{', '.join(sorted(fields))})")
+            layers[i] = dataclasses.replace(spec, **{field: _coerce(key, value, getattr(spec, field))})
+    if preset is None:
+        if top:
+            raise ValueError(f"{', '.join(top)}: a list of layers has no preset fields")
+        return layers
+    return dataclasses.replace(preset, layers=tuple(layers), **top)

@@ -176,7 +176,8 @@ def training_dynamics(ctx: Context, name: str) -> dict:
 
     model = DCGMM("F", ctx.ds.x_train.shape[1:], ctx.ds.n_classes, seed=ctx.seed)
     t0 = time.time()
-    history = model.fit(ctx.ds.x_train, ctx.ds.y_train, epochs=ctx.epochs("F"), seed=ctx.seed, verbose=not ctx.quick)
+    history = model.fit(ctx.ds.x_train, ctx.ds.y_train, epochs=ctx.epochs("F"), seed=ctx.seed,
+                        verbose=not ctx.quick).history_
     seconds = time.time() - t0
     every = max(1, history.steps // 200)
     log = []

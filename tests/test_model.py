@@ -12,7 +12,7 @@ def demo_one_epoch(shipped):
     """The demo preset before and after one epoch on the 5,000 shipped training images (about 10 s)."""
     model = DCGMM("demo", seed=0)
     before = {k: v.mean().item() for k, v in model.log_prob(shipped.x_test, loss="loglik").items()}
-    history = model.fit(shipped.x_train, shipped.y_train, epochs=1, seed=0)
+    history = model.fit(shipped.x_train, shipped.y_train, epochs=1, seed=0).history_
     after = {k: v.mean().item() for k, v in model.log_prob(shipped.x_test, loss="loglik").items()}
     return model, before, after, history
 
