@@ -48,7 +48,7 @@ def test_readme_python_example_runs():
     assert scope["back"].shape == scope["x"].shape
 
 
-def test_readme_model_and_sampling_examples_run(monkeypatch):
+def test_readme_model_and_sampling_examples_run(monkeypatch, tmp_path):
     from dcgmm_fast import data
 
     small = data.load_shipped()
@@ -58,6 +58,7 @@ def test_readme_model_and_sampling_examples_run(monkeypatch):
     text = open(os.path.join(ROOT, "README.md")).read()
     blocks = re.findall(r"```python\n(.*?)\n```", text, flags=re.S)
     scope = {}
+    monkeypatch.chdir(tmp_path)  # the example saves demo.pt
     exec(compile(blocks[1], "README.md", "exec"), scope)  # the model: builds `model` and `ds`, trains 1 epoch
     assert scope["history"].steps == 2
     exec(compile(blocks[2], "README.md", "exec"), scope)  # sampling and inference on it
@@ -69,8 +70,19 @@ def test_readme_links_the_results_page_and_its_files_exist():
     of the results page names a committed file."""
     text = open(os.path.join(ROOT, "README.md")).read()
     assert "](docs/results.md)" in text and "![" in text.split("## Results", 1)[1].split("\n## ", 1)[0]
-    page = open(os.path.join(ROOT, "docs", "results.md")).read()
-    for base, doc in ((ROOT, text), (os.path.join(ROOT, "docs"), page)):
+    docs = [(os.path.join(ROOT, "docs"), open(os.path.join(ROOT, "docs", name)).read())
+            for name in ("results.md", "getting-started.md", "configuration.md", "api.md")]
+    for base, doc in [(ROOT, text)] + docs:
         for target in re.findall(r"\]\(([^)#\s]+)\)", doc):
             if "://" not in target:
                 assert os.path.exists(os.path.join(base, target)), target
+
+
+def test_api_reference_is_current():
+    """docs/api.md is what tools/make_api_docs.py writes from today's docstrings (no network)."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_api_docs.py"), "--check"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
