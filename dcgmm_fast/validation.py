@@ -123,6 +123,7 @@ def check_magnitudes(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, D: 
     to inf and the op would return NaN without a word)."""
     if x.device.type != "cpu" or x.numel() == 0:
         return
+    x, mu, sigma = x.detach(), mu.detach(), sigma.detach()  # a check: no autograd, no warning about it
     spread = float(x.abs().max()) + float(mu.abs().max())
     worst = (float(sigma.max()) * spread) ** 2 * D
     if not worst < torch.finfo(x.dtype).max / 16:

@@ -139,8 +139,8 @@ def test_save_load_round_trip(trained, shipped, tmp_path):
 def test_png_writer_matches_pillow_pixel_for_pixel(shape):
     Image = pytest.importorskip("PIL.Image")
     pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    img = Image.open(io.BytesIO(encode_png(pixels)))
-    back = np.asarray(img)
+    with Image.open(io.BytesIO(encode_png(pixels))) as img:
+        back = np.asarray(img)
     assert np.array_equal(back, pixels.reshape(back.shape))
     with pytest.raises(TypeError, match="uint8"):
         encode_png(pixels.astype(np.float32))
@@ -156,7 +156,8 @@ def test_grids_are_written_without_pillow(tmp_path, monkeypatch):
         size = save_grid(str(path), torch.rand(4, 5, 5, 1), 2, row_labels=["a", "b"])
     monkeypatch.delitem(sys.modules, "PIL")
     Image = pytest.importorskip("PIL.Image")
-    assert Image.open(path).size == size
+    with Image.open(path) as img:
+        assert img.size == size
 
 
 # ------------------------------------------------------------------------------------------ init from data
@@ -247,7 +248,8 @@ def test_callbacks_log_and_tensorboard(tmp_path, shipped):
     cb = callbacks.chain(callbacks.JsonlLog(log, model, every=2), None,
                          callbacks.TensorBoard(str(tmp_path), model, every=3, writer=writer))
     model.fit(shipped.x_train[:500], shipped.y_train[:500], epochs=1, seed=0, callback=cb, verbose=False)
-    lines = [json.loads(line) for line in open(log)]
+    with open(log) as f:
+        lines = [json.loads(line) for line in f]
     assert [e["step"] for e in lines] == [2, 4, 5]
     assert set(lines[0]) == {"step", "seconds", "score", "som_sigma", "eps", "classifier_loss", "classifier_accuracy"}
     assert set(lines[0]["score"]) == {"gmm1", "gmm2"}
