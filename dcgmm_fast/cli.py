@@ -526,11 +526,11 @@ def cmd_inpaint(args) -> int:
     x = ds.x_test[: args.n].to(args.device)
     H, W = x.shape[1:3]
     mask = _mask(args.mask, H, W, g).to(args.device)
-    completed = model.inpaint(x, mask, generator=g)
+    completed = model.inpaint(x, mask, mode=args.mode, generator=g)
     masked = torch.where(mask[None, :, :, None], x, torch.full((), 0.5, device=x.device))
     rows = torch.stack([x, masked, completed])  # (3, n, H, W, C): original / masked / completed
     size = save_grid(os.path.join(args.out, "inpaint.png"), rows.reshape(-1, *x.shape[1:]), args.n)
-    print(json.dumps({"inpaint.png": {"width": size[0], "height": size[1]}, "mask": args.mask}))
+    print(json.dumps({"inpaint.png": {"width": size[0], "height": size[1]}, "mask": args.mask, "mode": args.mode}))
     return 0
 
 
@@ -642,6 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--checkpoint", required=True)
     i.add_argument("--n", type=int, default=10, help="test images")
     i.add_argument("--mask", default="right-half", choices=["right-half", "centre", "random"])
+    i.add_argument("--mode", default="sample", choices=["sample", "mpe"],
+                   help="sample: variants (spec 3.4); mpe: the most probable completion, deterministic")
     common(i)
     i.set_defaults(func=cmd_inpaint)
 

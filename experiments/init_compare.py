@@ -52,7 +52,8 @@ def main(argv=None) -> int:
         json.dump({"rows": rows, **meta}, f, indent=2)
     lines = [f"# Initialisation from data: {args.epochs:g} epochs, seed {args.seed}", "",
              f"`{meta['command'].strip()}`, {meta['date']}, {meta['machine']['platform']}", "",
-             "| preset | init | test accuracy | mean test log-likelihood per layer | train s |", "|---|---|---|---|---|"]
+             "| preset | init | test accuracy | mean test log-likelihood per layer | train s |",
+             "|---|---|---|---|---|"]
     for r in rows:
         ll = ", ".join(f"{k} {v:.2f}" for k, v in r["test_loglik"].items())
         lines.append(f"| {r['preset']} | {r['init']} | {r['test_accuracy']:.4f} | {ll} | {r['train_seconds']} |")

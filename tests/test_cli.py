@@ -218,6 +218,9 @@ def test_sample_and_inpaint_arguments(trained_run, capsys, tmp_path):
     # a new output folder is created, not a traceback
     assert cli.main(["inpaint", "--checkpoint", ckpt, "--n", "2", "--out", str(tmp_path / "new" / "dir")]) == 0
     assert (tmp_path / "new" / "dir" / "inpaint.png").exists()
+    capsys.readouterr()
+    assert cli.main(["inpaint", "--checkpoint", ckpt, "--n", "2", "--mode", "mpe", "--out", str(tmp_path / "m")]) == 0
+    assert '"mode": "mpe"' in capsys.readouterr().out and (tmp_path / "m" / "inpaint.png").exists()
 
 
 def test_bad_data_is_a_clear_error(tmp_path):
