@@ -165,22 +165,7 @@ class DCGMM(nn.Module):
         m = self._mask(mask, images, resolved)
         if not isinstance(self.layers[0], ConvGMM):
             raise ValueError("mask: a marginal query needs a GMM as the bottom layer")
-        if bool(m.all()):
-            return self._scores_and_predictions(images, loss, batch_size, False)[0]
-        scores: Dict[str, list] = OrderedDict((n, []) for n in self.gmm_layers())
-        for start in range(0, images.shape[0], batch_size):
-            h, mb = images[start:start + batch_size], m[start:start + batch_size]
-            for i, (name, layer) in enumerate(zip(self.names, self.layers)):
-                if isinstance(layer, ConvGMM) and i == 0:
-                    h, score = queries.marginal_cgmm(layer, h, mb)
-                    scores[name].append(score.mean(dim=(1, 2)).to(images.dtype))
-                elif isinstance(layer, ConvGMM):
-                    out = layer.cgmm(h, loss=loss, check=False)
-                    scores[name].append(out.score.mean(dim=(1, 2)))
-                    h = out.resp
-                elif isinstance(layer, MaxPool):
-                    h = layer(h)
-        return OrderedDict((n, torch.cat(v)) for n, v in scores.items())
+        return self._scores_and_predictions(images, loss, batch_size, False, None if bool(m.all()) else m)[0]
 
     @torch.no_grad()
     def predict_components(self, x, *, batch_size: int = 500, layout: str = "auto") -> Dict[str, torch.Tensor]:
@@ -244,14 +229,19 @@ class DCGMM(nn.Module):
         return self._scores_and_predictions(self._images(x, layout=layout), "loglik", batch_size,
                                             self.classifier is not None)
 
-    def _scores_and_predictions(self, x: torch.Tensor, loss: Optional[Loss], batch_size: int, predict: bool):
-        """Batches of x (N, H, W, C) up the stack: ({GMM: (N,) mean score}, (N,) predictions or None)."""
+    def _scores_and_predictions(self, x: torch.Tensor, loss: Optional[Loss], batch_size: int, predict: bool,
+                                mask: Optional[torch.Tensor] = None):
+        """Batches of x (N, H, W, C) up the stack: ({GMM: (N,) mean score}, (N,) predictions or None). mask (x's
+        shape, bool): the bottom GMM scores the observed pixels' marginal (``queries.marginal_cgmm``)."""
         scores: Dict[str, list] = OrderedDict((n, []) for n in self.gmm_layers())
         preds = []
         for start in range(0, x.shape[0], batch_size):
             h, outputs = x[start:start + batch_size], {}
-            for name, layer in zip(self.names, self.layers):
-                if isinstance(layer, ConvGMM):
+            for i, (name, layer) in enumerate(zip(self.names, self.layers)):
+                if isinstance(layer, ConvGMM) and i == 0 and mask is not None:
+                    h, score = queries.marginal_cgmm(layer, h, mask[start:start + batch_size])
+                    scores[name].append(score.mean(dim=(1, 2)).to(x.dtype))
+                elif isinstance(layer, ConvGMM):
                     out = layer.cgmm(h, loss=loss, check=False)
                     scores[name].append(out.score.mean(dim=(1, 2)))
                     h = out.resp

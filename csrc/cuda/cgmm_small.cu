@@ -322,6 +322,16 @@ int check_smoothing(const Geo& g, const float* G, int n) {
   return 0;
 }
 
+// The checks every row-kernel entry point starts with: geometry, x's strides, the smoothing, the workspace.
+int prologue(const dcgmm_shape* s, const float* x, const float* smoothing, int smoothing_n, int op, void* workspace,
+             int64_t workspace_bytes, Geo& g, Workspace& w) {
+  int err = make_geo(s, g);
+  if (err == 0) err = check_x(g, x);
+  if (err == 0) err = check_smoothing(g, smoothing, smoothing_n);
+  if (err == 0) err = check_workspace(g, op, workspace, workspace_bytes, w);
+  return err;
+}
+
 #define DCGMM_TRY(expr)           \
   do {                            \
     const int err_ = (expr);      \
@@ -341,10 +351,7 @@ int dcgmm_cgmm_fwd(const dcgmm_shape* s, const float* x, const float* mu, const 
                    int32_t* kstar, void* workspace, int64_t workspace_bytes, void* stream) {
   Geo g;
   Workspace w;
-  DCGMM_TRY(make_geo(s, g));
-  DCGMM_TRY(check_x(g, x));
-  DCGMM_TRY(check_smoothing(g, smoothing, smoothing_n));
-  DCGMM_TRY(check_workspace(g, DCGMM_WS_FORWARD, workspace, workspace_bytes, w));
+  DCGMM_TRY(prologue(s, x, smoothing, smoothing_n, DCGMM_WS_FORWARD, workspace, workspace_bytes, g, w));
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   DCGMM_TRY(pack_params(g, mu, sigma, log_pi, w.prm, w.c, st));
   return launch_forward<false>(g, x, w.prm, w.c, is_mc, is_mc ? smoothing : nullptr, smoothing_n, resp, score, lse,
@@ -357,10 +364,7 @@ int dcgmm_cgmm_step_partials(const dcgmm_shape* s, const float* x, const float* 
                              int64_t workspace_bytes, void* stream) {
   Geo g;
   Workspace w;
-  DCGMM_TRY(make_geo(s, g));
-  DCGMM_TRY(check_x(g, x));
-  DCGMM_TRY(check_smoothing(g, smoothing, smoothing_n));
-  DCGMM_TRY(check_workspace(g, DCGMM_WS_STEP_PARTIALS, workspace, workspace_bytes, w));
+  DCGMM_TRY(prologue(s, x, smoothing, smoothing_n, DCGMM_WS_STEP_PARTIALS, workspace, workspace_bytes, g, w));
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   DCGMM_TRY(pack_params(g, mu, sigma, log_pi, w.prm, w.c, st));
   DCGMM_TRY(launch_forward<true>(g, x, w.prm, w.c, is_mc, is_mc ? smoothing : nullptr, smoothing_n, resp, score,
@@ -377,10 +381,7 @@ int dcgmm_cgmm_bwd(const dcgmm_shape* s, const float* g_resp, const float* g_sco
                    int64_t workspace_bytes, void* stream) {
   Geo g;
   Workspace w;
-  DCGMM_TRY(make_geo(s, g));
-  DCGMM_TRY(check_x(g, x));
-  DCGMM_TRY(check_smoothing(g, smoothing, smoothing_n));
-  DCGMM_TRY(check_workspace(g, DCGMM_WS_BACKWARD, workspace, workspace_bytes, w));
+  DCGMM_TRY(prologue(s, x, smoothing, smoothing_n, DCGMM_WS_BACKWARD, workspace, workspace_bytes, g, w));
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   const float* G = is_mc ? smoothing : nullptr;
   if (!need_x_grad && !need_param_grads) return 0;

@@ -186,20 +186,27 @@ def _use_wgmma(mu: torch.Tensor, x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device)[0] == 9)
 
 
-@torch.library.custom_op("dcgmm::cgmm_fwd_cuda", mutates_args=(), device_types="cuda")
-def cgmm_fwd_cuda(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, log_pi: torch.Tensor, kernel: List[int],
-                  stride: List[int], loss: str, smoothing: Optional[torch.Tensor]
-                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward_call(x, mu, sigma, log_pi, kernel, stride):
+    """What a forward-shaped op starts with: checks, the library, the ABI shape, contiguous inputs and the poisoned
+    outputs resp (N, H', W', K), score, lse (N, H', W'), kstar int32 (allocated on x's device)."""
     for name, t in (("x", x), ("mu", mu), ("sigma", sigma), ("log_pi", log_pi)):
         _check(t, name)
     lib = _load()
     shape, x = _shape(x, mu, kernel, stride)
-    mu, sigma, log_pi = mu.contiguous(), sigma.contiguous(), log_pi.contiguous()
     Ho, Wo = out_hw(x.shape[1:3], kernel, stride)
     N, K = x.shape[0], mu.shape[-2]
     with torch.cuda.device(x.device):
-        resp, score, lse = _new(N, Ho, Wo, K, like=x), _new(N, Ho, Wo, like=x), _new(N, Ho, Wo, like=x)
-        kstar = _new(N, Ho, Wo, like=x, dtype=torch.int32)
+        outs = (_new(N, Ho, Wo, K, like=x), _new(N, Ho, Wo, like=x), _new(N, Ho, Wo, like=x),
+                _new(N, Ho, Wo, like=x, dtype=torch.int32))
+    return lib, shape, x, mu.contiguous(), sigma.contiguous(), log_pi.contiguous(), outs
+
+
+@torch.library.custom_op("dcgmm::cgmm_fwd_cuda", mutates_args=(), device_types="cuda")
+def cgmm_fwd_cuda(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, log_pi: torch.Tensor, kernel: List[int],
+                  stride: List[int], loss: str, smoothing: Optional[torch.Tensor]
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    lib, shape, x, mu, sigma, log_pi, (resp, score, lse, kstar) = _forward_call(x, mu, sigma, log_pi, kernel, stride)
+    with torch.cuda.device(x.device):
         G, n = _smoothing(smoothing, loss)
         entry = "dcgmm_cgmm_fwd_wgmma" if _use_wgmma(mu, x) else "dcgmm_cgmm_fwd"
         ws = _workspace(lib, shape, WS_FORWARD, x.device)
@@ -247,17 +254,10 @@ def cgmm_bwd_cuda(g_resp: Optional[torch.Tensor], g_score: Optional[torch.Tensor
 def cgmm_step_partials_cuda(x: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, log_pi: torch.Tensor,
                             kernel: List[int], stride: List[int], loss: str, smoothing: Optional[torch.Tensor]
                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    for name, t in (("x", x), ("mu", mu), ("sigma", sigma), ("log_pi", log_pi)):
-        _check(t, name)
-    lib = _load()
-    shape, x = _shape(x, mu, kernel, stride)
-    mu, sigma, log_pi = mu.contiguous(), sigma.contiguous(), log_pi.contiguous()
-    Ho, Wo = out_hw(x.shape[1:3], kernel, stride)
-    N, K, D = x.shape[0], mu.shape[-2], mu.shape[-1]
+    lib, shape, x, mu, sigma, log_pi, (resp, score, lse, kstar) = _forward_call(x, mu, sigma, log_pi, kernel, stride)
+    K, D = mu.shape[-2], mu.shape[-1]
     Gc = mu.shape[0] if mu.dim() == 3 else 1
     with torch.cuda.device(x.device):
-        resp, score, lse = _new(N, Ho, Wo, K, like=x), _new(N, Ho, Wo, like=x), _new(N, Ho, Wo, like=x)
-        kstar = _new(N, Ho, Wo, like=x, dtype=torch.int32)
         stats = _new(Gc, K, 1 + 2 * D, like=x, dtype=torch.float64)
         ws = _workspace(lib, shape, WS_STEP_PARTIALS, x.device)
         G, n = _smoothing(smoothing, loss)
