@@ -244,6 +244,12 @@ class ConvGMM(nn.Module):
             return torch.log_softmax(self.pi_logits.reshape(-1), 0).reshape(self.pi_logits.shape)
         return torch.log_softmax(self.pi_logits, -1)
 
+    def op_smoothing(self, loss: Optional[Loss] = None) -> Optional[torch.Tensor]:
+        """The smoothing argument of this layer's op for ``loss`` (default its own): the factors (2, n, n), or None
+        for loglik and for an identity smoothing (the kernels' plain-max path)."""
+        loss = self.loss if loss is None else loss
+        return None if loss == "loglik" or self.smoothing_is_identity else self.smoothing
+
     def cgmm(self, x: torch.Tensor, loss: Optional[Loss] = None, *, check: bool = True,
              frozen: bool = False) -> CGMMOut:
         """The full op output for x (N, H, W, C): resp, score, lse, kstar.
@@ -256,7 +262,7 @@ class ConvGMM(nn.Module):
                 (sharpening), not the parameter gradients nobody reads.
         """
         loss = self.loss if loss is None else loss
-        G = None if loss == "loglik" or self.smoothing_is_identity else self.smoothing
+        G = self.op_smoothing(loss)
         op = ops.cgmm if check else ops._cgmm_unchecked
         mu, sigma, log_pi = self.mu, self.sigma, self.log_pi()
         if frozen:

@@ -106,9 +106,16 @@ def _cgmm_unchecked(x, mu, sigma, log_pi, *, kernel, stride, loss="mc", smoothin
     """``cgmm`` without the argument checks and data scans, for the package's own callers (layers in training,
     sampling, the model), whose shapes are fixed at construction and whose data was checked once."""
     kernel, stride = pair(kernel), pair(stride)
-    key = backends.layer_key(x, mu, kernel, stride) if x.device.type == "cuda" else None
+    key = _layer_key(x, mu, kernel, stride)
     impl = backends.get(backend, x.device, key)
     return impl.cgmm(x, mu, sigma, log_pi, kernel=kernel, stride=stride, loss=loss, smoothing=smoothing)
+
+
+def _layer_key(x, mu, kernel, stride):
+    """The dispatch key of a call on a CUDA device (None elsewhere: the table is only for CUDA)."""
+    if x.device.type != "cuda":
+        return None
+    return backends.layer_key(x.shape[1:4], kernel, stride, mu.shape[-2], mu.dim() == 3)
 
 
 def patches(x: torch.Tensor, kernel: IntPair, stride: IntPair) -> torch.Tensor:
@@ -195,7 +202,7 @@ def cgmm_step_partials(x, mu, sigma, log_pi, *, kernel: IntPair, stride: IntPair
 def _step_partials_unchecked(x, mu, sigma, log_pi, *, kernel, stride, loss="mc", smoothing=None, backend="auto"):
     """``cgmm_step_partials`` without the checks and data scans (the trainer's call; see ``_cgmm_unchecked``)."""
     kernel, stride = pair(kernel), pair(stride)
-    key = backends.layer_key(x, mu, kernel, stride) if x.device.type == "cuda" else None
+    key = _layer_key(x, mu, kernel, stride)
     impl = backends.get_step(backend, x.device, key)
     return impl.step_partials(x, mu, sigma, log_pi, kernel=kernel, stride=stride, loss=loss, smoothing=smoothing)
 

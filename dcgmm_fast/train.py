@@ -130,15 +130,12 @@ def fused_step(layer: ConvGMM, device: torch.device, mode: Optional[bool]) -> Op
     if mode is False or torch.compiler.is_compiling():
         return None
     K = layer.n_components
-    key = (*layer.in_shape, *layer.kernel, *layer.stride, K, layer.mode) if device.type == "cuda" else None
+    key = (backends.layer_key(layer.in_shape, layer.kernel, layer.stride, K, layer.mode == "independent")
+           if device.type == "cuda" else None)
     name = backends.resolve_layer(layer.backend, device, key)
     if mode is None:
         return name if name == "cuda" and K <= 128 else None
     return name if backends.has_step(name) else "reference"
-
-
-def _step_smoothing(layer: ConvGMM) -> Optional[torch.Tensor]:
-    return None if layer.loss == "loglik" or layer.smoothing_is_identity else layer.smoothing
 
 
 def step_partials(layer: ConvGMM, x: torch.Tensor, backend: str, log_pi: torch.Tensor):
@@ -146,7 +143,7 @@ def step_partials(layer: ConvGMM, x: torch.Tensor, backend: str, log_pi: torch.T
     log_pi: ``layer.log_pi()`` (computed once for both halves of the step)."""
     with torch.no_grad():
         return ops._step_partials_unchecked(x, layer.mu, layer.sigma, log_pi, kernel=layer.kernel,
-                                            stride=layer.stride, loss=layer.loss, smoothing=_step_smoothing(layer),
+                                            stride=layer.stride, loss=layer.loss, smoothing=layer.op_smoothing(),
                                             backend=backend)
 
 
@@ -171,7 +168,7 @@ def step_finalize_(layer: ConvGMM, stats: torch.Tensor, scale: float, backend: s
     with torch.no_grad():
         steps = layer.eps.to(layer.mu.dtype) * _step_multipliers(layer)
         mu, sigma, pi, maxima = ops.cgmm_step_finalize(
-            stats, layer.mu, layer.sigma, layer.pi_logits, log_pi, smoothing=_step_smoothing(layer),
+            stats, layer.mu, layer.sigma, layer.pi_logits, log_pi, smoothing=layer.op_smoothing(),
             scale=scale, steps=steps, sigma_min=layer.sigma_min, sigma_max=layer.sigma_max,
             pi_global=layer.mode == "independent" and layer.pi_norm == "global", backend=backend)
         layer.mu.copy_(mu)
@@ -531,8 +528,7 @@ class Trainer:
                     with torch.no_grad():
                         out = layer.cgmm(h, check=False)
                     work.append((i, "wait", [], out.score))
-                elif self._fused(layer, h) is not None:  # the step statistics are what the ranks add up
-                    name = self._fused(layer, h)
+                elif (name := self._fused(layer, h)) is not None:  # the ranks add up the step statistics
                     with torch.no_grad():
                         log_pi = layer.log_pi()
                     out, stats = step_partials(layer, h, name, log_pi)

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "../cgmm_math.h"
+#include "output.h"
 
 namespace dcgmm {
 namespace {
@@ -106,23 +107,6 @@ inline __attribute__((always_inline)) void gather_range(const T* x, const Geomet
   });
 }
 
-// Tests set DCGMM_POISON=1: outputs are then filled with NaN (-1 for kstar) before a kernel writes them, so a
-// test can check that every element was written.
-bool poison() {
-  const char* v = std::getenv("DCGMM_POISON");
-  return v != nullptr && v[0] == '1';
-}
-
-at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  auto t = at::empty(sizes, opts);
-  if (poison()) {
-    if (opts.dtype() == at::kInt)
-      t.fill_(-1);
-    else
-      t.fill_(NAN);
-  }
-  return t;
-}
 
 // Rows of GMM gi, in the order every kernel walks them: all rows (shared) or n = 0..N-1 at position gi (independent).
 inline int64_t rows_per_gmm(const Geometry& g) { return g.independent ? g.N : g.M; }

@@ -327,16 +327,11 @@ extern "C" int dcgmm_cgmm_fwd_wgmma(const dcgmm_shape* s, const float* x, const 
                                     int64_t workspace_bytes, void* stream) {
   Geo g;
   Workspace w;
-  int err = make_geo(s, g);
+  int err = prologue(s, x, smoothing, smoothing_n, DCGMM_WS_FORWARD, workspace, workspace_bytes, g, w);
   if (err != 0) return err;
   if (g.independent) return fail("wgmma forward: shared mode only (mu (K, D))");
   const int64_t dp = wg_dp(g.D), np = wg_np(g.K);
   if (dp > WG_MAX_DP) return fail("wgmma forward: at most %lld patch entries, got %lld", WG_MAX_DP, g.D);
-  if (g.sH < g.W * g.C) return fail("x: pixel rows must not overlap (stride_h %lld)", g.sH);
-  if (smoothing != nullptr && smoothing_n != 0 && int64_t(smoothing_n) * smoothing_n != g.K)
-    return fail("smoothing: factors (2, n, n) need n * n == K, got n = %lld, K = %lld", smoothing_n, g.K);
-  err = check_workspace(g, DCGMM_WS_FORWARD, workspace, workspace_bytes, w);
-  if (err != 0) return err;
   int dev = 0, major = 0;
   if (cudaGetDevice(&dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)

@@ -92,6 +92,30 @@ inline int check_workspace(const Geo& g, int op, void* ws, int64_t bytes, Worksp
   return 0;
 }
 
+inline int check_x(const Geo& g, const float* x) {
+  if (x == nullptr) return fail("x: NULL");
+  if (g.sH < g.W * g.C || g.sN < g.H * g.sH - (g.sH - g.W * g.C))
+    return fail("x: pixel rows and images must not overlap (stride_h %lld, stride_n %lld)", g.sH, g.sN);
+  return 0;
+}
+
+// the smoothing argument: dense (K, K) (n == 0) or factors (2, n, n) with n * n == K
+inline int check_smoothing(const Geo& g, const float* G, int n) {
+  if (G != nullptr && n != 0 && int64_t(n) * n != g.K)
+    return fail("smoothing: factors (2, n, n) need n * n == K, got n = %lld, K = %lld", n, g.K);
+  return 0;
+}
+
+// The checks every entry point of a cGMM op starts with: geometry, x's strides, the smoothing, the workspace.
+inline int prologue(const dcgmm_shape* s, const float* x, const float* smoothing, int smoothing_n, int op,
+                    void* workspace, int64_t workspace_bytes, Geo& g, Workspace& w) {
+  int err = make_geo(s, g);
+  if (err == 0) err = check_x(g, x);
+  if (err == 0) err = check_smoothing(g, smoothing, smoothing_n);
+  if (err == 0) err = check_workspace(g, op, workspace, workspace_bytes, w);
+  return err;
+}
+
 inline int launched() { return static_cast<int>(cudaGetLastError()); }
 
 // Packs the parameters for the row kernels (cgmm_math.h): prm[g][d][k] = (mu, sigma), zero for k >= K, and

@@ -109,10 +109,11 @@ def resolve(backend: str, device: torch.device) -> str:
 LayerKey = Tuple[int, int, int, int, int, int, int, int, str]
 
 
-def layer_key(x: torch.Tensor, mu: torch.Tensor, kernel, stride) -> LayerKey:
-    """(H, W, C, kh, kw, sh, sw, K, mode) of a cgmm call: the key of ``cuda_dispatch.json``."""
-    return (int(x.shape[1]), int(x.shape[2]), int(x.shape[3]), int(kernel[0]), int(kernel[1]), int(stride[0]),
-            int(stride[1]), int(mu.shape[-2]), "independent" if mu.dim() == 3 else "shared")
+def layer_key(in_shape, kernel, stride, n_components: int, independent: bool) -> LayerKey:
+    """(H, W, C, kh, kw, sh, sw, K, mode) of a layer or a cgmm call: the key of ``cuda_dispatch.json``."""
+    H, W, C = (int(v) for v in in_shape)
+    return (H, W, C, int(kernel[0]), int(kernel[1]), int(stride[0]), int(stride[1]), int(n_components),
+            "independent" if independent else "shared")
 
 
 @functools.lru_cache(maxsize=None)
