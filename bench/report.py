@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import sys
 from typing import List, Optional
@@ -9,15 +10,31 @@ from typing import List, Optional
 import torch
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo) and the instruction set the C++ kernels run with."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        from dcgmm_fast.backends.cpp import cpu_isa
+
+        return f"{name} ({cpu_isa()} kernels)"
+    except (ImportError, AttributeError, RuntimeError):
+        return name
+
+
 def header(title: str, threads: Optional[int] = None) -> List[str]:
-    """Title, date (UTC), the exact command and the machine (CPU, threads, torch)."""
+    """Title, date (UTC), the exact command and the machine (CPU, kernels' instruction set, threads, torch)."""
     threads = torch.get_num_threads() if threads is None else threads
     return [
         f"# {title}",
         "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- command: `python {' '.join(sys.argv)}`",
-        f"- machine: {platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}",
+        f"- machine: {cpu_name()}, {os.cpu_count()} cores, {threads} threads, torch {torch.__version__}",
         "",
     ]
 

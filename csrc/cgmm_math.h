@@ -1,5 +1,5 @@
-// Per-element math of the cGMM op, shared by the C++ CPU kernels and (later) the CUDA kernels: the vector width
-// and padding of the CPU kernels, their multi-versioning, and the backward weight of a row.
+// Per-element math of the cGMM op, shared by the C++ CPU kernels and the CUDA kernels: the padding of the CPU
+// kernels' entry tiles and the backward weight of a row (the CPU kernels' instruction sets: cpu/isa.h).
 //
 // Row r = (n, p) of patch entries x[r, d], d in (ky, kx, c) order; component k of a diagonal GMM with mean mu[k, :],
 // inverse standard deviation sigma[k, :] and log weight log_pi[k]:
@@ -19,14 +19,6 @@
 #define DCGMM_HD __host__ __device__ __forceinline__
 #else
 #define DCGMM_HD inline
-#endif
-
-// The CPU kernels' hot functions are compiled for AVX-512, AVX2+FMA and baseline x86-64; GCC's function
-// multi-versioning picks one when the library loads.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
-#define DCGMM_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DCGMM_MULTIVERSION
 #endif
 
 namespace dcgmm {

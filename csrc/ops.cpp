@@ -4,6 +4,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/isa.h"
+
 extern "C" {
 // `import dcgmm_fast._C` loads this library, which registers the ops; the module itself is empty.
 PyObject* PyInit__C(void) {
@@ -38,4 +42,9 @@ TORCH_LIBRARY(dcgmm, m) {
   m.def(
       "sample_components_cpp(Tensor topdown, Tensor mu, Tensor sigma, int top_s, float divisor, Tensor u, "
       "Tensor eps, float sigma_ceiling) -> Tensor");
+  // the instruction set the CPU kernels run with now: "avx512", "avx2" or "baseline" (csrc/cpu/isa.h)
+  m.def("cpu_isa_cpp() -> str", []() -> std::string {
+    const dcgmm::Isa isa = dcgmm::cpu_isa();
+    return isa == dcgmm::Isa::avx512 ? "avx512" : (isa == dcgmm::Isa::avx2 ? "avx2" : "baseline");
+  });
 }

@@ -119,22 +119,30 @@ def test_one_step_equals_hand_written_update(mode, pi_norm, loss, som, fresh_see
     assert bool((layer.sigma == math.sqrt(20)).any()), "the clip ceiling should have been hit"
 
 
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mode", ["shared", "independent"])
-def test_fused_update_equals_the_aten_ops(dtype, mode, fresh_seed):
-    """The one-pass C++ update (cpp layers, eager) gives ATen's addcmul_ / clamp_ bits and the guard's maxima,
-    with the clip floor and ceiling hit and a NaN propagated; the ATen path returns no maxima."""
+def test_fused_update_equals_the_aten_ops(dtype, mode, isa, fresh_seed, monkeypatch):
+    """The one-pass C++ update (cpp layers, eager; each instruction-set build this CPU has) gives ATen's addcmul_ /
+    clamp_ bits and the guard's maxima, with the clip floor and ceiling hit and a NaN propagated; the ATen path
+    returns no maxima."""
     from dcgmm_fast.guard import _abs_max
     from dcgmm_fast.train import update_
 
     if backends.problem("cpp") is not None:
         pytest.skip(backends.problem("cpp"))
+    from dcgmm_fast.backends.cpp import cpu_isa
+
+    monkeypatch.setenv("DCGMM_CPU_ISA", isa)
+    if cpu_isa() != isa:
+        pytest.skip(f"this CPU runs {cpu_isa()} at best")
     g = torch.Generator().manual_seed(fresh_seed)
     layers = [ConvGMM((20, 20, 3), 3, 1, 16, mode=mode, eps0=0.05, lambda_pi=0.3, lambda_sigma=0.7, dtype=dtype,
                       generator=g, backend=b) for b in ("cpp", "reference")]
     layers[1].load_state_dict(layers[0].state_dict())
     grads = [torch.randn(p.shape, generator=g, dtype=dtype) * 50 for p in (layers[0].mu, layers[0].sigma,
                                                                               layers[0].pi_logits)]
+    grads[1].view(-1)[:2] = torch.tensor([1e6, -1e6], dtype=dtype)  # the clip floor and ceiling, whatever the seed
     maxima = [update_(layer, *grads) for layer in layers]
     assert maxima[1] is None and maxima[0].shape == (2,)
     for name in ("mu", "sigma", "pi_logits"):

@@ -21,9 +21,11 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../cgmm_math.h"
+#include "isa.h"
 #include "output.h"
 
 namespace dcgmm {
@@ -93,7 +95,7 @@ inline __attribute__((always_inline)) void for_each_segment(const T* x, const Ge
   }
 }
 
-// Entries [d0, d0 + dn) of patch row (n, p) into dst[(d - d0) * stride] (stride 1: a row buffer; RL: one lane of
+// Entries [d0, d0 + dn) of patch row (n, p) into dst[(d - d0) * stride] (stride 1: a row buffer; L: one lane of
 // a rows-in-lanes block).
 template <typename T>
 inline __attribute__((always_inline)) void gather_range(const T* x, const Geometry& g, int64_t n, int64_t p,
@@ -113,35 +115,34 @@ inline int64_t rows_per_gmm(const Geometry& g) { return g.independent ? g.N : g.
 inline int64_t row_of(const Geometry& g, int64_t gi, int64_t j) { return g.independent ? j * g.P + gi : j; }
 
 // ---------------------------------------------------------------------------------------------------- forward
-// Rows in the vector lanes: a block of RL = 16 patch rows of one GMM is gathered transposed, xt (D, RL), and every
-// step of the forward works on all 16 rows at once with no horizontal sums and no padding of D or K:
+// Rows in the vector lanes: a block of L patch rows of one GMM (L = RB / 4: 16 with AVX-512, 8 with AVX2, 4 on the
+// baseline, one register of floats; isa.h) is gathered transposed, xt (D, L), and every step of the forward works on
+// all L rows at once with no horizontal sums and no padding of D or K:
 //   log scores  lt[k] = c[k] - 1/2 sum_d (sigma[k, d] (xt[d] - mu[k, d]))^2   (sum over d in order, per lane)
 //   smoothing   sm = G lt (separable factors: Gy L Gx^T on the sqrt(K) x sqrt(K) grid, or a dense G)
 //   max/argmax of the ranked values, softmax and logsumexp of lt (a vectorised exp)
 // then scattered into resp, score, lse, kstar. One parallel region per forward; the parameters are read in their
-// (G, K, D) layout (no per-call copies). Each lane's arithmetic is the same on every ISA and thread count.
-// The vector types are GCC vector extensions; the hot functions are compiled for AVX-512, AVX2+FMA and baseline
-// x86-64 and GCC's function multi-versioning picks one when the library loads.
-constexpr int64_t RL = 16;
+// (G, K, D) layout (no per-call copies). Each lane's arithmetic is the same for every L and thread count.
+// The vector types are GCC vector extensions.
+template <int RB>
+constexpr int64_t block_rows() {
+  return RB / 4;
+}
 
-template <typename T>
-struct RowVec {
-  typedef T type __attribute__((vector_size(RL * sizeof(T))));
+template <int L>
+struct RowInts {
+  typedef int32_t type __attribute__((vector_size(L * sizeof(int32_t))));
 };
-// One 64-byte vector of T (one AVX-512 register, two AVX2 registers): the backward's tiles of patch entries.
-template <typename T>
-struct Vec {
-  typedef T type __attribute__((vector_size(64)));
-};
-// The vector helpers below are always inlined into the multi-versioned kernels: the ABI note about passing
+// The vector helpers below are always inlined into the per-instruction-set kernels: the ABI note about passing
 // 64-byte vectors by value does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-// exp of 16 floats: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial, exponent by integer
+// exp of L floats: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial, exponent by integer
 // add), within 2 ulp of expf; exp(x) = 0 below -87 (true value < 1.7e-38), +inf above 88.37, NaN stays NaN.
-typedef RowVec<float>::type VF;
-typedef int32_t VI __attribute__((vector_size(sizeof(VF))));
-inline __attribute__((always_inline)) VF vexp(VF x) {
+template <int L>
+inline __attribute__((always_inline)) typename RowVec<float, L>::type vexp_f(typename RowVec<float, L>::type x) {
+  using VF = typename RowVec<float, L>::type;
+  using VI = typename RowInts<L>::type;
   const VF zero = {}, lo = zero - 87.0f, hi = zero + 88.3762626647949f, magic = zero + 12582912.0f;
   VF xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
@@ -162,15 +163,18 @@ inline __attribute__((always_inline)) VF vexp(VF x) {
   res = x > hi ? zero + std::numeric_limits<float>::infinity() : res;
   return x != x ? x : res;
 }
-// log of 16 floats in [1e-30, 3e38] (Cephes' logf: frexp by integer ops, degree-8 polynomial on [sqrt(1/2) - 1,
+// log of L floats in [1e-30, 3e38] (Cephes' logf: frexp by integer ops, degree-8 polynomial on [sqrt(1/2) - 1,
 // sqrt(2) - 1], ln 2 in two parts), within 2 ulp of logf. A lane outside that range (0, denormal, inf, NaN) sends
-// all 16 to std::log.
-inline __attribute__((always_inline)) VF vlog(VF x) {
+// all L to std::log.
+template <int L>
+inline __attribute__((always_inline)) typename RowVec<float, L>::type vlog_f(typename RowVec<float, L>::type x) {
+  using VF = typename RowVec<float, L>::type;
+  using VI = typename RowInts<L>::type;
   const VF zero = {};
   bool plain = true;
-  for (int64_t i = 0; i < RL; ++i) plain &= (x[i] >= 1e-30f) & (x[i] <= 3e38f);
+  for (int64_t i = 0; i < L; ++i) plain &= (x[i] >= 1e-30f) & (x[i] <= 3e38f);
   if (!plain) {
-    for (int64_t i = 0; i < RL; ++i) x[i] = std::log(x[i]);
+    for (int64_t i = 0; i < L; ++i) x[i] = std::log(x[i]);
     return x;
   }
   const VI bits = (VI)x;
@@ -195,33 +199,33 @@ inline __attribute__((always_inline)) VF vlog(VF x) {
   y = y - 0.5f * z;
   return m + y + ef * 0.693359375f;
 }
-inline typename RowVec<double>::type vlog(typename RowVec<double>::type x) {  // float64: the tests' path
-  for (int64_t i = 0; i < RL; ++i) x[i] = std::log(x[i]);
-  return x;
+template <typename T, int L>  // float64 (the tests' path): the library's exp and log per lane
+inline __attribute__((always_inline)) typename RowVec<T, L>::type vexp(typename RowVec<T, L>::type x) {
+  if constexpr (std::is_same<T, float>::value) {
+    return vexp_f<L>(x);
+  } else {
+    for (int64_t i = 0; i < L; ++i) x[i] = std::exp(x[i]);
+    return x;
+  }
 }
-inline typename RowVec<double>::type vexp(typename RowVec<double>::type x) {  // float64: the tests' path
-  for (int64_t i = 0; i < RL; ++i) x[i] = std::exp(x[i]);
-  return x;
+template <typename T, int L>
+inline __attribute__((always_inline)) typename RowVec<T, L>::type vlog(typename RowVec<T, L>::type x) {
+  if constexpr (std::is_same<T, float>::value) {
+    return vlog_f<L>(x);
+  } else {
+    for (int64_t i = 0; i < L; ++i) x[i] = std::log(x[i]);
+    return x;
+  }
 }
 
-template <typename T>
-inline typename RowVec<T>::type load_rv(const T* p) {
-  typename RowVec<T>::type v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename T>
-inline void store_rv(T* p, typename RowVec<T>::type v) {
-  __builtin_memcpy(p, &v, sizeof(v));
-}
 
-// lt (K, RL) = log scores of the block's rows xt (D, RL) against the GMM's (K, D) parameters, KB components at once
+// lt (K, L) = log scores of the block's rows xt (D, L) against the GMM's (K, D) parameters, KB components at once
 // (one load of xt[d] feeds KB of them).
-template <typename T>
+template <typename T, int L>
 inline __attribute__((always_inline)) void block_scores_impl(const T* __restrict__ xt, int64_t D,
                                                              const T* __restrict__ mu, const T* __restrict__ sig,
                                                              const T* __restrict__ c, int64_t K, T* __restrict__ lt) {
-  using V = typename RowVec<T>::type;
+  using V = typename RowVec<T, L>::type;
   constexpr int KB = 4;
   int64_t k = 0;
   for (; k + KB <= K; k += KB) {
@@ -230,21 +234,21 @@ inline __attribute__((always_inline)) void block_scores_impl(const T* __restrict
     const T* m = mu + k * D;
     const T* s = sig + k * D;
     for (int64_t d = 0; d < D; ++d) {
-      const V xv = load_rv(xt + d * RL);
+      const V xv = load_rv<T, L>(xt + d * L);
       for (int j = 0; j < KB; ++j) {
         const V t = (xv - m[j * D + d]) * s[j * D + d];
         acc[j] += t * t;
       }
     }
-    for (int j = 0; j < KB; ++j) store_rv(lt + (k + j) * RL, c[k + j] - T(0.5) * acc[j]);
+    for (int j = 0; j < KB; ++j) store_rv<T, L>(lt + (k + j) * L, c[k + j] - T(0.5) * acc[j]);
   }
   for (; k < K; ++k) {
     V acc = V{} * T(0);
     for (int64_t d = 0; d < D; ++d) {
-      const V t = (load_rv(xt + d * RL) - mu[k * D + d]) * sig[k * D + d];
+      const V t = (load_rv<T, L>(xt + d * L) - mu[k * D + d]) * sig[k * D + d];
       acc += t * t;
     }
-    store_rv(lt + k * RL, c[k] - T(0.5) * acc);
+    store_rv<T, L>(lt + k * L, c[k] - T(0.5) * acc);
   }
 }
 
@@ -253,96 +257,96 @@ inline __attribute__((always_inline)) void block_scores_impl(const T* __restrict
 // input": for each output row a, the n accumulators of its columns c stay in registers and each loaded input row
 // feeds all n of them (n independent chains, not one chain of n dependent multiply-adds per entry). The sums run
 // over b in order from 0 in both forms below: the same bits.
-template <typename T, int N>
+template <typename T, int N, int L>
 inline __attribute__((always_inline)) void smooth_pass_n(const T* __restrict__ in, const T* __restrict__ w,
                                                          bool w_by_row, T* __restrict__ out) {
-  using V = typename RowVec<T>::type;
+  using V = typename RowVec<T, L>::type;
   for (int a = 0; a < N; ++a) {
     V acc[N];
     for (int c = 0; c < N; ++c) acc[c] = V{} * T(0);
     for (int b = 0; b < N; ++b) {
       if (w_by_row) {  // tmp[a, c] = sum_b Gx[c, b] L[a, b]: input entry (a, b) into every column c
-        const V l = load_rv(in + (a * N + b) * RL);
+        const V l = load_rv<T, L>(in + (a * N + b) * L);
         for (int c = 0; c < N; ++c) acc[c] += w[c * N + b] * l;
       } else {  // out[a, c] = sum_b Gy[a, b] tmp[b, c]: input row b into every column c
         const T wab = w[a * N + b];
-        for (int c = 0; c < N; ++c) acc[c] += wab * load_rv(in + (b * N + c) * RL);
+        for (int c = 0; c < N; ++c) acc[c] += wab * load_rv<T, L>(in + (b * N + c) * L);
       }
     }
-    for (int c = 0; c < N; ++c) store_rv(out + (a * N + c) * RL, acc[c]);
+    for (int c = 0; c < N; ++c) store_rv<T, L>(out + (a * N + c) * L, acc[c]);
   }
 }
 
-template <typename T, int N>
+template <typename T, int N, int L>
 inline __attribute__((always_inline)) void smooth_factored_n(const T* __restrict__ lt, const T* __restrict__ gy,
                                                              const T* __restrict__ gx, T* __restrict__ tmp,
                                                              T* __restrict__ out) {
-  smooth_pass_n<T, N>(lt, gx, true, tmp);
-  smooth_pass_n<T, N>(tmp, gy, false, out);
+  smooth_pass_n<T, N, L>(lt, gx, true, tmp);
+  smooth_pass_n<T, N, L>(tmp, gy, false, out);
 }
 
-template <typename T>
+template <typename T, int L>
 inline __attribute__((always_inline)) void smooth_factored_impl(const T* __restrict__ lt, const T* __restrict__ gy,
                                                                 const T* __restrict__ gx, int64_t n,
                                                                 T* __restrict__ tmp, T* __restrict__ out) {
-  using V = typename RowVec<T>::type;
+  using V = typename RowVec<T, L>::type;
   switch (n) {  // the grids of the presets (K = 16 .. 144) with their accumulators in registers
-    case 3: return smooth_factored_n<T, 3>(lt, gy, gx, tmp, out);
-    case 4: return smooth_factored_n<T, 4>(lt, gy, gx, tmp, out);
-    case 5: return smooth_factored_n<T, 5>(lt, gy, gx, tmp, out);
-    case 6: return smooth_factored_n<T, 6>(lt, gy, gx, tmp, out);
-    case 7: return smooth_factored_n<T, 7>(lt, gy, gx, tmp, out);
-    case 8: return smooth_factored_n<T, 8>(lt, gy, gx, tmp, out);
-    case 10: return smooth_factored_n<T, 10>(lt, gy, gx, tmp, out);
-    case 11: return smooth_factored_n<T, 11>(lt, gy, gx, tmp, out);
-    case 12: return smooth_factored_n<T, 12>(lt, gy, gx, tmp, out);
+    case 3: return smooth_factored_n<T, 3, L>(lt, gy, gx, tmp, out);
+    case 4: return smooth_factored_n<T, 4, L>(lt, gy, gx, tmp, out);
+    case 5: return smooth_factored_n<T, 5, L>(lt, gy, gx, tmp, out);
+    case 6: return smooth_factored_n<T, 6, L>(lt, gy, gx, tmp, out);
+    case 7: return smooth_factored_n<T, 7, L>(lt, gy, gx, tmp, out);
+    case 8: return smooth_factored_n<T, 8, L>(lt, gy, gx, tmp, out);
+    case 10: return smooth_factored_n<T, 10, L>(lt, gy, gx, tmp, out);
+    case 11: return smooth_factored_n<T, 11, L>(lt, gy, gx, tmp, out);
+    case 12: return smooth_factored_n<T, 12, L>(lt, gy, gx, tmp, out);
     default: break;
   }
   for (int64_t a = 0; a < n; ++a)  // tmp[a, c] = sum_b Gx[c, b] L[a, b]
     for (int64_t c = 0; c < n; ++c) {
       V acc = V{} * T(0);
-      for (int64_t b = 0; b < n; ++b) acc += gx[c * n + b] * load_rv(lt + (a * n + b) * RL);
-      store_rv(tmp + (a * n + c) * RL, acc);
+      for (int64_t b = 0; b < n; ++b) acc += gx[c * n + b] * load_rv<T, L>(lt + (a * n + b) * L);
+      store_rv<T, L>(tmp + (a * n + c) * L, acc);
     }
   for (int64_t a = 0; a < n; ++a)  // out[a, c] = sum_b Gy[a, b] tmp[b, c]
     for (int64_t c = 0; c < n; ++c) {
       V acc = V{} * T(0);
-      for (int64_t b = 0; b < n; ++b) acc += gy[a * n + b] * load_rv(tmp + (b * n + c) * RL);
-      store_rv(out + (a * n + c) * RL, acc);
+      for (int64_t b = 0; b < n; ++b) acc += gy[a * n + b] * load_rv<T, L>(tmp + (b * n + c) * L);
+      store_rv<T, L>(out + (a * n + c) * L, acc);
     }
 }
 
-template <typename T>
+template <typename T, int L>
 inline __attribute__((always_inline)) void smooth_dense_impl(const T* __restrict__ lt, const T* __restrict__ G,
                                                              int64_t K, T* __restrict__ out) {
-  using V = typename RowVec<T>::type;
+  using V = typename RowVec<T, L>::type;
   constexpr int AB = 8;  // outputs per pass: independent chains, one load of lt[b] feeds AB of them
   int64_t a = 0;
   for (; a + AB <= K; a += AB) {
     V acc[AB];
     for (int j = 0; j < AB; ++j) acc[j] = V{} * T(0);
     for (int64_t b = 0; b < K; ++b) {
-      const V l = load_rv(lt + b * RL);
+      const V l = load_rv<T, L>(lt + b * L);
       for (int j = 0; j < AB; ++j) acc[j] += G[(a + j) * K + b] * l;
     }
-    for (int j = 0; j < AB; ++j) store_rv(out + (a + j) * RL, acc[j]);
+    for (int j = 0; j < AB; ++j) store_rv<T, L>(out + (a + j) * L, acc[j]);
   }
   for (; a < K; ++a) {
     V acc = V{} * T(0);
-    for (int64_t b = 0; b < K; ++b) acc += G[a * K + b] * load_rv(lt + b * RL);
-    store_rv(out + a * RL, acc);
+    for (int64_t b = 0; b < K; ++b) acc += G[a * K + b] * load_rv<T, L>(lt + b * L);
+    store_rv<T, L>(out + a * L, acc);
   }
 }
 
-// Per lane: first maximum and its index of ranked (K, RL); softmax of lt in place and its logsumexp.
-template <typename T>
+// Per lane: first maximum and its index of ranked (K, L); softmax of lt in place and its logsumexp.
+template <typename T, int L>
 inline __attribute__((always_inline)) void block_finish_impl(T* __restrict__ lt, const T* ranked, int64_t K,
                                                              T* __restrict__ lse, T* __restrict__ best,
                                                              T* __restrict__ kbest) {
-  using V = typename RowVec<T>::type;
-  V bv = load_rv(ranked), kv = V{} * T(0), mx = load_rv(lt);
+  using V = typename RowVec<T, L>::type;
+  V bv = load_rv<T, L>(ranked), kv = V{} * T(0), mx = load_rv<T, L>(lt);
   for (int64_t k = 1; k < K; ++k) {
-    const V r = load_rv(ranked + k * RL), l = load_rv(lt + k * RL);
+    const V r = load_rv<T, L>(ranked + k * L), l = load_rv<T, L>(lt + k * L);
     const auto gt = r > bv;  // first maximum: ties (and NaN) keep the lowest index
     bv = gt ? r : bv;
     kv = gt ? V{} + T(k) : kv;
@@ -350,15 +354,15 @@ inline __attribute__((always_inline)) void block_finish_impl(T* __restrict__ lt,
   }
   V sum = V{} * T(0);
   for (int64_t k = 0; k < K; ++k) {
-    const V e = vexp(load_rv(lt + k * RL) - mx);
-    store_rv(lt + k * RL, e);
+    const V e = vexp<T, L>(load_rv<T, L>(lt + k * L) - mx);
+    store_rv<T, L>(lt + k * L, e);
     sum += e;
   }
   const V inv = T(1) / sum;
-  for (int64_t k = 0; k < K; ++k) store_rv(lt + k * RL, load_rv(lt + k * RL) * inv);
-  store_rv(lse, mx + vlog(sum));
-  store_rv(best, bv);
-  store_rv(kbest, kv);
+  for (int64_t k = 0; k < K; ++k) store_rv<T, L>(lt + k * L, load_rv<T, L>(lt + k * L) * inv);
+  store_rv<T, L>(lse, mx + vlog<T, L>(sum));
+  store_rv<T, L>(best, bv);
+  store_rv<T, L>(kbest, kv);
 }
 
 
@@ -398,60 +402,54 @@ void gmm_constants(const T* log_pi, const T* sig, int64_t K, int64_t D, T* c) {
 }
 
 // One block: rows j0 .. j0 + nvalid - 1 of GMM gi, from the image (gathered transposed into xt) or from ls; log
-// scores, smoothing, max/argmax, softmax and logsumexp, scattered into the outputs. Compiled per ISA as a whole
-// (the helpers above are inlined into it), so the gathers and scatters are vectorised too.
-template <typename T>
+// scores, smoothing, max/argmax, softmax and logsumexp, scattered into the outputs. Compiled per instruction set as
+// a whole (the helpers above are inlined into it), so the gathers and scatters are vectorised too. Buffers: xt (D,
+// L), lt, tmp, sm (K, L) with L = block_rows<RB>().
+template <typename T, int RB>
 inline __attribute__((always_inline)) void forward_block_impl(const Geometry& g, const ForwardArgs<T>& a,
                                                               int64_t gi, int64_t j0, int64_t nvalid, const T* c,
                                                               T* xt, T* lt, T* tmp, T* sm) {
+  constexpr int L = int(block_rows<RB>());
   const int64_t K = g.K, D = g.D;
   if (a.ls == nullptr) {
-    for (int64_t i = 0; i < RL; ++i) {
+    for (int64_t i = 0; i < L; ++i) {
       if (i < nvalid) {  // the row straight into lane i of xt
         const int64_t r = row_of(g, gi, j0 + i);
-        gather_range(a.x, g, r / g.P, r % g.P, 0, D, xt + i, RL);
+        gather_range(a.x, g, r / g.P, r % g.P, 0, D, xt + i, L);
       } else {
-        for (int64_t d = 0; d < D; ++d) xt[d * RL + i] = T(0);
+        for (int64_t d = 0; d < D; ++d) xt[d * L + i] = T(0);
       }
     }
-    block_scores_impl<T>(xt, D, a.mu + gi * K * D, a.sig + gi * K * D, c, K, lt);
+    block_scores_impl<T, L>(xt, D, a.mu + gi * K * D, a.sig + gi * K * D, c, K, lt);
   } else {
-    for (int64_t i = 0; i < RL; ++i) {
+    for (int64_t i = 0; i < L; ++i) {
       const T* src = a.ls + row_of(g, gi, j0 + std::min(i, nvalid - 1)) * K;
-      for (int64_t k = 0; k < K; ++k) lt[k * RL + i] = src[k];
+      for (int64_t k = 0; k < K; ++k) lt[k * L + i] = src[k];
     }
   }
   const T* ranked = lt;
   if (a.is_mc && a.G != nullptr) {
     if (a.n > 0)
-      smooth_factored_impl<T>(lt, a.G, a.G + a.n * a.n, a.n, tmp, sm);
+      smooth_factored_impl<T, L>(lt, a.G, a.G + a.n * a.n, a.n, tmp, sm);
     else
-      smooth_dense_impl<T>(lt, a.G, K, sm);
+      smooth_dense_impl<T, L>(lt, a.G, K, sm);
     ranked = sm;
   }
-  T lse[RL], best[RL], kb[RL];
-  block_finish_impl<T>(lt, ranked, K, lse, best, kb);
+  T lse[L], best[L], kb[L];
+  block_finish_impl<T, L>(lt, ranked, K, lse, best, kb);
   const T cst = T(0.5 * double(D) * std::log(2.0 * M_PI));
   for (int64_t i = 0; i < nvalid; ++i) {
     const int64_t r = row_of(g, gi, j0 + i);
     T* out = a.resp + r * K;
-    for (int64_t k = 0; k < K; ++k) out[k] = lt[k * RL + i];
+    for (int64_t k = 0; k < K; ++k) out[k] = lt[k * L + i];
     a.lse[r] = lse[i];
     a.kstar[r] = int32_t(kb[i]);
     a.score[r] = (a.is_mc ? best[i] : lse[i]) - cst;
   }
 }
-DCGMM_MULTIVERSION void forward_block(const Geometry& g, const ForwardArgs<float>& a, int64_t gi, int64_t j0,
-                                      int64_t nvalid, const float* c, float* xt, float* lt, float* tmp, float* sm) {
-  forward_block_impl<float>(g, a, gi, j0, nvalid, c, xt, lt, tmp, sm);
-}
-DCGMM_MULTIVERSION void forward_block(const Geometry& g, const ForwardArgs<double>& a, int64_t gi, int64_t j0,
-                                      int64_t nvalid, const double* c, double* xt, double* lt, double* tmp,
-                                      double* sm) {
-  forward_block_impl<double>(g, a, gi, j0, nvalid, c, xt, lt, tmp, sm);
-}
+DCGMM_ISA_VARIANTS(forward_block, forward_block_impl)
 
-// The whole forward: blocks of RL rows of one GMM, one parallel region. Independent layers walk tiles of PT
+// The whole forward: blocks of L rows (L per instruction set: block_rows) of one GMM, one parallel region. Independent layers walk tiles of PT
 // consecutive positions, each tile block by block with its positions inner: consecutive tasks then write
 // neighbouring rows of resp (positions p, p + 1 of the same images: whole cache lines) and read overlapping patches,
 // where GMM-major order wrote 100-byte rows 67 KB apart (preset D's first layer). A tile's constants c are
@@ -462,22 +460,25 @@ constexpr int64_t TILE_PARAM_BYTES = 64 * 1024;
 
 template <typename T>
 void forward_blocks(const Geometry& g, const ForwardArgs<T>& a) {
-  const int64_t rows = rows_per_gmm(g), blocks = (rows + RL - 1) / RL, K = g.K, D = g.D;
+  const Isa isa = cpu_isa();
+  const int64_t L = isa == Isa::avx512 ? block_rows<64>() : (isa == Isa::avx2 ? block_rows<32>() : block_rows<16>());
+  const int64_t rows = rows_per_gmm(g), blocks = (rows + L - 1) / L, K = g.K, D = g.D;
   const int64_t gmm_bytes = 2 * K * D * int64_t(sizeof(T));
   const int64_t pt = g.G > 1 ? std::max<int64_t>(1, std::min(PT, TILE_PARAM_BYTES / gmm_bytes)) : 1;
   const int64_t per_tile = pt * blocks;
   at::parallel_for(0, g.G * blocks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> xt(a.ls ? 0 : D * RL), lt(K * RL), tmp(K * RL), sm(K * RL), c(pt * K);
+    std::vector<T> xt(a.ls ? 0 : D * L), lt(K * L), tmp(K * L), sm(K * L), c(pt * K);
     int64_t c_of = -1;  // the tile whose constants c holds
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t tile = t / per_tile, g0 = tile * pt, tn = std::min(pt, g.G - g0), w = t - tile * per_tile;
-      const int64_t gi = g0 + w % tn, j0 = (w / tn) * RL, nvalid = std::min<int64_t>(RL, rows - j0);
+      const int64_t gi = g0 + w % tn, j0 = (w / tn) * L, nvalid = std::min<int64_t>(L, rows - j0);
       if (a.ls == nullptr && c_of != tile) {
         for (int64_t q = 0; q < tn; ++q)
           gmm_constants(a.log_pi + (g0 + q) * K, a.sig + (g0 + q) * K * D, K, D, c.data() + q * K);
         c_of = tile;
       }
-      forward_block(g, a, gi, j0, nvalid, c.data() + (gi - g0) * K, xt.data(), lt.data(), tmp.data(), sm.data());
+      forward_block<T>(isa, g, a, gi, j0, nvalid, c.data() + (gi - g0) * K, xt.data(), lt.data(), tmp.data(),
+                       sm.data());
     }
   });
 }
@@ -626,48 +627,43 @@ constexpr int PG_KB = 4;
 // For the PG_KB components j of the tile and one vector of patch entries: the block's float sums
 // a1[j, :] = sum_i wb[i, j] xc[i, :] and a2[j, :] = sum_i wb[i, j] xc[i, :]^2 (xc = xb - ctr) added to the double
 // totals A1, A2 of the first kn components; rows whose PG_KB weights are all zero are skipped (one-hot W).
-template <typename T>
+template <typename T, int RB>
 inline __attribute__((always_inline)) void pg_tile_impl(const T* __restrict__ xb, int64_t ldx, int64_t nb,
                                                         const T* __restrict__ wb, int64_t ldw,
                                                         const T* __restrict__ ctr, int kn, double* __restrict__ A1,
                                                         double* __restrict__ A2) {
-  using V = typename Vec<T>::type;
-  V acc1[PG_KB], acc2[PG_KB], cv;
-  __builtin_memcpy(&cv, ctr, sizeof(V));
-  for (int j = 0; j < PG_KB; ++j) acc1[j] = V{} * T(0), acc2[j] = V{} * T(0);
-  for (int64_t i = 0; i < nb; ++i) {
-    const T* w = wb + i * ldw;
-    bool any = false;
-    for (int j = 0; j < PG_KB; ++j) any |= w[j] != T(0);
-    if (!any) continue;
-    V xv;
-    __builtin_memcpy(&xv, xb + i * ldx, sizeof(V));
-    const V xc = xv - cv;
-    const V x2 = xc * xc;
-    for (int j = 0; j < PG_KB; ++j) {
-      acc1[j] += w[j] * xc;
-      acc2[j] += w[j] * x2;
+  constexpr int VL = RB / int(sizeof(T)), L = Lanes<T>::value;
+  using V = typename RowVec<T, VL>::type;  // one register
+  for (int h = 0; h < L; h += VL) {  // the 64-byte group of entries in register-wide parts: the same sums per lane
+    V acc1[PG_KB], acc2[PG_KB], cv;
+    __builtin_memcpy(&cv, ctr + h, sizeof(V));
+    for (int j = 0; j < PG_KB; ++j) acc1[j] = V{} * T(0), acc2[j] = V{} * T(0);
+    for (int64_t i = 0; i < nb; ++i) {
+      const T* w = wb + i * ldw;
+      bool any = false;
+      for (int j = 0; j < PG_KB; ++j) any |= w[j] != T(0);
+      if (!any) continue;
+      V xv;
+      __builtin_memcpy(&xv, xb + i * ldx + h, sizeof(V));
+      const V xc = xv - cv;
+      const V x2 = xc * xc;
+      for (int j = 0; j < PG_KB; ++j) {
+        acc1[j] += w[j] * xc;
+        acc2[j] += w[j] * x2;
+      }
+    }
+    for (int j = 0; j < kn; ++j) {  // the block's float sums into the double totals (stride ldx per component)
+      T t1[VL], t2[VL];
+      __builtin_memcpy(t1, &acc1[j], sizeof(V));
+      __builtin_memcpy(t2, &acc2[j], sizeof(V));
+      for (int l = 0; l < VL; ++l) A1[j * ldx + h + l] += double(t1[l]), A2[j * ldx + h + l] += double(t2[l]);
     }
   }
-  constexpr int L = Lanes<T>::value;  // the block's float sums into the double totals (stride ldx per component)
-  for (int j = 0; j < kn; ++j) {
-    T t1[L], t2[L];
-    __builtin_memcpy(t1, &acc1[j], sizeof(V));
-    __builtin_memcpy(t2, &acc2[j], sizeof(V));
-    for (int l = 0; l < L; ++l) A1[j * ldx + l] += double(t1[l]), A2[j * ldx + l] += double(t2[l]);
-  }
 }
-DCGMM_MULTIVERSION void pg_tile(const float* xb, int64_t ldx, int64_t nb, const float* wb, int64_t ldw,
-                                const float* ctr, int kn, double* A1, double* A2) {
-  pg_tile_impl<float>(xb, ldx, nb, wb, ldw, ctr, kn, A1, A2);
-}
-DCGMM_MULTIVERSION void pg_tile(const double* xb, int64_t ldx, int64_t nb, const double* wb, int64_t ldw,
-                                const double* ctr, int kn, double* A1, double* A2) {
-  pg_tile_impl<double>(xb, ldx, nb, wb, ldw, ctr, kn, A1, A2);
-}
+DCGMM_ISA_VARIANTS(pg_tile, pg_tile_impl)
 
 // d_mu, d_sigma of K components over dn entries (row stride D) from the centred totals (row stride ldx), in double.
-template <typename T>
+template <typename T, int RB>  // RB: unused (auto-vectorised loops)
 inline __attribute__((always_inline)) void pg_finish_impl(int64_t K, int64_t dn, int64_t D, int64_t ldx,
                                                           const T* __restrict__ mu, const T* __restrict__ sigma,
                                                           const T* __restrict__ ctr, const double* __restrict__ A1,
@@ -683,20 +679,11 @@ inline __attribute__((always_inline)) void pg_finish_impl(int64_t K, int64_t dn,
     }
   }
 }
-DCGMM_MULTIVERSION void pg_finish(int64_t K, int64_t dn, int64_t D, int64_t ldx, const float* mu, const float* sigma,
-                                  const float* ctr, const double* A1, const double* A2, const double* wt, float* d_mu,
-                                  float* d_sigma) {
-  pg_finish_impl<float>(K, dn, D, ldx, mu, sigma, ctr, A1, A2, wt, d_mu, d_sigma);
-}
-DCGMM_MULTIVERSION void pg_finish(int64_t K, int64_t dn, int64_t D, int64_t ldx, const double* mu,
-                                  const double* sigma, const double* ctr, const double* A1, const double* A2,
-                                  const double* wt, double* d_mu, double* d_sigma) {
-  pg_finish_impl<double>(K, dn, D, ldx, mu, sigma, ctr, A1, A2, wt, d_mu, d_sigma);
-}
+DCGMM_ISA_VARIANTS(pg_finish, pg_finish_impl)
 
 // A block's rows (entries [d0, d0 + dn), zero-padded to ldx) into xb, their weights W into wb (stride ldw) and
 // the weights' float sums over the block into ws.
-template <typename T>
+template <typename T, int RB>  // RB: unused (auto-vectorised loops)
 inline __attribute__((always_inline)) void pg_gather_impl(const Geometry& g, const T* x, const WeightSource<T>& W,
                                                           int64_t gi, int64_t j0, int64_t nb, int64_t d0, int64_t dn,
                                                           int64_t ldx, int64_t ldw, T* xb, T* wb, T* ws) {
@@ -712,16 +699,7 @@ inline __attribute__((always_inline)) void pg_gather_impl(const Geometry& g, con
     for (int64_t k = 0; k < K; ++k) ws[k] += w[k];
   }
 }
-DCGMM_MULTIVERSION void pg_gather(const Geometry& g, const float* x, const WeightSource<float>& W, int64_t gi,
-                                  int64_t j0, int64_t nb, int64_t d0, int64_t dn, int64_t ldx, int64_t ldw, float* xb,
-                                  float* wb, float* ws) {
-  pg_gather_impl<float>(g, x, W, gi, j0, nb, d0, dn, ldx, ldw, xb, wb, ws);
-}
-DCGMM_MULTIVERSION void pg_gather(const Geometry& g, const double* x, const WeightSource<double>& W, int64_t gi,
-                                  int64_t j0, int64_t nb, int64_t d0, int64_t dn, int64_t ldx, int64_t ldw, double* xb,
-                                  double* wb, double* ws) {
-  pg_gather_impl<double>(g, x, W, gi, j0, nb, d0, dn, ldx, ldw, xb, wb, ws);
-}
+DCGMM_ISA_VARIANTS(pg_gather, pg_gather_impl)
 
 // The mc loss with no gradient on resp (every training step): a row's weights are one row of G, scaled,
 // W[r, :] = g_r G[kstar_r, :] (one-hot without a smoothing), so the sums over rows factor through the winners:
@@ -733,7 +711,7 @@ DCGMM_MULTIVERSION void pg_gather(const Geometry& g, const double* x, const Weig
 
 // One block of rows into its winners' float sums f1, f2 (K, ldx); hit[j] marks the winners of the block; the
 // block's sums are then added to the double totals B1, B2 and b0.
-template <typename T>
+template <typename T, int RB>  // RB: unused (auto-vectorised loops)
 inline __attribute__((always_inline)) void pw_block_impl(const Geometry& g, const T* __restrict__ x,
                                                          const WeightSource<T>& W, int64_t gi, int64_t j0, int64_t nb,
                                                          int64_t d0, int64_t dn, int64_t ldx,
@@ -783,18 +761,7 @@ inline __attribute__((always_inline)) void pw_block_impl(const Geometry& g, cons
     for (int64_t d = 0; d < dn; ++d) B2[j * ldx + d] += double(f2[j * ldx + d]);
   }
 }
-DCGMM_MULTIVERSION void pw_block(const Geometry& g, const float* x, const WeightSource<float>& W, int64_t gi,
-                                 int64_t j0, int64_t nb, int64_t d0, int64_t dn, int64_t ldx, const float* ctr,
-                                 float* xr, float* f1, float* f2, uint8_t* hit, double* bs, uint8_t* used, double* b0,
-                                 double* B1, double* B2) {
-  pw_block_impl<float>(g, x, W, gi, j0, nb, d0, dn, ldx, ctr, xr, f1, f2, hit, bs, used, b0, B1, B2);
-}
-DCGMM_MULTIVERSION void pw_block(const Geometry& g, const double* x, const WeightSource<double>& W, int64_t gi,
-                                 int64_t j0, int64_t nb, int64_t d0, int64_t dn, int64_t ldx, const double* ctr,
-                                 double* xr, double* f1, double* f2, uint8_t* hit, double* bs, uint8_t* used,
-                                 double* b0, double* B1, double* B2) {
-  pw_block_impl<double>(g, x, W, gi, j0, nb, d0, dn, ldx, ctr, xr, f1, f2, hit, bs, used, b0, B1, B2);
-}
+DCGMM_ISA_VARIANTS(pw_block, pw_block_impl)
 
 // The smoothing as the backward reads it: dense (K, K) G and, when the layer passed them, its factors (Gy, Gx) of
 // side n (G = kron(Gy, Gx)); both null: identity.
@@ -804,12 +771,15 @@ struct Smoothing {
   int64_t n;
 };
 
-// out[i, :] = sum_t w[t] src[t, :] over nt terms (rows of length len, a multiple of 8 or 1), written once.
+// out[:] = sum_t w[t] src[t][:] over nt terms (rows of length len, a multiple of 8 or 1), written once. Each entry
+// is one chain over t in order, except in the last group of fewer than 32 entries, which sums even and odd terms
+// in two chains: groups of 32 / 8 entries whatever the register width RB (the same bits in every build).
+template <int RB>
 inline __attribute__((always_inline)) void pw_rows_sum(int64_t nt, const double* w, const double* const* src,
                                                         int64_t len, double* __restrict__ out) {
-  using V = Vec<double>::type;
-  constexpr int64_t L = Lanes<double>::value;
-  if (len % L != 0) {
+  constexpr int VL = RB / 8;  // doubles per register
+  using V = typename RowVec<double, VL>::type;
+  if (len % 8 != 0) {
     for (int64_t d = 0; d < len; ++d) {
       double acc = 0.0;
       for (int64_t t = 0; t < nt; ++t) acc += w[t] * src[t][d];
@@ -817,42 +787,37 @@ inline __attribute__((always_inline)) void pw_rows_sum(int64_t nt, const double*
     }
     return;
   }
-  constexpr int U = 4;  // independent accumulators: the sums over t are a dependency chain per vector
+  constexpr int U = 32 / VL;  // independent accumulators: the sums over t are a dependency chain per vector
   int64_t d = 0;
-  for (; d + U * L <= len; d += U * L) {
+  for (; d + 32 <= len; d += 32) {
     V acc[U];
     for (int u = 0; u < U; ++u) acc[u] = V{} * 0.0;
-    for (int64_t t = 0; t < nt; ++t)
-      for (int u = 0; u < U; ++u) {
-        V b;
-        __builtin_memcpy(&b, src[t] + d + u * L, sizeof(V));
-        acc[u] += w[t] * b;
-      }
-    __builtin_memcpy(out + d, acc, sizeof(acc));
+    for (int64_t t = 0; t < nt; ++t) {
+      const double wt = w[t];
+      for (int u = 0; u < U; ++u) acc[u] += wt * load_rv<double, VL>(src[t] + d + u * VL);
+    }
+    for (int u = 0; u < U; ++u) store_rv<double, VL>(out + d + u * VL, acc[u]);
   }
-  for (; d < len; d += L) {  // short rows (a 16-entry patch: 2 vectors): even and odd terms in two chains
-    V acc[2] = {V{} * 0.0, V{} * 0.0};
+  for (; d < len; d += 8) {  // short rows (a 16-entry patch: 2 groups): even and odd terms in two chains
+    constexpr int H = 8 / VL;
+    V even[H], odd[H];
+    for (int u = 0; u < H; ++u) even[u] = V{} * 0.0, odd[u] = V{} * 0.0;
     int64_t t = 0;
     for (; t + 2 <= nt; t += 2)
-      for (int u = 0; u < 2; ++u) {
-        V b;
-        __builtin_memcpy(&b, src[t + u] + d, sizeof(V));
-        acc[u] += w[t + u] * b;
+      for (int u = 0; u < H; ++u) {
+        even[u] += w[t] * load_rv<double, VL>(src[t] + d + u * VL);
+        odd[u] += w[t + 1] * load_rv<double, VL>(src[t + 1] + d + u * VL);
       }
-    if (t < nt) {
-      V b;
-      __builtin_memcpy(&b, src[t] + d, sizeof(V));
-      acc[0] += w[t] * b;
-    }
-    const V sum = acc[0] + acc[1];
-    __builtin_memcpy(out + d, &sum, sizeof(V));
+    if (t < nt)
+      for (int u = 0; u < H; ++u) even[u] += w[t] * load_rv<double, VL>(src[t] + d + u * VL);
+    for (int u = 0; u < H; ++u) store_rv<double, VL>(out + d + u * VL, even[u] + odd[u]);
   }
 }
 
 // A (K, len) = G^T B (K, len) in double (rows at stride ld), where only B's rows j with used[j] are defined (the others are zero):
 // B itself without G; separable with the factors, A[(ky, kx)] = sum_jy Gy[jy, ky] sum_jx Gx[jx, kx] B[(jy, jx)],
 // when that takes fewer operations than the dense product over the used rows. tmp: (K, len) scratch.
-template <typename T>
+template <typename T, int RB>
 inline __attribute__((always_inline)) void pw_combine_impl(const Smoothing<T>& G, int64_t K, int64_t len,
                                                            int64_t ld, const uint8_t* __restrict__ used,
                                                            const double* __restrict__ B, double* __restrict__ tmp,
@@ -882,7 +847,7 @@ inline __attribute__((always_inline)) void pw_combine_impl(const Smoothing<T>& G
       row_used[jy] = nt > 0;
       for (int64_t kx = 0; kx < n && nt > 0; ++kx) {
         for (int64_t t = 0; t < nt; ++t) w[t] = double(G.gx[jx_of[t] * n + kx]);
-        pw_rows_sum(nt, w.data(), src.data(), len, tmp + (jy * n + kx) * ld);
+        pw_rows_sum<RB>(nt, w.data(), src.data(), len, tmp + (jy * n + kx) * ld);
       }
     }
     for (int64_t ky = 0; ky < n; ++ky)  // A[(ky, kx)] = sum_jy Gy[jy, ky] tmp[(jy, kx)]
@@ -890,29 +855,23 @@ inline __attribute__((always_inline)) void pw_combine_impl(const Smoothing<T>& G
         int64_t nt = 0;
         for (int64_t jy = 0; jy < n; ++jy)
           if (row_used[jy]) src[nt] = tmp + (jy * n + kx) * ld, w[nt++] = double(G.gy[jy * n + ky]);
-        pw_rows_sum(nt, w.data(), src.data(), len, A + (ky * n + kx) * ld);
+        pw_rows_sum<RB>(nt, w.data(), src.data(), len, A + (ky * n + kx) * ld);
       }
     return;
   }
   for (int64_t t = 0; t < nused; ++t) src[t] = B + js[t] * ld;
   for (int64_t k = 0; k < K; ++k) {  // dense, over the used rows
     for (int64_t t = 0; t < nused; ++t) w[t] = double(G.dense[js[t] * K + k]);
-    pw_rows_sum(nused, w.data(), src.data(), len, A + k * ld);
+    pw_rows_sum<RB>(nused, w.data(), src.data(), len, A + k * ld);
   }
 }
-DCGMM_MULTIVERSION void pw_combine(const Smoothing<float>& G, int64_t K, int64_t len, int64_t ld,
-                                   const uint8_t* used, const double* B, double* tmp, double* A) {
-  pw_combine_impl<float>(G, K, len, ld, used, B, tmp, A);
-}
-DCGMM_MULTIVERSION void pw_combine(const Smoothing<double>& G, int64_t K, int64_t len, int64_t ld,
-                                   const uint8_t* used, const double* B, double* tmp, double* A) {
-  pw_combine_impl<double>(G, K, len, ld, used, B, tmp, A);
-}
+DCGMM_ISA_VARIANTS(pw_combine, pw_combine_impl)
 
 template <typename T>
 void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, const WeightSource<T>& W,
                  const Smoothing<T>& S, T* d_mu, T* d_sigma, T* d_log_pi) {
   constexpr int64_t L = Lanes<T>::value;
+  const Isa isa = cpu_isa();
   const int64_t K = g.K, D = g.D, rows = rows_per_gmm(g), ldw = round_up(K, PG_KB);
   const int64_t chunks = (rows + PG_CHUNK - 1) / PG_CHUNK, dranges = (D + PG_DRANGE - 1) / PG_DRANGE;
   const int64_t ldx = round_up(std::min(D, PG_DRANGE), PAD_LANES);  // one task's (K, ldx) totals
@@ -933,7 +892,7 @@ void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, con
     if (d0 == 0)
       for (int64_t k = 0; k < K; ++k) d_log_pi[gi * K + k] = T(wt[k]);
     const int64_t off = gi * K * D + d0;
-    pg_finish(K, dn, D, ldx, mu + off, sigma + off, ctr, A1, A2, wt, d_mu + off, d_sigma + off);
+    pg_finish<T>(isa, K, dn, D, ldx, mu + off, sigma + off, ctr, A1, A2, wt, d_mu + off, d_sigma + off);
   };
   auto centre = [&](int64_t gi, int64_t d0, int64_t dn, T* ctr) {  // the GMM's mean of means, in double
     double acc[PG_DRANGE] = {};  // k outer, entries inner: the same order of additions per entry, vectorised
@@ -958,24 +917,24 @@ void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, con
       if (winners) {
         std::fill(used.begin(), used.end(), uint8_t(0));
         for (int64_t j0 = j_begin; j0 < j_end; j0 += PG_ROWS)
-          pw_block(g, x, W, gi, j0, std::min(PG_ROWS, j_end - j0), d0, dn, ldx, ctr.data(), xb.data(), f1.data(),
-                   f2.data(), hit.data(), bs.data(), used.data(), b0.data(), B1.data(), B2.data());
+          pw_block<T>(isa, g, x, W, gi, j0, std::min(PG_ROWS, j_end - j0), d0, dn, ldx, ctr.data(), xb.data(),
+                      f1.data(), f2.data(), hit.data(), bs.data(), used.data(), b0.data(), B1.data(), B2.data());
         const int64_t len = round_up(dn, Lanes<double>::value);  // the columns that hold entries
-        pw_combine(S, K, len, ldx, used.data(), B1.data(), tmp.data(), A1.data());
-        pw_combine(S, K, len, ldx, used.data(), B2.data(), tmp.data(), A2.data());
-        pw_combine(S, K, 1, 1, used.data(), b0.data(), tmp.data(), wt.data());
+        pw_combine<T>(isa, S, K, len, ldx, used.data(), B1.data(), tmp.data(), A1.data());
+        pw_combine<T>(isa, S, K, len, ldx, used.data(), B2.data(), tmp.data(), A2.data());
+        pw_combine<T>(isa, S, K, int64_t(1), int64_t(1), used.data(), b0.data(), tmp.data(), wt.data());
       } else {
         std::fill(A1.begin(), A1.end(), 0.0), std::fill(A2.begin(), A2.end(), 0.0);
         std::fill(wt.begin(), wt.end(), 0.0);
       }
       for (int64_t j0 = j_begin; !winners && j0 < j_end; j0 += PG_ROWS) {
         const int64_t nb = std::min(PG_ROWS, j_end - j0);
-        pg_gather(g, x, W, gi, j0, nb, d0, dn, ldx, ldw, xb.data(), wb.data(), ws.data());
+        pg_gather<T>(isa, g, x, W, gi, j0, nb, d0, dn, ldx, ldw, xb.data(), wb.data(), ws.data());
         for (int64_t k = 0; k < K; ++k) wt[k] += double(ws[k]);
         for (int64_t kb = 0; kb < K; kb += PG_KB)
           for (int64_t dv = 0; dv < ldx; dv += L) {
-            pg_tile(xb.data() + dv, ldx, nb, wb.data() + kb, ldw, ctr.data() + dv,
-                    int(std::min<int64_t>(PG_KB, K - kb)), A1.data() + kb * ldx + dv, A2.data() + kb * ldx + dv);
+            pg_tile<T>(isa, xb.data() + dv, ldx, nb, wb.data() + kb, ldw, ctr.data() + dv,
+                       int(std::min<int64_t>(PG_KB, K - kb)), A1.data() + kb * ldx + dv, A2.data() + kb * ldx + dv);
           }
       }
       if (chunks == 1) {
@@ -1009,7 +968,7 @@ void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, con
 
 // dpatch[d] += sum_k W[k] sigma^2[k, d] (mu[k, d] - x[d]) over the components with W[k] != 0, in the direct form:
 // the expanded W S mu - x (W S) cancels by factors of 10-50 once mu sits on the data and sigma near its ceiling.
-template <typename T>
+template <typename T, int RB>  // RB: unused (auto-vectorised loops)
 inline __attribute__((always_inline)) void dx_row_impl(const T* __restrict__ W, int64_t K, const T* __restrict__ s2,
                                                        const T* __restrict__ mu, const T* __restrict__ x,
                                                        T* __restrict__ out, int64_t n) {
@@ -1021,19 +980,13 @@ inline __attribute__((always_inline)) void dx_row_impl(const T* __restrict__ W, 
     for (int64_t d = 0; d < n; ++d) out[d] += wk * sk[d] * (mk[d] - x[d]);
   }
 }
-DCGMM_MULTIVERSION void dx_row(const float* W, int64_t K, const float* s2, const float* mu, const float* x, float* out,
-                               int64_t n) {
-  dx_row_impl<float>(W, K, s2, mu, x, out, n);
-}
-DCGMM_MULTIVERSION void dx_row(const double* W, int64_t K, const double* s2, const double* mu, const double* x,
-                               double* out, int64_t n) {
-  dx_row_impl<double>(W, K, s2, mu, x, out, n);
-}
+DCGMM_ISA_VARIANTS(dx_row, dx_row_impl)
 
 // dx: per image, every patch's dpatch = sum_k W[k] sigma^2 (mu - x) folded onto its pixels (one task per image).
 template <typename T>
 void x_grad(const Geometry& g, const T* x, const T* mu_p, const T* s2_p, const WeightSource<T>& W, T* dx) {
   const int64_t K = g.K, D_pad = g.D_pad, seg = g.kw * g.C;
+  const Isa isa = cpu_isa();
   at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
     std::vector<T> xb(D_pad, T(0)), b1(D_pad), wr(K);
     for (int64_t n = n0; n < n1; ++n) {
@@ -1044,7 +997,7 @@ void x_grad(const Geometry& g, const T* x, const T* mu_p, const T* s2_p, const W
         std::fill(b1.begin(), b1.end(), T(0));
         gather_range(x, g, n, p, 0, g.D, xb.data());
         W.row(r, wr.data());
-        dx_row(wr.data(), K, s2_p + gi * K * D_pad, mu_p + gi * K * D_pad, xb.data(), b1.data(), D_pad);
+        dx_row<T>(isa, wr.data(), K, s2_p + gi * K * D_pad, mu_p + gi * K * D_pad, xb.data(), b1.data(), D_pad);
         const int64_t oy = p / g.Wo, ox = p % g.Wo;
         T* base = img + ((oy * g.sh) * g.W + ox * g.sw) * g.C;
         for (int64_t ky = 0; ky < g.kh; ++ky) {

@@ -9,9 +9,11 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "../cgmm_math.h"
+#include "isa.h"
 
 namespace dcgmm {
 namespace {
@@ -25,25 +27,42 @@ inline __attribute__((always_inline)) T abs_max(T m, T v) {
   return (a != a || m != m) ? (m != m ? m : a) : (a > m ? a : m);
 }
 
-template <typename T>
+// p[i] = fma(g[i], s, p[i]) (clamped to [lo, hi] when clamp; NaN stays NaN), and max |p[i]| after the update (NaN
+// when any is NaN). One register of entries at a time; each entry's fma and clamp are the same in every build and
+// the maximum is exact in any order.
+template <typename T, int RB>
 inline __attribute__((always_inline)) T update_range_impl(T* __restrict__ p, const T* __restrict__ g, T s,
                                                           int64_t n, bool clamp, T lo, T hi) {
-  T m = T(0);
-  for (int64_t i = 0; i < n; ++i) {
-    T v = std::fma(g[i], s, p[i]);
-    if (clamp) v = v != v ? v : (v < lo ? lo : (v > hi ? hi : v));
-    p[i] = v;
-    m = abs_max(m, v);
+  constexpr int VL = RB / int(sizeof(T));
+  using V = typename RowVec<T, VL>::type;
+  V mv = V{} * T(0);
+  bool nan = false;
+  int64_t i = 0;
+  for (; i + VL <= n; i += VL) {
+    const V gv = load_rv<T, VL>(g + i), pv = load_rv<T, VL>(p + i);
+    V v;
+    for (int l = 0; l < VL; ++l) v[l] = std::fma(gv[l], s, pv[l]);
+    if (clamp) {  // comparisons with NaN are false: NaN passes through
+      v = v < lo ? V{} + lo : v;
+      v = v > hi ? V{} + hi : v;
+    }
+    store_rv<T, VL>(p + i, v);
+    const V av = v < T(0) ? -v : v;
+    mv = av > mv ? av : mv;
+    for (int l = 0; l < VL; ++l) nan |= v[l] != v[l];
   }
-  return m;
+  T m = T(0);
+  for (int l = 0; l < VL; ++l) m = mv[l] > m ? mv[l] : m;
+  for (; i < n; ++i) {
+    T v = std::fma(g[i], s, p[i]);
+    if (clamp) v = v < lo ? lo : (v > hi ? hi : v);
+    p[i] = v;
+    nan |= v != v;
+    m = std::abs(v) > m ? std::abs(v) : m;
+  }
+  return nan ? std::numeric_limits<T>::quiet_NaN() : m;
 }
-DCGMM_MULTIVERSION float update_range(float* p, const float* g, float s, int64_t n, bool clamp, float lo, float hi) {
-  return update_range_impl<float>(p, g, s, n, clamp, lo, hi);
-}
-DCGMM_MULTIVERSION double update_range(double* p, const double* g, double s, int64_t n, bool clamp, double lo,
-                                       double hi) {
-  return update_range_impl<double>(p, g, s, n, clamp, lo, hi);
-}
+DCGMM_ISA_VARIANTS(update_range, update_range_impl)
 
 void check_pair(const char* name, const at::Tensor& p, const at::Tensor& g) {
   TORCH_CHECK(p.device().is_cpu() && p.is_contiguous(), name, ": expected a contiguous CPU tensor");
@@ -69,16 +88,17 @@ at::Tensor gmm_update_cpu(at::Tensor& mu, at::Tensor& sigma, at::Tensor& log_pi,
     const T *gm = g_mu.data_ptr<T>(), *gs = g_sigma.data_ptr<T>(), *gp = g_pi.data_ptr<T>();
     const int64_t n = mu.numel(), chunks = (n + UPDATE_CHUNK - 1) / UPDATE_CHUNK;
     std::vector<T> part(chunks, T(0));
+    const Isa isa = cpu_isa();
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t i0 = c * UPDATE_CHUNK, len = std::min(UPDATE_CHUNK, n - i0);
-        part[c] = update_range(m + i0, gm + i0, sm, len, false, lo, hi);
-        update_range(sg + i0, gs + i0, ss, len, true, lo, hi);
+        part[c] = update_range<T>(isa, m + i0, gm + i0, sm, len, false, lo, hi);
+        update_range<T>(isa, sg + i0, gs + i0, ss, len, true, lo, hi);
       }
     });
     T mu_max = T(0);
     for (T v : part) mu_max = abs_max(mu_max, v);
-    const T pi_max = update_range(lp, gp, sp, log_pi.numel(), false, lo, hi);
+    const T pi_max = update_range<T>(isa, lp, gp, sp, log_pi.numel(), false, lo, hi);
     out.data_ptr<T>()[0] = mu_max;
     out.data_ptr<T>()[1] = pi_max;
   });

@@ -17,6 +17,14 @@ cgmm, patch_average, sample_components = _OPS.cgmm, _OPS.patch_average, _OPS.sam
 step_partials, step_finalize = _OPS.step_partials, _OPS.step_finalize
 
 
+def cpu_isa() -> str:
+    """The instruction set the C++ kernels run with now: "avx512", "avx2" or "baseline" (x86-64 without AVX2, or
+    another CPU): the best this CPU has, capped by ``DCGMM_CPU_ISA`` (read at every call; ``csrc/cpu/isa.h``)."""
+    from .. import _C  # noqa: F401
+
+    return torch.ops.dcgmm.cpu_isa_cpp()
+
+
 def problem() -> Optional[str]:
     """Loads ``dcgmm_fast._C`` (which registers ``torch.ops.dcgmm.*_cpp``) and wires fakes and autograd."""
     try:
