@@ -61,9 +61,13 @@ def test_unknown_cpu_isa_is_named(monkeypatch):
         ops.cgmm(*inputs, smoothing=G, backend="cpp", **kw)
 
 
-# shared and independent, dense and separable smoothing, loglik, D = 400, the GEMM form, the winner sums
-CASES = [SHAPES[0], SHAPES[1], SHAPES[5], SHAPES[6], SHAPES[9], MC[-1][0]]
-CASE_IDS = ["shared-K9-dense", "indep-K25", "indep-D400-sep", "loglik-28x28", "gemm-K64", "winners-N24"]
+# shared and independent, dense and separable smoothing, loglik, the GEMM form, the winner sums; full row blocks
+# (every build) of patches wider than a block (D = 400 in 4 segments of 100 entries; stride 3, 3 segments of 12)
+# for the forward's transposing gather, with a partial block after them
+CASES = [SHAPES[0], SHAPES[1], (20, 13, 13, 25, 4, 2, 25, True, "mc", 1.5), SHAPES[6], SHAPES[7], SHAPES[9],
+         MC[-1][0]]
+CASE_IDS = ["shared-K9-dense", "indep-K25", "indep-D400-N20", "loglik-28x28", "shared-s3", "gemm-K64",
+            "winners-N24"]
 
 
 def _smoothing(shape, G):

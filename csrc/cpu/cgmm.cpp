@@ -451,20 +451,30 @@ inline __attribute__((always_inline)) void forward_block_impl(const Geometry& g,
     int64_t n = g.independent ? j0 : j0 / g.P, p = g.independent ? gi : j0 % g.P;
     int64_t oy = p / g.Wo, ox = p - oy * g.Wo;
     const int64_t seg = g.kw * g.C, line = g.W * g.C, img = g.H * line;
-    for (int64_t i = 0; i < L; ++i) {
-      if (i < nvalid) {
-        const T* base = a.x + n * img + (oy * g.sh * g.W + ox * g.sw) * g.C;
-        for (int64_t ky = 0; ky < g.kh; ++ky)
-          for (int64_t l = 0; l < seg; ++l) xt[(ky * seg + l) * L + i] = base[ky * line + l];
-        if (g.independent) {
-          ++n;
-        } else if (++ox == g.Wo) {
-          ox = 0;
-          if (++oy == g.Ho) oy = 0, ++n;
-        }
-      } else {
-        for (int64_t d = 0; d < D; ++d) xt[d * L + i] = T(0);
+    const T* base[L];  // the patch origin of each valid row
+    for (int64_t i = 0; i < nvalid; ++i) {
+      base[i] = a.x + n * img + (oy * g.sh * g.W + ox * g.sw) * g.C;
+      if (g.independent) {
+        ++n;
+      } else if (++ox == g.Wo) {
+        ox = 0;
+        if (++oy == g.Ho) oy = 0, ++n;
       }
+    }
+    // a full block takes L entries of its L rows at a time through an in-register transpose (L vector loads and
+    // stores instead of L * L strided scalar copies: preset D's second layer gathers 400 entries per row); the
+    // rest entry by entry
+    const int64_t vec_end = nvalid == L ? seg - seg % L : 0;
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      T* dst = xt + ky * seg * L;
+      for (int64_t l0 = 0; l0 < vec_end; l0 += L) {
+        typename RowVec<T, L>::type v[L];
+        for (int i = 0; i < L; ++i) v[i] = load_rv<T, L>(base[i] + ky * line + l0);
+        transpose_rv<T, L>(v);
+        for (int j = 0; j < L; ++j) store_rv<T, L>(dst + (l0 + j) * L, v[j]);
+      }
+      for (int64_t i = 0; i < L; ++i)
+        for (int64_t l = vec_end; l < seg; ++l) dst[l * L + i] = i < nvalid ? base[i][ky * line + l] : T(0);
     }
     block_scores_impl<T, L>(xt, D, a.mu + gi * K * D, a.sig + gi * K * D, c, K, lt);
   } else {
