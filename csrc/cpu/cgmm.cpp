@@ -526,7 +526,7 @@ constexpr int64_t TILE_PARAM_BYTES = 64 * 1024;
 template <typename T>
 void forward_blocks(const Geometry& g, const ForwardArgs<T>& a) {
   const Isa isa = cpu_isa();
-  const int64_t L = isa == Isa::avx512 ? block_rows<64>() : (isa == Isa::avx2 ? block_rows<32>() : block_rows<16>());
+  const int64_t L = register_bytes(isa) / 4;  // block_rows<RB>() of the build that runs
   const int64_t rows = rows_per_gmm(g), blocks = (rows + L - 1) / L, K = g.K, D = g.D;
   const int64_t gmm_bytes = 2 * K * D * int64_t(sizeof(T));
   const int64_t pt = g.G > 1 ? std::max<int64_t>(1, std::min(PT, TILE_PARAM_BYTES / gmm_bytes)) : 1;

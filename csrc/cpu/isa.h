@@ -69,6 +69,10 @@ inline __attribute__((always_inline)) void store_rv(T* p, typename RowVec<T, L>:
   __builtin_memcpy(p, &v, sizeof(v));
 }
 
+// The register width RB (bytes) each build's kernels are compiled with (DCGMM_ISA_VARIANTS below): what a caller
+// sizes its buffers by.
+inline int register_bytes(Isa isa) { return isa == Isa::avx512 ? 64 : (isa == Isa::avx2 ? 32 : 16); }
+
 // NAME_avx512 / NAME_avx2 / NAME_baseline: IMPL<T, 64 / 32 / 16> compiled for that set; NAME<T>(isa, args...).
 #define DCGMM_ISA_VARIANTS(NAME, IMPL)                                                   \
   template <typename T, typename... A>                                                   \
