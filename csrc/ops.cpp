@@ -43,8 +43,5 @@ TORCH_LIBRARY(dcgmm, m) {
       "sample_components_cpp(Tensor topdown, Tensor mu, Tensor sigma, int top_s, float divisor, Tensor u, "
       "Tensor eps, float sigma_ceiling) -> Tensor");
   // the instruction set the CPU kernels run with now: "avx512", "avx2" or "baseline" (csrc/cpu/isa.h)
-  m.def("cpu_isa_cpp() -> str", []() -> std::string {
-    const dcgmm::Isa isa = dcgmm::cpu_isa();
-    return isa == dcgmm::Isa::avx512 ? "avx512" : (isa == dcgmm::Isa::avx2 ? "avx2" : "baseline");
-  });
+  m.def("cpu_isa_cpp() -> str", []() -> std::string { return dcgmm::isa_name(dcgmm::cpu_isa()); });
 }

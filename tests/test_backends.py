@@ -325,12 +325,16 @@ def test_trained_regime_float32_within_design_rule(backend, case, upstream, ship
     sigma near its ceiling, real images and sharp responsibilities, with the factored smoothing the layers pass,
     for random upstream gradients and for the training step's score.mean() (the cpp winner sums on mc layers).
     Random parameters alone cannot see cancellation (the dx of classifier-B's first layer failed here at 7.8x)."""
-    backend, device = _split(backend)
-    inputs64, G64, kw = _trained_inputs(case, shipped, fresh_seed)
+    _check_trained_regime(*_split(backend), case, upstream, shipped, fresh_seed)
+
+
+def _check_trained_regime(backend, device, case, upstream, shipped, seed):
+    """The float32 rule on one trained-regime case (see _trained_inputs)."""
+    inputs64, G64, kw = _trained_inputs(case, shipped, seed)
     inputs64 = [t.requires_grad_(True) for t in inputs64]
     inputs32 = [t.detach().float().requires_grad_(True) for t in inputs64]
     G32 = None if G64 is None else G64.float()
-    _check_float32_rule(backend, device, inputs64, inputs32, G64, G32, kw, fresh_seed, upstream)
+    _check_float32_rule(backend, device, inputs64, inputs32, G64, G32, kw, seed, upstream)
 
 
 @pytest.mark.parametrize("backend", FUSED)

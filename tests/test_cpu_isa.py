@@ -3,7 +3,8 @@
 Each hot kernel is compiled for AVX-512, AVX2 + FMA and baseline x86-64 with its own register width (the forward's
 blocks hold 16, 8 or 4 rows); ``DCGMM_CPU_ISA`` runs a lower build on this machine, so the AVX2 and baseline code
 is tested on an AVX-512 CI machine too. float64 to 1e-10 and design.md's float32 rule, forward and every gradient,
-through the general sums and the winner sums of the backward; outputs NaN-poisoned.
+through the general sums and the winner sums of the backward, on random inputs and in the trained regime (mu on the
+data, sigma near its ceiling); outputs NaN-poisoned.
 """
 import pytest
 import torch
@@ -11,7 +12,8 @@ import torch
 from dcgmm_fast import backends, geometry, ops, reference
 
 from conftest import assert_close
-from test_backends import MC, SHAPES, _check_float32_rule, _grads, _inputs, _upstream
+from test_backends import (MC, SHAPES, TRAINED_UPSTREAM, _check_float32_rule, _check_trained_regime, _grads,
+                           _inputs, _upstream)
 
 ISAS = ["baseline", "avx2", "avx512"]
 
@@ -100,3 +102,9 @@ def test_float32_within_design_rule(isa, shape, fresh_seed):
     inputs32, G32, _ = _inputs(shape, torch.float32, fresh_seed)
     for upstream in ("both", "mean"):
         _check_float32_rule("cpp", "cpu", inputs64, inputs32, G64, _smoothing(shape, G32), kw, fresh_seed, upstream)
+
+
+@pytest.mark.parametrize("case,upstream", TRAINED_UPSTREAM, ids=[f"{c[0]}-{u}" for c, u in TRAINED_UPSTREAM])
+def test_trained_regime_float32_within_design_rule(isa, case, upstream, shipped, fresh_seed):
+    """test_backends' trained-regime cases (where expanded sums cancel) with each build."""
+    _check_trained_regime("cpp", "cpu", case, upstream, shipped, fresh_seed)

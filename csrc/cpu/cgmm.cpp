@@ -96,17 +96,17 @@ inline __attribute__((always_inline)) void for_each_segment(const T* x, const Ge
   }
 }
 
-// Entries [d0, d0 + dn) of patch row (n, p) into dst[(d - d0) * stride] (stride 1: a row buffer; L: one lane of
-// a rows-in-lanes block).
+// Entries [d0, d0 + dn) of patch row (n, p) into the row buffer dst[d - d0] (the forward's rows-in-lanes blocks
+// gather their own: forward_block_impl).
 template <typename T>
 inline __attribute__((always_inline)) void gather_range(const T* x, const Geometry& g, int64_t n, int64_t p,
-                                                        int64_t d0, int64_t dn, T* dst, int64_t stride = 1) {
+                                                        int64_t d0, int64_t dn, T* dst) {
   for_each_segment(x, g, n, p, d0, dn, [&](const T* src, int64_t o, int64_t len) {
-    T* out = dst + o * stride;
-    if (stride == 1 && len > 8)  // long segments: one library copy (short ones, 3x3 one-channel: a loop is cheaper)
+    T* out = dst + o;
+    if (len > 8)  // long segments: one library copy (short ones, 3x3 one-channel: a loop is cheaper)
       std::memcpy(out, src, len * sizeof(T));
     else
-      for (int64_t l = 0; l < len; ++l) out[l * stride] = src[l];
+      for (int64_t l = 0; l < len; ++l) out[l] = src[l];
   });
 }
 
@@ -125,10 +125,7 @@ inline int64_t row_of(const Geometry& g, int64_t gi, int64_t j) { return g.indep
 // then scattered into resp, score, lse, kstar. One parallel region per forward; the parameters are read in their
 // (G, K, D) layout (no per-call copies). Each lane's arithmetic is the same for every L and thread count.
 // The vector types are GCC vector extensions.
-template <int RB>
-constexpr int64_t block_rows() {
-  return RB / 4;
-}
+constexpr int64_t block_rows(int register_bytes) { return register_bytes / 4; }
 
 template <int L>
 struct RowInts {
@@ -438,12 +435,12 @@ void gmm_constants(const T* log_pi, const T* sig, int64_t K, int64_t D, T* c) {
 // One block: rows j0 .. j0 + nvalid - 1 of GMM gi, from the image (gathered transposed into xt) or from ls; log
 // scores, smoothing, max/argmax, softmax and logsumexp, scattered into the outputs. Compiled per instruction set as
 // a whole (the helpers above are inlined into it), so the gathers and scatters are vectorised too. Buffers: xt (D,
-// L), lt, tmp, sm (K, L) with L = block_rows<RB>().
+// L), lt, tmp, sm (K, L) with L = block_rows(RB).
 template <typename T, int RB>
 inline __attribute__((always_inline)) void forward_block_impl(const Geometry& g, const ForwardArgs<T>& a,
                                                               int64_t gi, int64_t j0, int64_t nvalid, const T* c,
                                                               T* xt, T* lt, T* tmp, T* sm) {
-  constexpr int L = int(block_rows<RB>());
+  constexpr int L = int(block_rows(RB));
   const int64_t K = g.K, D = g.D;
   if (a.ls == nullptr) {
     // the rows straight into the lanes of xt, walking (image, oy, ox) from the block's first row: no division per
@@ -515,8 +512,8 @@ inline __attribute__((always_inline)) void forward_block_impl(const Geometry& g,
 DCGMM_ISA_VARIANTS(forward_block, forward_block_impl)
 
 // The whole forward: blocks of L rows (L per instruction set: block_rows) of one GMM, one parallel region.
-// Independent layers walk tiles of PT consecutive positions, each tile block by block with its positions inner: consecutive tasks then write
-// neighbouring rows of resp (positions p, p + 1 of the same images: whole cache lines) and read overlapping patches,
+// Independent layers walk tiles of PT consecutive positions, each tile block by block with its positions inner:
+// consecutive tasks then write neighbouring rows of resp (positions p, p + 1 of the same images: whole cache lines) and read overlapping patches,
 // where GMM-major order wrote 100-byte rows 67 KB apart (preset D's first layer). A tile's constants c are
 // computed by the thread that meets it first. A tile's parameters stay within 64 KB (preset D's
 // second layer, 80 KB per GMM, keeps GMM-major order, which keeps a GMM's parameters hot for its blocks).
@@ -526,7 +523,7 @@ constexpr int64_t TILE_PARAM_BYTES = 64 * 1024;
 template <typename T>
 void forward_blocks(const Geometry& g, const ForwardArgs<T>& a) {
   const Isa isa = cpu_isa();
-  const int64_t L = register_bytes(isa) / 4;  // block_rows<RB>() of the build that runs
+  const int64_t L = block_rows(register_bytes(isa));  // the rows per block of the build that runs
   const int64_t rows = rows_per_gmm(g), blocks = (rows + L - 1) / L, K = g.K, D = g.D;
   const int64_t gmm_bytes = 2 * K * D * int64_t(sizeof(T));
   const int64_t pt = g.G > 1 ? std::max<int64_t>(1, std::min(PT, TILE_PARAM_BYTES / gmm_bytes)) : 1;
@@ -700,17 +697,15 @@ inline __attribute__((always_inline)) void pg_tile_impl(const T* __restrict__ xb
   constexpr int VL = RB / int(sizeof(T)), L = Lanes<T>::value;
   using V = typename RowVec<T, VL>::type;  // one register
   for (int h = 0; h < L; h += VL) {  // the 64-byte group of entries in register-wide parts: the same sums per lane
-    V acc1[PG_KB], acc2[PG_KB], cv;
-    __builtin_memcpy(&cv, ctr + h, sizeof(V));
+    V acc1[PG_KB], acc2[PG_KB];
+    const V cv = load_rv<T, VL>(ctr + h);
     for (int j = 0; j < PG_KB; ++j) acc1[j] = V{} * T(0), acc2[j] = V{} * T(0);
     for (int64_t i = 0; i < nb; ++i) {
       const T* w = wb + i * ldw;
       bool any = false;
       for (int j = 0; j < PG_KB; ++j) any |= w[j] != T(0);
       if (!any) continue;
-      V xv;
-      __builtin_memcpy(&xv, xb + i * ldx + h, sizeof(V));
-      const V xc = xv - cv;
+      const V xc = load_rv<T, VL>(xb + i * ldx + h) - cv;
       const V x2 = xc * xc;
       for (int j = 0; j < PG_KB; ++j) {
         acc1[j] += w[j] * xc;

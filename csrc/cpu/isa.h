@@ -37,20 +37,18 @@ inline Isa best_cpu_isa() {
 inline Isa best_cpu_isa() { return Isa::baseline; }
 #endif
 
+// The name DCGMM_CPU_ISA and torch.ops.dcgmm.cpu_isa_cpp() use for each set.
+inline const char* isa_name(Isa isa) {
+  return isa == Isa::avx512 ? "avx512" : (isa == Isa::avx2 ? "avx2" : "baseline");
+}
+
 inline Isa cpu_isa() {
   const Isa best = best_cpu_isa();
   const char* v = std::getenv("DCGMM_CPU_ISA");
   if (v == nullptr || v[0] == '\0') return best;
-  Isa want;
-  if (std::strcmp(v, "avx512") == 0)
-    want = Isa::avx512;
-  else if (std::strcmp(v, "avx2") == 0)
-    want = Isa::avx2;
-  else if (std::strcmp(v, "baseline") == 0)
-    want = Isa::baseline;
-  else
-    TORCH_CHECK(false, "DCGMM_CPU_ISA: expected avx512, avx2 or baseline, got '", v, "'");
-  return int(want) < int(best) ? want : best;  // never above what the CPU has
+  for (const Isa want : {Isa::avx512, Isa::avx2, Isa::baseline})
+    if (std::strcmp(v, isa_name(want)) == 0) return int(want) < int(best) ? want : best;  // never above the CPU's
+  TORCH_CHECK(false, "DCGMM_CPU_ISA: expected avx512, avx2 or baseline, got '", v, "'");
 }
 
 // L lanes of T (GCC vector extension), unaligned loads and stores.
