@@ -217,9 +217,11 @@ inline __attribute__((always_inline)) typename RowVec<T, L>::type vlog(typename 
 }
 
 
-// lt (K, L) = log scores of the block's rows xt (D, L) against the GMM's (K, D) parameters, KB components at once
-// (one load of xt[d] feeds KB of them).
-template <typename T, int L>
+// lt (NR, K, L) = log scores of NR blocks' rows xt (NR, D, L) against the GMM's (K, D) parameters, KB components
+// at once: one load of xt[r][d] feeds KB components and one broadcast of mu[k, d], sigma[k, d] feeds NR blocks
+// (register tile NR x KB; preset D's second layer, 80 KB of parameters per GMM, streams them from L2 once per NR
+// blocks: its forward 6.7 -> 4.5 ms with NR = 2 on AVX2). Each lane sums over d in order: the same bits for any NR.
+template <typename T, int L, int NR>
 inline __attribute__((always_inline)) void block_scores_impl(const T* __restrict__ xt, int64_t D,
                                                              const T* __restrict__ mu, const T* __restrict__ sig,
                                                              const T* __restrict__ c, int64_t K, T* __restrict__ lt) {
@@ -227,26 +229,36 @@ inline __attribute__((always_inline)) void block_scores_impl(const T* __restrict
   constexpr int KB = 4;
   int64_t k = 0;
   for (; k + KB <= K; k += KB) {
-    V acc[KB];
-    for (int j = 0; j < KB; ++j) acc[j] = V{} * T(0);
+    V acc[NR][KB];
+    for (int r = 0; r < NR; ++r)
+      for (int j = 0; j < KB; ++j) acc[r][j] = V{} * T(0);
     const T* m = mu + k * D;
     const T* s = sig + k * D;
     for (int64_t d = 0; d < D; ++d) {
-      const V xv = load_rv<T, L>(xt + d * L);
+      V xv[NR];
+      for (int r = 0; r < NR; ++r) xv[r] = load_rv<T, L>(xt + (r * D + d) * L);
       for (int j = 0; j < KB; ++j) {
-        const V t = (xv - m[j * D + d]) * s[j * D + d];
-        acc[j] += t * t;
+        const T mj = m[j * D + d], sj = s[j * D + d];
+        for (int r = 0; r < NR; ++r) {
+          const V t = (xv[r] - mj) * sj;
+          acc[r][j] += t * t;
+        }
       }
     }
-    for (int j = 0; j < KB; ++j) store_rv<T, L>(lt + (k + j) * L, c[k + j] - T(0.5) * acc[j]);
+    for (int r = 0; r < NR; ++r)
+      for (int j = 0; j < KB; ++j) store_rv<T, L>(lt + (r * K + k + j) * L, c[k + j] - T(0.5) * acc[r][j]);
   }
   for (; k < K; ++k) {
-    V acc = V{} * T(0);
+    V acc[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = V{} * T(0);
     for (int64_t d = 0; d < D; ++d) {
-      const V t = (load_rv<T, L>(xt + d * L) - mu[k * D + d]) * sig[k * D + d];
-      acc += t * t;
+      const T mk = mu[k * D + d], sk = sig[k * D + d];
+      for (int r = 0; r < NR; ++r) {
+        const V t = (load_rv<T, L>(xt + (r * D + d) * L) - mk) * sk;
+        acc[r] += t * t;
+      }
     }
-    store_rv<T, L>(lt + k * L, c[k] - T(0.5) * acc);
+    for (int r = 0; r < NR; ++r) store_rv<T, L>(lt + (r * K + k) * L, c[k] - T(0.5) * acc[r]);
   }
 }
 
@@ -432,54 +444,37 @@ void gmm_constants(const T* log_pi, const T* sig, int64_t K, int64_t D, T* c) {
   }
 }
 
-// One block: rows j0 .. j0 + nvalid - 1 of GMM gi, from the image (gathered transposed into xt) or from ls; log
-// scores, smoothing, max/argmax, softmax and logsumexp, scattered into the outputs. Compiled per instruction set as
-// a whole (the helpers above are inlined into it), so the gathers and scatters are vectorised too. Buffers: xt (D,
-// L), lt, tmp, sm (K, L) with L = block_rows(RB).
-template <typename T, int RB>
-inline __attribute__((always_inline)) void forward_block_impl(const Geometry& g, const ForwardArgs<T>& a,
-                                                              int64_t gi, int64_t j0, int64_t nvalid, const T* c,
-                                                              T* xt, T* lt, T* tmp, T* sm) {
-  constexpr int L = int(block_rows(RB));
-  const int64_t K = g.K, D = g.D;
-  if (a.ls == nullptr) {
-    // the rows straight into the lanes of xt, walking (image, oy, ox) from the block's first row: no division per
-    // row (a 64-bit division per row cost ~15% of preset D's first-layer forward)
-    int64_t n = g.independent ? j0 : j0 / g.P, p = g.independent ? gi : j0 % g.P;
-    int64_t oy = p / g.Wo, ox = p - oy * g.Wo;
-    const int64_t seg = g.kw * g.C, line = g.W * g.C, img = g.H * line;
-    const T* base[L];  // the patch origin of each valid row
-    for (int64_t i = 0; i < nvalid; ++i) {
-      base[i] = a.x + n * img + (oy * g.sh * g.W + ox * g.sw) * g.C;
-      if (g.independent) {
-        ++n;
-      } else if (++ox == g.Wo) {
-        ox = 0;
-        if (++oy == g.Ho) oy = 0, ++n;
-      }
+// Blocks per forward task: their log scores share every parameter load (block_scores_impl).
+constexpr int FWD_NR = 2;
+
+// The (at most L) rows of one block, from their patch origins base[0 .. nvalid), transposed into xt (D, L); an
+// invalid lane is zero. A full block takes L entries of its L rows at a time through an in-register transpose (L
+// vector loads and stores instead of L * L strided scalar copies: preset D's second layer gathers 400 entries per
+// row); the rest entry by entry.
+template <typename T, int L>
+inline __attribute__((always_inline)) void gather_block(const Geometry& g, const T* const* base, int64_t nvalid,
+                                                        T* __restrict__ xt) {
+  const int64_t seg = g.kw * g.C, line = g.W * g.C;
+  const int64_t vec_end = nvalid == L ? seg - seg % L : 0;
+  for (int64_t ky = 0; ky < g.kh; ++ky) {
+    T* dst = xt + ky * seg * L;
+    for (int64_t l0 = 0; l0 < vec_end; l0 += L) {
+      typename RowVec<T, L>::type v[L];
+      for (int i = 0; i < L; ++i) v[i] = load_rv<T, L>(base[i] + ky * line + l0);
+      transpose_rv<T, L>(v);
+      for (int j = 0; j < L; ++j) store_rv<T, L>(dst + (l0 + j) * L, v[j]);
     }
-    // a full block takes L entries of its L rows at a time through an in-register transpose (L vector loads and
-    // stores instead of L * L strided scalar copies: preset D's second layer gathers 400 entries per row); the
-    // rest entry by entry
-    const int64_t vec_end = nvalid == L ? seg - seg % L : 0;
-    for (int64_t ky = 0; ky < g.kh; ++ky) {
-      T* dst = xt + ky * seg * L;
-      for (int64_t l0 = 0; l0 < vec_end; l0 += L) {
-        typename RowVec<T, L>::type v[L];
-        for (int i = 0; i < L; ++i) v[i] = load_rv<T, L>(base[i] + ky * line + l0);
-        transpose_rv<T, L>(v);
-        for (int j = 0; j < L; ++j) store_rv<T, L>(dst + (l0 + j) * L, v[j]);
-      }
-      for (int64_t i = 0; i < L; ++i)
-        for (int64_t l = vec_end; l < seg; ++l) dst[l * L + i] = i < nvalid ? base[i][ky * line + l] : T(0);
-    }
-    block_scores_impl<T, L>(xt, D, a.mu + gi * K * D, a.sig + gi * K * D, c, K, lt);
-  } else {
-    for (int64_t i = 0; i < L; ++i) {
-      const T* src = a.ls + row_of(g, gi, j0 + std::min(i, nvalid - 1)) * K;
-      for (int64_t k = 0; k < K; ++k) lt[k * L + i] = src[k];
-    }
+    for (int64_t i = 0; i < L; ++i)
+      for (int64_t l = vec_end; l < seg; ++l) dst[l * L + i] = i < nvalid ? base[i][ky * line + l] : T(0);
   }
+}
+
+// One block's log scores lt (K, L) (rows j0 .. j0 + nvalid - 1 of GMM gi) to its outputs: smoothing, max/argmax,
+// softmax and logsumexp, scattered into resp, score, lse and kstar. tmp, sm (K, L) scratch.
+template <typename T, int L>
+inline __attribute__((always_inline)) void finish_block(const Geometry& g, const ForwardArgs<T>& a, int64_t gi,
+                                                        int64_t j0, int64_t nvalid, T* lt, T* tmp, T* sm) {
+  const int64_t K = g.K;
   const T* ranked = lt;
   if (a.is_mc && a.G != nullptr) {
     if (a.n > 0)
@@ -490,7 +485,7 @@ inline __attribute__((always_inline)) void forward_block_impl(const Geometry& g,
   }
   T lse[L], best[L], kb[L];
   block_finish_impl<T, L>(lt, ranked, K, lse, best, kb);
-  const T cst = T(0.5 * double(D) * std::log(2.0 * M_PI));
+  const T cst = T(0.5 * double(g.D) * std::log(2.0 * M_PI));
   T* out0 = a.resp + row_of(g, gi, j0) * K;
   const int64_t out_step = (g.independent ? g.P : 1) * K;  // resp rows of consecutive lanes
   int64_t k0 = 0;
@@ -509,6 +504,49 @@ inline __attribute__((always_inline)) void forward_block_impl(const Geometry& g,
     a.score[r] = (a.is_mc ? best[i] : lse[i]) - cst;
   }
 }
+
+// One task: rows j0 .. j0 + nvalid - 1 (nvalid <= FWD_NR * L) of GMM gi as up to FWD_NR blocks of L rows, from the
+// image (gathered transposed into xt) or from ls; the blocks' log scores together, then each block's outputs.
+// Compiled per instruction set as a whole (the helpers above are inlined into it), so the gathers and scatters are
+// vectorised too. Buffers: xt (FWD_NR, D, L), lt (FWD_NR, K, L), tmp, sm (K, L) with L = block_rows(RB).
+template <typename T, int RB>
+inline __attribute__((always_inline)) void forward_block_impl(const Geometry& g, const ForwardArgs<T>& a,
+                                                              int64_t gi, int64_t j0, int64_t nvalid, const T* c,
+                                                              T* xt, T* lt, T* tmp, T* sm) {
+  constexpr int L = int(block_rows(RB));
+  const int64_t K = g.K, D = g.D, nblocks = (nvalid + L - 1) / L;
+  if (a.ls == nullptr) {
+    // the rows straight into the lanes of xt, walking (image, oy, ox) from the task's first row: no division per
+    // row (a 64-bit division per row cost ~15% of preset D's first-layer forward)
+    int64_t n = g.independent ? j0 : j0 / g.P, p = g.independent ? gi : j0 % g.P;
+    int64_t oy = p / g.Wo, ox = p - oy * g.Wo;
+    const int64_t img = g.H * g.W * g.C;
+    const T* base[FWD_NR * L];  // the patch origin of each valid row
+    for (int64_t i = 0; i < nvalid; ++i) {
+      base[i] = a.x + n * img + (oy * g.sh * g.W + ox * g.sw) * g.C;
+      if (g.independent) {
+        ++n;
+      } else if (++ox == g.Wo) {
+        ox = 0;
+        if (++oy == g.Ho) oy = 0, ++n;
+      }
+    }
+    for (int64_t r = 0; r < nblocks; ++r)
+      gather_block<T, L>(g, base + r * L, std::min<int64_t>(L, nvalid - r * L), xt + r * D * L);
+    const T *mu = a.mu + gi * K * D, *sig = a.sig + gi * K * D;
+    if (nblocks == FWD_NR)
+      block_scores_impl<T, L, FWD_NR>(xt, D, mu, sig, c, K, lt);
+    else
+      for (int64_t r = 0; r < nblocks; ++r) block_scores_impl<T, L, 1>(xt + r * D * L, D, mu, sig, c, K, lt + r * K * L);
+  } else {
+    for (int64_t i = 0; i < nblocks * L; ++i) {
+      const T* src = a.ls + row_of(g, gi, j0 + std::min(i, nvalid - 1)) * K;
+      for (int64_t k = 0; k < K; ++k) lt[(i / L * K + k) * L + i % L] = src[k];
+    }
+  }
+  for (int64_t r = 0; r < nblocks; ++r)
+    finish_block<T, L>(g, a, gi, j0 + r * L, std::min<int64_t>(L, nvalid - r * L), lt + r * K * L, tmp, sm);
+}
 DCGMM_ISA_VARIANTS(forward_block, forward_block_impl)
 
 // The whole forward: blocks of L rows (L per instruction set: block_rows) of one GMM, one parallel region.
@@ -524,16 +562,17 @@ template <typename T>
 void forward_blocks(const Geometry& g, const ForwardArgs<T>& a) {
   const Isa isa = cpu_isa();
   const int64_t L = block_rows(register_bytes(isa));  // the rows per block of the build that runs
-  const int64_t rows = rows_per_gmm(g), blocks = (rows + L - 1) / L, K = g.K, D = g.D;
+  const int64_t TR = FWD_NR * L;                       // rows per task
+  const int64_t rows = rows_per_gmm(g), blocks = (rows + TR - 1) / TR, K = g.K, D = g.D;
   const int64_t gmm_bytes = 2 * K * D * int64_t(sizeof(T));
   const int64_t pt = g.G > 1 ? std::max<int64_t>(1, std::min(PT, TILE_PARAM_BYTES / gmm_bytes)) : 1;
   const int64_t per_tile = pt * blocks;
   at::parallel_for(0, g.G * blocks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> xt(a.ls ? 0 : D * L), lt(K * L), tmp(K * L), sm(K * L), c(pt * K);
+    std::vector<T> xt(a.ls ? 0 : FWD_NR * D * L), lt(FWD_NR * K * L), tmp(K * L), sm(K * L), c(pt * K);
     int64_t c_of = -1;  // the tile whose constants c holds
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t tile = t / per_tile, g0 = tile * pt, tn = std::min(pt, g.G - g0), w = t - tile * per_tile;
-      const int64_t gi = g0 + w % tn, j0 = (w / tn) * L, nvalid = std::min<int64_t>(L, rows - j0);
+      const int64_t gi = g0 + w % tn, j0 = (w / tn) * TR, nvalid = std::min<int64_t>(TR, rows - j0);
       if (a.ls == nullptr && c_of != tile) {
         for (int64_t q = 0; q < tn; ++q)
           gmm_constants(a.log_pi + (g0 + q) * K, a.sig + (g0 + q) * K * D, K, D, c.data() + q * K);
@@ -769,47 +808,37 @@ DCGMM_ISA_VARIANTS(pg_gather, pg_gather_impl)
 // in double: separable with the factors (2 n K per entry), else over the task's winners only (a dense G). The
 // tasks, blocks and orders are the general path's: float sums per block of PG_ROWS rows, added to double totals.
 
-// One block of rows into its winners' float sums f1, f2 (K, ldx); hit[j] marks the winners of the block; the
-// block's sums are then added to the double totals B1, B2 and b0.
-template <typename T, int RB>  // RB: unused (auto-vectorised loops)
-inline __attribute__((always_inline)) void pw_block_impl(const Geometry& g, const T* __restrict__ x,
-                                                         const WeightSource<T>& W, int64_t gi, int64_t j0, int64_t nb,
-                                                         int64_t d0, int64_t dn, int64_t ldx,
-                                                         const T* __restrict__ ctr, T* __restrict__ xr,
-                                                         T* __restrict__ f1, T* __restrict__ f2,
-                                                         uint8_t* __restrict__ hit, double* __restrict__ bs,
-                                                         uint8_t* __restrict__ used, double* __restrict__ b0, double* __restrict__ B1,
-                                                         double* __restrict__ B2) {
-  const int64_t K = g.K;
-  const bool long_segments = g.kw * g.C >= 16;
-  for (int64_t j = 0; j < K; ++j) hit[j] = 0;
-  for (int64_t d = dn; d < ldx; ++d) xr[d] = T(0);
-  for (int64_t i = 0; i < nb; ++i) {
-    const int64_t r = row_of(g, gi, j0 + i);
-    const T gr = W.g_score != nullptr ? W.g_score[r] : W.g_score_all;
-    if (gr == T(0)) continue;
-    const int64_t j = W.kstar[r];
-    T* __restrict__ a1 = f1 + j * ldx;
-    T* __restrict__ a2 = f2 + j * ldx;
-    if (!hit[j]) {
-      hit[j] = 1, bs[j] = 0.0;
-      for (int64_t d = 0; d < ldx; ++d) a1[d] = T(0), a2[d] = T(0);
+// Row (n, p)'s entries [d0, d0 + dn) added, scaled by gr and centred on ctr, to its winner's float sums a1, a2
+// (ldx entries: a gathered short row is added zero-padded, xr[dn .. ldx) zero). Inlined into pw_block and the fused
+// forward (pw_rows): the same code, hence the same bits, in both.
+template <typename T>
+inline __attribute__((always_inline)) void pw_row_add(const Geometry& g, const T* __restrict__ x, int64_t n, int64_t p,
+                                                      int64_t d0, int64_t dn, int64_t ldx, const T* __restrict__ ctr,
+                                                      T gr, T* __restrict__ xr, T* __restrict__ a1,
+                                                      T* __restrict__ a2) {
+  auto add = [&](const T* __restrict__ src, int64_t o, int64_t len) {
+    for (int64_t d = 0; d < len; ++d) {
+      const T xc = src[d] - ctr[o + d], gx = gr * xc;
+      a1[o + d] += gx;
+      a2[o + d] += gx * xc;
     }
-    auto add = [&](const T* __restrict__ src, int64_t o, int64_t len) {
-      for (int64_t d = 0; d < len; ++d) {
-        const T xc = src[d] - ctr[o + d], gx = gr * xc;
-        a1[o + d] += gx;
-        a2[o + d] += gx * xc;
-      }
-    };
-    if (long_segments) {  // straight from the input, segment by segment
-      for_each_segment(x, g, r / g.P, r % g.P, d0, dn, add);
-    } else {  // short segments (3x3 one-channel patches): gathered, then one pass over the padded row
-      gather_range(x, g, r / g.P, r % g.P, d0, dn, xr);
-      add(xr, 0, ldx);
-    }
-    bs[j] += double(gr);
+  };
+  if (g.kw * g.C >= 16) {  // long segments: straight from the input, segment by segment
+    for_each_segment(x, g, n, p, d0, dn, add);
+  } else {  // short segments (3x3 one-channel patches): gathered, then one pass over the padded row
+    gather_range(x, g, n, p, d0, dn, xr);
+    add(xr, 0, ldx);
   }
+}
+
+// A block's float sums f1, f2 (K, ldx) of its winners (hit) and their weights bs added to the double totals B1, B2
+// (first dn entries of each row) and b0; used marks the rows of the totals that hold sums.
+template <typename T>
+inline __attribute__((always_inline)) void pw_flush(int64_t K, int64_t dn, int64_t ldx, const T* __restrict__ f1,
+                                                    const T* __restrict__ f2, const uint8_t* __restrict__ hit,
+                                                    const double* __restrict__ bs, uint8_t* __restrict__ used,
+                                                    double* __restrict__ b0, double* __restrict__ B1,
+                                                    double* __restrict__ B2) {
   for (int64_t j = 0; j < K; ++j) {
     if (!hit[j]) continue;
     if (!used[j]) {  // the task's first rows of winner j
@@ -820,6 +849,35 @@ inline __attribute__((always_inline)) void pw_block_impl(const Geometry& g, cons
     for (int64_t d = 0; d < dn; ++d) B1[j * ldx + d] += double(f1[j * ldx + d]);
     for (int64_t d = 0; d < dn; ++d) B2[j * ldx + d] += double(f2[j * ldx + d]);
   }
+}
+
+// One block of rows into its winners' float sums f1, f2 (K, ldx); hit[j] marks the winners of the block; the
+// block's sums are then added to the double totals B1, B2 and b0.
+template <typename T, int RB>  // RB: unused (auto-vectorised loops)
+inline __attribute__((always_inline)) void pw_block_impl(const Geometry& g, const T* __restrict__ x,
+                                                         const WeightSource<T>& W, int64_t gi, int64_t j0, int64_t nb,
+                                                         int64_t d0, int64_t dn, int64_t ldx,
+                                                         const T* __restrict__ ctr, T* __restrict__ xr,
+                                                         T* __restrict__ f1, T* __restrict__ f2,
+                                                         uint8_t* __restrict__ hit, double* __restrict__ bs,
+                                                         uint8_t* __restrict__ used, double* __restrict__ b0,
+                                                         double* __restrict__ B1, double* __restrict__ B2) {
+  const int64_t K = g.K;
+  for (int64_t j = 0; j < K; ++j) hit[j] = 0;
+  for (int64_t d = dn; d < ldx; ++d) xr[d] = T(0);
+  for (int64_t i = 0; i < nb; ++i) {
+    const int64_t r = row_of(g, gi, j0 + i);
+    const T gr = W.g_score != nullptr ? W.g_score[r] : W.g_score_all;
+    if (gr == T(0)) continue;
+    const int64_t j = W.kstar[r];
+    if (!hit[j]) {
+      hit[j] = 1, bs[j] = 0.0;
+      std::fill(f1 + j * ldx, f1 + (j + 1) * ldx, T(0)), std::fill(f2 + j * ldx, f2 + (j + 1) * ldx, T(0));
+    }
+    pw_row_add(g, x, r / g.P, r % g.P, d0, dn, ldx, ctr, gr, xr, f1 + j * ldx, f2 + j * ldx);
+    bs[j] += double(gr);
+  }
+  pw_flush(K, dn, ldx, f1, f2, hit, bs, used, b0, B1, B2);
 }
 DCGMM_ISA_VARIANTS(pw_block, pw_block_impl)
 
@@ -927,34 +985,43 @@ inline __attribute__((always_inline)) void pw_combine_impl(const Smoothing<T>& G
 }
 DCGMM_ISA_VARIANTS(pw_combine, pw_combine_impl)
 
+// What param_grads and the fused forward (forward_param_grads) share: the tasks (GMM, chunk of PG_CHUNK rows, range
+// of PG_DRANGE entries), each task's centre, the end of a task (its totals to the gradients, or kept for the
+// chunks' reduction) and that reduction, in chunk order.
 template <typename T>
-void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, const WeightSource<T>& W,
-                 const Smoothing<T>& S, T* d_mu, T* d_sigma, T* d_log_pi) {
-  constexpr int64_t L = Lanes<T>::value;
-  const Isa isa = cpu_isa();
-  const int64_t K = g.K, D = g.D, rows = rows_per_gmm(g), ldw = round_up(K, PG_KB);
-  const int64_t chunks = (rows + PG_CHUNK - 1) / PG_CHUNK, dranges = (D + PG_DRANGE - 1) / PG_DRANGE;
-  const int64_t ldx = round_up(std::min(D, PG_DRANGE), PAD_LANES);  // one task's (K, ldx) totals
-  const int64_t tile = K * ldx;
-  // every row's W is a scaled row of G (see pw_block): the winner sums, where the product by G^T (~2 n or K rows
-  // of double work per component and entry, with its bookkeeping) costs less than the K weights per row of the
-  // general path. Measured (2 cores, batch 100): preset D's layers 5.3 -> 1.8 ms (K = 25, D = 9) and 6.3 -> 3.6 ms
-  // (D = 400); classifier-B's first layer (K = 121, n = 11, 100 rows per GMM) 2.1-2.7 ms general, 2.6-2.8 winners.
-  const int64_t combine_rows = S.dense == nullptr ? 0 : (S.gy != nullptr ? 2 * S.n : K);
-  const bool winners = W.is_mc && W.g_resp == nullptr && std::min(rows, PG_CHUNK) > 5 * combine_rows;
-  // with several chunks: every task's totals, reduced in chunk order afterwards
-  std::vector<double> part1(chunks > 1 ? g.G * chunks * dranges * tile : 0), part2(part1.size()),
-      partw(chunks > 1 ? g.G * chunks * dranges * K : 0);
-  // d_mu, d_sigma (and d_log_pi on the first range) of GMM gi's entries [d0, d0 + dn) from its centred totals;
-  // ctr as the tasks rounded it
-  auto finish = [&](int64_t gi, int64_t d0, int64_t dn, const T* ctr, const double* A1, const double* A2,
-                    const double* wt) {
-    if (d0 == 0)
-      for (int64_t k = 0; k < K; ++k) d_log_pi[gi * K + k] = T(wt[k]);
-    const int64_t off = gi * K * D + d0;
-    pg_finish<T>(isa, K, dn, D, ldx, mu + off, sigma + off, ctr, A1, A2, wt, d_mu + off, d_sigma + off);
-  };
-  auto centre = [&](int64_t gi, int64_t d0, int64_t dn, T* ctr) {  // the GMM's mean of means, in double
+struct GradPlan {
+  const Geometry& g;
+  const T *mu, *sigma;
+  const Smoothing<T>& S;
+  T *d_mu, *d_sigma, *d_log_pi;
+  Isa isa;
+  int64_t K, D, rows, chunks, dranges, ldx, tile;
+  bool winners;
+  std::vector<double> part1, part2, partw;  // with several chunks: every task's totals
+
+  GradPlan(const Geometry& g_, const T* mu_, const T* sigma_, const WeightSource<T>& W, const Smoothing<T>& S_,
+           T* d_mu_, T* d_sigma_, T* d_log_pi_)
+      : g(g_), mu(mu_), sigma(sigma_), S(S_), d_mu(d_mu_), d_sigma(d_sigma_), d_log_pi(d_log_pi_), isa(cpu_isa()) {
+    K = g.K, D = g.D, rows = rows_per_gmm(g);
+    chunks = (rows + PG_CHUNK - 1) / PG_CHUNK, dranges = (D + PG_DRANGE - 1) / PG_DRANGE;
+    ldx = round_up(std::min(D, PG_DRANGE), PAD_LANES);  // one task's (K, ldx) totals
+    tile = K * ldx;
+    // every row's W is a scaled row of G (see pw_block): the winner sums, where the product by G^T (~2 n or K rows
+    // of double work per component and entry, with its bookkeeping) costs less than the K weights per row of the
+    // general path. Measured (2 cores, batch 100): preset D's layers 5.3 -> 1.8 ms (K = 25, D = 9) and 6.3 -> 3.6
+    // ms (D = 400); classifier-B's first layer (K = 121, n = 11, 100 rows per GMM) 2.1-2.7 ms general, 2.6-2.8
+    // winners.
+    const int64_t combine_rows = S.dense == nullptr ? 0 : (S.gy != nullptr ? 2 * S.n : K);
+    winners = W.is_mc && W.g_resp == nullptr && std::min(rows, PG_CHUNK) > 5 * combine_rows;
+    if (chunks > 1) {
+      part1.resize(g.G * chunks * dranges * tile), part2.resize(part1.size());
+      partw.resize(g.G * chunks * dranges * K);
+    }
+  }
+  int64_t dn_of(int64_t dr) const { return std::min(PG_DRANGE, D - dr * PG_DRANGE); }
+
+  // ctr (ldx) = GMM gi's mean of means over entries [d0, d0 + dn), in double, zero-padded
+  void centre(int64_t gi, int64_t d0, int64_t dn, T* ctr) const {
     double acc[PG_DRANGE] = {};  // k outer, entries inner: the same order of additions per entry, vectorised
     for (int64_t k = 0; k < K; ++k) {
       const T* m = mu + (gi * K + k) * D + d0;
@@ -962,7 +1029,72 @@ void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, con
     }
     std::fill(ctr, ctr + ldx, T(0));
     for (int64_t d = 0; d < dn; ++d) ctr[d] = T(acc[d] / double(K));
-  };
+  }
+
+  // d_mu, d_sigma (and d_log_pi on the first range) of GMM gi's entries [d0, d0 + dn) from its centred totals;
+  // ctr as the tasks rounded it
+  void finish(int64_t gi, int64_t d0, int64_t dn, const T* ctr, const double* A1, const double* A2,
+              const double* wt) const {
+    if (d0 == 0)
+      for (int64_t k = 0; k < K; ++k) d_log_pi[gi * K + k] = T(wt[k]);
+    const int64_t off = gi * K * D + d0;
+    pg_finish<T>(isa, K, dn, D, ldx, mu + off, sigma + off, ctr, A1, A2, wt, d_mu + off, d_sigma + off);
+  }
+
+  // task (gi, chunk c, range dr) has its totals A1, A2 (K, ldx), wt (K): the gradients now (one chunk) or later
+  void task_done(int64_t gi, int64_t c, int64_t dr, const T* ctr, const double* A1, const double* A2,
+                 const double* wt) {
+    if (chunks == 1) {
+      finish(gi, dr * PG_DRANGE, dn_of(dr), ctr, A1, A2, wt);
+      return;
+    }
+    const int64_t slot = (gi * chunks + c) * dranges + dr;
+    std::copy(A1, A1 + tile, part1.begin() + slot * tile);
+    std::copy(A2, A2 + tile, part2.begin() + slot * tile);
+    std::copy(wt, wt + K, partw.begin() + slot * K);
+  }
+
+  // the winner totals B1, B2 (K, ldx), b0 (K) of a task through G^T into A1, A2, wt, then task_done; tmp (K, ldx)
+  void winners_done(int64_t gi, int64_t c, int64_t dr, const T* ctr, const uint8_t* used, const double* B1,
+                    const double* B2, const double* b0, double* tmp, double* A1, double* A2, double* wt) {
+    const int64_t len = round_up(dn_of(dr), Lanes<double>::value);  // the columns that hold entries
+    pw_combine<T>(isa, S, K, len, ldx, used, B1, tmp, A1);
+    pw_combine<T>(isa, S, K, len, ldx, used, B2, tmp, A2);
+    pw_combine<T>(isa, S, K, int64_t(1), int64_t(1), used, b0, tmp, wt);
+    task_done(gi, c, dr, ctr, A1, A2, wt);
+  }
+
+  // several chunks: each (GMM, range)'s totals summed in chunk order, then its gradients
+  void reduce_chunks() {
+    if (chunks == 1) return;
+    at::parallel_for(0, g.G * dranges, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<double> A1(tile), A2(tile), wt(K);
+      std::vector<T> ctr(ldx);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t gi = t / dranges, dr = t % dranges, d0 = dr * PG_DRANGE;
+        std::fill(A1.begin(), A1.end(), 0.0), std::fill(A2.begin(), A2.end(), 0.0);
+        std::fill(wt.begin(), wt.end(), 0.0);
+        for (int64_t c = 0; c < chunks; ++c) {  // chunk order
+          const int64_t slot = (gi * chunks + c) * dranges + dr;
+          for (int64_t i = 0; i < tile; ++i) A1[i] += part1[slot * tile + i], A2[i] += part2[slot * tile + i];
+          for (int64_t k = 0; k < K; ++k) wt[k] += partw[slot * K + k];
+        }
+        centre(gi, d0, dn_of(dr), ctr.data());
+        finish(gi, d0, dn_of(dr), ctr.data(), A1.data(), A2.data(), wt.data());
+      }
+    });
+  }
+};
+
+template <typename T>
+void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, const WeightSource<T>& W,
+                 const Smoothing<T>& S, T* d_mu, T* d_sigma, T* d_log_pi) {
+  constexpr int64_t L = Lanes<T>::value;
+  GradPlan<T> plan(g, mu, sigma, W, S, d_mu, d_sigma, d_log_pi);
+  const Isa isa = plan.isa;
+  const bool winners = plan.winners;
+  const int64_t K = g.K, rows = plan.rows, ldw = round_up(K, PG_KB), chunks = plan.chunks;
+  const int64_t dranges = plan.dranges, ldx = plan.ldx, tile = plan.tile;
   at::parallel_for(0, g.G * chunks * dranges, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> xb(winners ? ldx : PG_ROWS * ldx), wb(winners ? 0 : PG_ROWS * ldw, T(0)), ctr(ldx), ws(K);
     std::vector<T> f1(winners ? tile : 0), f2(f1.size());  // winners: a block's float sums
@@ -971,23 +1103,21 @@ void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, con
     std::vector<double> A1(tile), A2(tile), wt(K);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t gi = t / (chunks * dranges), c = (t / dranges) % chunks, dr = t % dranges;
-      const int64_t d0 = dr * PG_DRANGE, dn = std::min(PG_DRANGE, D - d0);
+      const int64_t d0 = dr * PG_DRANGE, dn = plan.dn_of(dr);
       const int64_t j_begin = c * PG_CHUNK, j_end = std::min(rows, j_begin + PG_CHUNK);
-      centre(gi, d0, dn, ctr.data());
+      plan.centre(gi, d0, dn, ctr.data());
       if (winners) {
         std::fill(used.begin(), used.end(), uint8_t(0));
         for (int64_t j0 = j_begin; j0 < j_end; j0 += PG_ROWS)
           pw_block<T>(isa, g, x, W, gi, j0, std::min(PG_ROWS, j_end - j0), d0, dn, ldx, ctr.data(), xb.data(),
                       f1.data(), f2.data(), hit.data(), bs.data(), used.data(), b0.data(), B1.data(), B2.data());
-        const int64_t len = round_up(dn, Lanes<double>::value);  // the columns that hold entries
-        pw_combine<T>(isa, S, K, len, ldx, used.data(), B1.data(), tmp.data(), A1.data());
-        pw_combine<T>(isa, S, K, len, ldx, used.data(), B2.data(), tmp.data(), A2.data());
-        pw_combine<T>(isa, S, K, int64_t(1), int64_t(1), used.data(), b0.data(), tmp.data(), wt.data());
-      } else {
-        std::fill(A1.begin(), A1.end(), 0.0), std::fill(A2.begin(), A2.end(), 0.0);
-        std::fill(wt.begin(), wt.end(), 0.0);
+        plan.winners_done(gi, c, dr, ctr.data(), used.data(), B1.data(), B2.data(), b0.data(), tmp.data(),
+                          A1.data(), A2.data(), wt.data());
+        continue;
       }
-      for (int64_t j0 = j_begin; !winners && j0 < j_end; j0 += PG_ROWS) {
+      std::fill(A1.begin(), A1.end(), 0.0), std::fill(A2.begin(), A2.end(), 0.0);
+      std::fill(wt.begin(), wt.end(), 0.0);
+      for (int64_t j0 = j_begin; j0 < j_end; j0 += PG_ROWS) {
         const int64_t nb = std::min(PG_ROWS, j_end - j0);
         pg_gather<T>(isa, g, x, W, gi, j0, nb, d0, dn, ldx, ldw, xb.data(), wb.data(), ws.data());
         for (int64_t k = 0; k < K; ++k) wt[k] += double(ws[k]);
@@ -997,33 +1127,10 @@ void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, con
                        int(std::min<int64_t>(PG_KB, K - kb)), A1.data() + kb * ldx + dv, A2.data() + kb * ldx + dv);
           }
       }
-      if (chunks == 1) {
-        finish(gi, d0, dn, ctr.data(), A1.data(), A2.data(), wt.data());
-      } else {
-        const int64_t slot = (gi * chunks + c) * dranges + dr;
-        std::copy(A1.begin(), A1.end(), part1.begin() + slot * tile);
-        std::copy(A2.begin(), A2.end(), part2.begin() + slot * tile);
-        std::copy(wt.begin(), wt.end(), partw.begin() + slot * K);
-      }
+      plan.task_done(gi, c, dr, ctr.data(), A1.data(), A2.data(), wt.data());
     }
   });
-  if (chunks == 1) return;
-  at::parallel_for(0, g.G * dranges, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<double> A1(tile), A2(tile), wt(K);
-    std::vector<T> ctr(ldx);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t gi = t / dranges, dr = t % dranges, d0 = dr * PG_DRANGE;
-      std::fill(A1.begin(), A1.end(), 0.0), std::fill(A2.begin(), A2.end(), 0.0), std::fill(wt.begin(), wt.end(), 0.0);
-      for (int64_t c = 0; c < chunks; ++c) {  // chunk order
-        const int64_t slot = (gi * chunks + c) * dranges + dr;
-        for (int64_t i = 0; i < tile; ++i) A1[i] += part1[slot * tile + i], A2[i] += part2[slot * tile + i];
-        for (int64_t k = 0; k < K; ++k) wt[k] += partw[slot * K + k];
-      }
-      const int64_t dn = std::min(PG_DRANGE, D - d0);
-      centre(gi, d0, dn, ctr.data());
-      finish(gi, d0, dn, ctr.data(), A1.data(), A2.data(), wt.data());
-    }
-  });
+  plan.reduce_chunks();
 }
 
 // dpatch[d] += sum_k W[k] sigma^2[k, d] (mu[k, d] - x[d]) over the components with W[k] != 0, in the direct form:
@@ -1134,6 +1241,148 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_bwd_cpu(
   return {dx, d_mu, d_sigma, d_log_pi};
 }
 
+// ------------------------------------------------------------------------------------- forward + gradients
+// A training step's forward and the parameter gradients of g_score * sum(score) (the mean score's: g_score = 1 / M)
+// in one pass, where the backward takes the winner sums (GradPlan::winners, not the GEMM form): each forward task's
+// rows, just gathered and still in cache, go into their winners' sums right after the task (pw_rows), where the
+// backward reads them from memory again (preset D's second layer: 100 rows of 400 entries per GMM out of a 1.7 MB
+// input). Every sum has the backward's tasks, blocks and order (one thread walks each (tile of GMMs, chunk) unit,
+// each GMM's rows in order, float sums per block of PG_ROWS rows, the same inlined row code): the same bits as
+// cgmm_fwd_cpp then cgmm_bwd_cpp, which tests/test_fwd_grads.py checks.
+
+// A forward task's rows j0 .. j0 + nvalid - 1 of GMM gi into their winners' float sums f1, f2 (dranges, K, ldx);
+// hit, bs as in pw_block; ctr, xr (dranges, ldx), xr's padding zero.
+template <typename T, int RB>  // RB: unused (auto-vectorised loops)
+inline __attribute__((always_inline)) void pw_rows_impl(const Geometry& g, const T* __restrict__ x, T gr, int64_t gi,
+                                                        int64_t j0, int64_t nvalid, const int32_t* __restrict__ kstar,
+                                                        int64_t dranges, int64_t ldx, const T* __restrict__ ctr,
+                                                        T* __restrict__ xr, T* __restrict__ f1, T* __restrict__ f2,
+                                                        uint8_t* __restrict__ hit, double* __restrict__ bs) {
+  const int64_t K = g.K, D = g.D;
+  if (gr == T(0)) return;
+  for (int64_t i = 0; i < nvalid; ++i) {
+    const int64_t r = row_of(g, gi, j0 + i), j = kstar[r];
+    if (!hit[j]) {
+      hit[j] = 1, bs[j] = 0.0;
+      for (int64_t dr = 0; dr < dranges; ++dr) {
+        T* a1 = f1 + (dr * K + j) * ldx;
+        T* a2 = f2 + (dr * K + j) * ldx;
+        std::fill(a1, a1 + ldx, T(0)), std::fill(a2, a2 + ldx, T(0));
+      }
+    }
+    for (int64_t dr = 0; dr < dranges; ++dr) {
+      const int64_t d0 = dr * PG_DRANGE;
+      pw_row_add(g, x, r / g.P, r % g.P, d0, std::min(PG_DRANGE, D - d0), ldx, ctr + dr * ldx, gr, xr + dr * ldx,
+                 f1 + (dr * K + j) * ldx, f2 + (dr * K + j) * ldx);
+    }
+    bs[j] += double(gr);
+  }
+}
+DCGMM_ISA_VARIANTS(pw_rows, pw_rows_impl)
+
+template <typename T>
+void forward_param_grads(const Geometry& g, const ForwardArgs<T>& a, T gr, GradPlan<T>& plan) {
+  const Isa isa = plan.isa;
+  const int64_t L = block_rows(register_bytes(isa)), TR = FWD_NR * L;  // TR divides PG_ROWS: blocks end with tasks
+  const int64_t K = g.K, D = g.D, rows = plan.rows, chunks = plan.chunks, dranges = plan.dranges, ldx = plan.ldx;
+  const int64_t tile = plan.tile, per_gmm = dranges * tile;  // one GMM's sums, all ranges
+  const int64_t gmm_bytes = 2 * K * D * int64_t(sizeof(T));
+  const int64_t pt = g.G > 1 ? std::max<int64_t>(1, std::min(PT, TILE_PARAM_BYTES / gmm_bytes)) : 1;
+  const int64_t tiles = (g.G + pt - 1) / pt;
+  at::parallel_for(0, tiles * chunks, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<T> xt(FWD_NR * D * L), lt(FWD_NR * K * L), tmp(K * L), sm(K * L), c(pt * K);
+    std::vector<T> ctr(pt * dranges * ldx), xr(dranges * ldx, T(0)), f1(pt * per_gmm), f2(f1.size());
+    std::vector<double> B1(f1.size()), B2(f1.size()), b0(pt * dranges * K), bs(pt * K), tmpd(tile), A1(tile),
+        A2(tile), wt(K);
+    std::vector<uint8_t> hit(pt * K), used(pt * dranges * K);
+    for (int64_t u = u0; u < u1; ++u) {  // unit: the GMMs g0 .. g0 + tn - 1, rows jb .. je - 1 of each
+      const int64_t g0 = (u / chunks) * pt, cu = u % chunks, tn = std::min(pt, g.G - g0);
+      const int64_t jb = cu * PG_CHUNK, je = std::min(rows, jb + PG_CHUNK);
+      for (int64_t q = 0; q < tn; ++q) {
+        gmm_constants(a.log_pi + (g0 + q) * K, a.sig + (g0 + q) * K * D, K, D, c.data() + q * K);
+        for (int64_t dr = 0; dr < dranges; ++dr)
+          plan.centre(g0 + q, dr * PG_DRANGE, plan.dn_of(dr), ctr.data() + (q * dranges + dr) * ldx);
+      }
+      std::fill(hit.begin(), hit.end(), uint8_t(0)), std::fill(used.begin(), used.end(), uint8_t(0));
+      for (int64_t j0 = jb; j0 < je; j0 += TR) {
+        const int64_t nvalid = std::min(TR, je - j0);
+        const bool block_end = (j0 + TR - jb) % PG_ROWS == 0 || j0 + TR >= je;
+        for (int64_t q = 0; q < tn; ++q) {
+          const int64_t gi = g0 + q;
+          forward_block<T>(isa, g, a, gi, j0, nvalid, c.data() + q * K, xt.data(), lt.data(), tmp.data(), sm.data());
+          pw_rows<T>(isa, g, a.x, gr, gi, j0, nvalid, a.kstar, dranges, ldx, ctr.data() + q * dranges * ldx, xr.data(),
+                     f1.data() + q * per_gmm, f2.data() + q * per_gmm, hit.data() + q * K, bs.data() + q * K);
+          if (!block_end) continue;
+          for (int64_t dr = 0; dr < dranges; ++dr) {
+            const int64_t o = q * per_gmm + dr * tile, ou = (q * dranges + dr) * K;
+            pw_flush(K, plan.dn_of(dr), ldx, f1.data() + o, f2.data() + o, hit.data() + q * K, bs.data() + q * K,
+                     used.data() + ou, b0.data() + ou, B1.data() + o, B2.data() + o);
+          }
+          std::fill(hit.begin() + q * K, hit.begin() + (q + 1) * K, uint8_t(0));
+        }
+      }
+      for (int64_t q = 0; q < tn; ++q)
+        for (int64_t dr = 0; dr < dranges; ++dr) {
+          const int64_t o = q * per_gmm + dr * tile, ou = (q * dranges + dr) * K;
+          plan.winners_done(g0 + q, cu, dr, ctr.data() + (q * dranges + dr) * ldx, used.data() + ou, B1.data() + o,
+                            B2.data() + o, b0.data() + ou, tmpd.data(), A1.data(), A2.data(), wt.data());
+        }
+    }
+  });
+  plan.reduce_chunks();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_fwd_grads_cpu(
+    const at::Tensor& x_, const at::Tensor& mu_, const at::Tensor& sigma_, const at::Tensor& log_pi_,
+    at::IntArrayRef kernel, at::IntArrayRef stride, c10::string_view loss, const std::optional<at::Tensor>& smoothing,
+    double g_score) {
+  check_params(x_, mu_, sigma_, log_pi_);
+  const Geometry g = make_geometry(x_, mu_, kernel, stride);
+  TORCH_CHECK(loss == "mc" || loss == "loglik", "loss: expected 'mc' or 'loglik', got ", loss);
+  const bool is_mc = loss == "mc";
+  TORCH_CHECK(!(smoothing.has_value() && !is_mc), "smoothing: must be None for loss 'loglik'");
+  TORCH_CHECK(std::isfinite(g_score), "g_score: expected a finite number, got ", g_score);
+  auto x = x_.contiguous(), mu = mu_.contiguous(), sigma = sigma_.contiguous(), log_pi = log_pi_.contiguous();
+  at::Tensor Gc, Gd, Gf;  // as the forward takes it (factors or dense), dense, factors
+  if (smoothing.has_value()) {
+    Gc = checked_smoothing(*smoothing, g.K, x.scalar_type());
+    Gd = dense_smoothing(Gc);
+    if (Gc.dim() == 3) Gf = Gc;
+  }
+  auto opts = x.options();
+  auto resp = new_output({g.N, g.Ho, g.Wo, g.K}, opts), score = new_output({g.N, g.Ho, g.Wo}, opts);
+  auto lse = new_output({g.N, g.Ho, g.Wo}, opts), kstar = new_output({g.N, g.Ho, g.Wo}, opts.dtype(at::kInt));
+  auto d_mu = new_output(mu.sizes(), mu.options()), d_sigma = new_output(sigma.sizes(), sigma.options());
+  auto d_log_pi = new_output(log_pi.sizes(), log_pi.options());
+  const bool gemm = !g.independent && g.D >= GEMM_MIN_D && g.K >= GEMM_MIN_K && gemm_form_enabled();
+  at::Tensor ls;
+  if (gemm) {
+    ls = at::empty({g.M, g.K}, opts);
+    log_scores_gemm(g, x, mu, sigma, log_pi, ls);
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cgmm_fwd_grads_cpu", [&] {
+    using T = scalar_t;
+    const ForwardArgs<T> args{x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), log_pi.data_ptr<T>(),
+                              gemm ? ls.data_ptr<T>() : nullptr, Gc.defined() ? Gc.data_ptr<T>() : nullptr,
+                              Gf.defined() ? Gf.size(1) : 0, is_mc, resp.data_ptr<T>(), score.data_ptr<T>(),
+                              lse.data_ptr<T>(), kstar.data_ptr<int32_t>()};
+    const WeightSource<T> W{resp.data_ptr<T>(), nullptr, nullptr, Gd.defined() ? Gd.data_ptr<T>() : nullptr,
+                            T(g_score), kstar.data_ptr<int32_t>(), is_mc, g.K};
+    const Smoothing<T> S{Gd.defined() ? Gd.data_ptr<T>() : nullptr, Gf.defined() ? Gf.data_ptr<T>() : nullptr,
+                         Gf.defined() ? Gf.data_ptr<T>() + Gf.size(1) * Gf.size(2) : nullptr,
+                         Gf.defined() ? Gf.size(1) : 0};
+    T *dm = d_mu.data_ptr<T>(), *ds = d_sigma.data_ptr<T>(), *dl = d_log_pi.data_ptr<T>();
+    GradPlan<T> plan(g, mu.data_ptr<T>(), sigma.data_ptr<T>(), W, S, dm, ds, dl);
+    if (plan.winners && !gemm) {
+      forward_param_grads<T>(g, args, T(g_score), plan);
+    } else {  // the two passes
+      forward_blocks<T>(g, args);
+      param_grads<T>(g, x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), W, S, dm, ds, dl);
+    }
+  });
+  return {resp, score, lse, kstar, d_mu, d_sigma, d_log_pi};
+}
+
 // ---------------------------------------------------------------------------------------------------- helpers
 at::Tensor patch_average_cpu(const at::Tensor& v_, at::IntArrayRef image_hw, at::IntArrayRef kernel,
                              at::IntArrayRef stride) {
@@ -1242,6 +1491,7 @@ at::Tensor sample_components_cpu(const at::Tensor& topdown_, const at::Tensor& m
 TORCH_LIBRARY_IMPL(dcgmm, CPU, m) {
   m.impl("cgmm_fwd_cpp", &cgmm_fwd_cpu);
   m.impl("cgmm_bwd_cpp", &cgmm_bwd_cpu);
+  m.impl("cgmm_fwd_grads_cpp", &cgmm_fwd_grads_cpu);
   m.impl("patch_average_cpp", &patch_average_cpu);
   m.impl("sample_components_cpp", &sample_components_cpu);
 }
