@@ -15,6 +15,7 @@ Update rules:
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -24,9 +25,11 @@ from torch import nn
 from . import backends, ops
 from .anneal import SingleExp, anneal_  # noqa: F401  (SingleExp: the host reference)
 from .distributed import World
+from .geometry import out_hw
 from .guard import StepGuard
 from .layers import ConvGMM, LinearClassifier, MaxPool
 from .schedule import Schedule
+from .types import CGMMOut
 from .validation import check_images
 
 OptimizerFactory = Callable[[List[dict]], torch.optim.Optimizer]
@@ -101,10 +104,36 @@ def gmm_step(layer: ConvGMM, x: torch.Tensor):
 
 def _gmm_grads(layer: ConvGMM, x: torch.Tensor):
     """(the op's output on x, (d mean score / d mu, sigma, pi_logits)) before any update."""
+    if _one_pass_grads(layer):
+        return _gmm_grads_one_pass(layer, x)
     out = layer.cgmm(x, check=False)
     grads = torch.autograd.grad(out.score, (layer.mu, layer.sigma, layer.pi_logits),
                                 grad_outputs=mean_grad(out.score))
     return out, grads
+
+
+def _one_pass_grads(layer: ConvGMM) -> bool:
+    """cpp layers in eager mode take their forward and gradients from one C++ pass (``cgmm_fwd_grads_cpp``: the
+    same bits as the op's forward and autograd backward, without a second read of the input); compiled steps keep
+    the op and its autograd."""
+    p = layer.mu
+    if p.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return backends.resolve(layer.backend, p.device) == "cpp" and hasattr(torch.ops.dcgmm, "cgmm_fwd_grads_cpp")
+
+
+def _gmm_grads_one_pass(layer: ConvGMM, x: torch.Tensor):
+    """``_gmm_grads`` by ``dcgmm::cgmm_fwd_grads_cpp``; the gradient of log_pi goes back to pi_logits by autograd
+    (the ops the op's autograd runs)."""
+    log_pi = layer.log_pi()
+    numel = x.shape[0] * math.prod(out_hw(x.shape[1:3], layer.kernel, layer.stride))
+    g_score = torch.full((), 1.0, dtype=x.dtype).div(numel).item()  # mean_grad's value, exactly
+    with torch.no_grad():
+        *out, d_mu, d_sigma, d_log_pi = torch.ops.dcgmm.cgmm_fwd_grads_cpp(
+            x, layer.mu, layer.sigma, log_pi.detach(), list(layer.kernel), list(layer.stride), layer.loss,
+            layer.op_smoothing(), g_score)
+    g_pi, = torch.autograd.grad(log_pi, layer.pi_logits, d_log_pi)
+    return CGMMOut(*out), (d_mu, d_sigma, g_pi)
 
 
 def _gmm_step(layer: ConvGMM, x: torch.Tensor, fused: Optional[str] = None):

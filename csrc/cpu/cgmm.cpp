@@ -558,15 +558,19 @@ DCGMM_ISA_VARIANTS(forward_block, forward_block_impl)
 constexpr int64_t PT = 16;
 constexpr int64_t TILE_PARAM_BYTES = 64 * 1024;
 
+// GMMs per tile of the forward's walk (forward_blocks): consecutive positions whose parameters fit in 64 KB
+inline int64_t tile_gmms(const Geometry& g, int64_t bytes_per_value) {
+  const int64_t gmm_bytes = 2 * g.K * g.D * bytes_per_value;
+  return g.G > 1 ? std::max<int64_t>(1, std::min(PT, TILE_PARAM_BYTES / gmm_bytes)) : 1;
+}
+
 template <typename T>
 void forward_blocks(const Geometry& g, const ForwardArgs<T>& a) {
   const Isa isa = cpu_isa();
   const int64_t L = block_rows(register_bytes(isa));  // the rows per block of the build that runs
   const int64_t TR = FWD_NR * L;                       // rows per task
   const int64_t rows = rows_per_gmm(g), blocks = (rows + TR - 1) / TR, K = g.K, D = g.D;
-  const int64_t gmm_bytes = 2 * K * D * int64_t(sizeof(T));
-  const int64_t pt = g.G > 1 ? std::max<int64_t>(1, std::min(PT, TILE_PARAM_BYTES / gmm_bytes)) : 1;
-  const int64_t per_tile = pt * blocks;
+  const int64_t pt = tile_gmms(g, sizeof(T)), per_tile = pt * blocks;
   at::parallel_for(0, g.G * blocks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> xt(a.ls ? 0 : FWD_NR * D * L), lt(FWD_NR * K * L), tmp(K * L), sm(K * L), c(pt * K);
     int64_t c_of = -1;  // the tile whose constants c holds
@@ -1280,15 +1284,21 @@ inline __attribute__((always_inline)) void pw_rows_impl(const Geometry& g, const
 }
 DCGMM_ISA_VARIANTS(pw_rows, pw_rows_impl)
 
+// The units of forward_param_grads, each one thread's: (tile of GMMs, chunk of rows). Few units (a shared layer with
+// few rows: one) would leave threads idle, and the two passes are taken instead.
+template <typename T>
+int64_t fused_units(const Geometry& g, const GradPlan<T>& plan) {
+  const int64_t pt = tile_gmms(g, sizeof(T));
+  return (g.G + pt - 1) / pt * plan.chunks;
+}
+
 template <typename T>
 void forward_param_grads(const Geometry& g, const ForwardArgs<T>& a, T gr, GradPlan<T>& plan) {
   const Isa isa = plan.isa;
   const int64_t L = block_rows(register_bytes(isa)), TR = FWD_NR * L;  // TR divides PG_ROWS: blocks end with tasks
   const int64_t K = g.K, D = g.D, rows = plan.rows, chunks = plan.chunks, dranges = plan.dranges, ldx = plan.ldx;
   const int64_t tile = plan.tile, per_gmm = dranges * tile;  // one GMM's sums, all ranges
-  const int64_t gmm_bytes = 2 * K * D * int64_t(sizeof(T));
-  const int64_t pt = g.G > 1 ? std::max<int64_t>(1, std::min(PT, TILE_PARAM_BYTES / gmm_bytes)) : 1;
-  const int64_t tiles = (g.G + pt - 1) / pt;
+  const int64_t pt = tile_gmms(g, sizeof(T)), tiles = (g.G + pt - 1) / pt;
   at::parallel_for(0, tiles * chunks, 1, [&](int64_t u0, int64_t u1) {
     std::vector<T> xt(FWD_NR * D * L), lt(FWD_NR * K * L), tmp(K * L), sm(K * L), c(pt * K);
     std::vector<T> ctr(pt * dranges * ldx), xr(dranges * ldx, T(0)), f1(pt * per_gmm), f2(f1.size());
@@ -1373,7 +1383,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                          Gf.defined() ? Gf.size(1) : 0};
     T *dm = d_mu.data_ptr<T>(), *ds = d_sigma.data_ptr<T>(), *dl = d_log_pi.data_ptr<T>();
     GradPlan<T> plan(g, mu.data_ptr<T>(), sigma.data_ptr<T>(), W, S, dm, ds, dl);
-    if (plan.winners && !gemm) {
+    if (plan.winners && !gemm && fused_units(g, plan) >= 4 * at::get_num_threads()) {
       forward_param_grads<T>(g, args, T(g_score), plan);
     } else {  // the two passes
       forward_blocks<T>(g, args);

@@ -39,4 +39,15 @@ def problem() -> Optional[str]:
     if not hasattr(torch.ops.dcgmm, "cgmm_step_partials_cpp"):
         return "backend 'cpp' is out of date: dcgmm_fast._C lacks dcgmm::cgmm_step_partials_cpp; rebuild it"
     register_fused_ops("cpp", step=True)
+    if hasattr(torch.ops.dcgmm, "cgmm_fwd_grads_cpp"):
+        torch.library.register_fake("dcgmm::cgmm_fwd_grads_cpp")(_fwd_grads_fake)
     return None
+
+
+def _fwd_grads_fake(x, mu, sigma, log_pi, kernel, stride, loss, smoothing, g_score):
+    """``dcgmm::cgmm_fwd_grads_cpp`` (the eager training step's one pass, ``train._gmm_grads_one_pass``): the
+    forward's outputs and d_mu, d_sigma, d_log_pi."""
+    from .fused import cgmm_fwd_fake
+
+    return (*cgmm_fwd_fake(x, mu, sigma, log_pi, kernel, stride, loss, smoothing), torch.empty_like(mu),
+            torch.empty_like(sigma), torch.empty_like(log_pi))
