@@ -1,15 +1,17 @@
 // Fused C++ CPU kernels of the cGMM op and its helpers (design.md "The cGMM op", "Helper ops").
 //
-// cgmm_fwd_cpu: blocks of 16 patch rows of one GMM, gathered straight from the NHWC input (implicit im2col, never
-//   the patch matrix) into the vector lanes; log scores by the direct form, the smoothing (separable factors or a
-//   dense G), max / argmax, softmax and logsumexp all on the block in registers and L1, written once into resp,
-//   score, lse and kstar: one parallel region per forward (shared layers with D, K >= 64 take the log scores from
-//   GEMMs first).
+// cgmm_fwd_cpu: blocks of one register of patch rows of one GMM (16, 8 or 4), gathered straight from the NHWC input
+//   (implicit im2col, never the patch matrix) into the vector lanes, two blocks per task sharing each parameter
+//   load; log scores by the direct form, the smoothing (separable factors or a dense G), max / argmax, softmax and
+//   logsumexp all on the block in registers and L1, written once into resp, score, lse and kstar: one parallel
+//   region per forward (shared layers with D, K >= 64 take the log scores from GEMMs first).
 // cgmm_bwd_cpu: the parameter gradients as centred sums over fixed blocks of rows (float sums per block added in
 //   block order to double totals: deterministic and independent of the thread count). The mc loss with no
 //   gradient on resp (a training step) sums each row into its winner alone and multiplies by G^T once; otherwise
 //   the backward weights W of each row are computed from the saved resp and kstar where they are used and a
 //   register-tiled micro-kernel sums them. The x gradient is folded back to pixels one image per task (no races).
+// cgmm_fwd_grads_cpu: a training step's forward and parameter gradients in one pass (the winner sums taken from each
+//   forward task's rows while they are in cache), bit for bit cgmm_fwd_cpu then cgmm_bwd_cpu.
 // patch_average_cpu, sample_components_cpu: the sampling helpers.
 // Includes ATen and torch/library.h only (torch/extension.h costs ~23 s per file).
 #include <ATen/ATen.h>
