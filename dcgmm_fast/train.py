@@ -129,11 +129,33 @@ def _gmm_grads_one_pass(layer: ConvGMM, x: torch.Tensor):
     numel = x.shape[0] * math.prod(out_hw(x.shape[1:3], layer.kernel, layer.stride))
     g_score = torch.full((), 1.0, dtype=x.dtype).div(numel).item()  # mean_grad's value, exactly
     with torch.no_grad():
-        *out, d_mu, d_sigma, d_log_pi = torch.ops.dcgmm.cgmm_fwd_grads_cpp(
+        *out, d_mu, d_sigma, d_log_pi, _ = torch.ops.dcgmm.cgmm_fwd_grads_cpp(
             x, layer.mu, layer.sigma, log_pi.detach(), list(layer.kernel), list(layer.stride), layer.loss,
             layer.op_smoothing(), g_score)
     g_pi, = torch.autograd.grad(log_pi, layer.pi_logits, d_log_pi)
     return CGMMOut(*out), (d_mu, d_sigma, g_pi)
+
+
+def _gmm_step_one_pass(layer: ConvGMM, x: torch.Tensor):
+    """``_gmm_step`` of a cpp layer in eager mode: the one pass also applies the update rule to mu and sigma where
+    it writes their gradients (gmm_update_cpp's arithmetic, in cache), pi_logits by ``gmm_update_cpp`` after its
+    gradient comes back through log_softmax. The same bits as ``_gmm_grads`` then ``update_``. Returns (resp, mean
+    score (), (max |mu|, max |pi_logits|) (2,) after the update)."""
+    log_pi = layer.log_pi()
+    numel = x.shape[0] * math.prod(out_hw(x.shape[1:3], layer.kernel, layer.stride))
+    g_score = torch.full((), 1.0, dtype=x.dtype).div(numel).item()  # mean_grad's value, exactly
+    scale = layer.eps.to(layer.mu.dtype) * layer.loss_mult  # the step sizes exactly as update_ makes them
+    s_mu, s_sigma, s_pi = scale * layer.lambda_mu, scale * layer.lambda_sigma, scale * layer.lambda_pi
+    with torch.no_grad():
+        resp, score, _, _, _, _, d_log_pi, mu_max = torch.ops.dcgmm.cgmm_fwd_grads_cpp(
+            x, layer.mu, layer.sigma, log_pi.detach(), list(layer.kernel), list(layer.stride), layer.loss,
+            layer.op_smoothing(), g_score, s_mu, s_sigma, layer.sigma_min, layer.sigma_max)
+    g_pi, = torch.autograd.grad(log_pi, layer.pi_logits, d_log_pi)
+    with torch.no_grad():
+        none = layer.mu.new_empty(0)
+        pi_max = torch.ops.dcgmm.gmm_update_cpp(none, none.clone(), layer.pi_logits, none.clone(), none.clone(), g_pi,
+                                                s_mu, s_sigma, s_pi, layer.sigma_min, layer.sigma_max)[1]
+    return resp, fixed_order_mean(score), torch.stack([mu_max, pi_max])
 
 
 def _gmm_step(layer: ConvGMM, x: torch.Tensor, fused: Optional[str] = None):
@@ -145,6 +167,8 @@ def _gmm_step(layer: ConvGMM, x: torch.Tensor, fused: Optional[str] = None):
         out, stats = step_partials(layer, x, fused, log_pi)
         maxima = step_finalize_(layer, stats, 1.0 / out.score.numel(), fused, log_pi)
         return out.resp, fixed_order_mean(out.score), maxima
+    if _one_pass_grads(layer) and _fused_update(layer):
+        return _gmm_step_one_pass(layer, x)
     out, grads = _gmm_grads(layer, x)
     maxima = update_(layer, *grads)
     return out.resp.detach(), fixed_order_mean(out.score), maxima

@@ -56,6 +56,7 @@ def _check_same(x, mu, sigma, log_pi, kernel, stride, loss, G):
     grads = torch.autograd.grad(out[1], leaves, grad_outputs=g)
     one = torch.ops.dcgmm.cgmm_fwd_grads_cpp(x.detach(), *(t.detach() for t in leaves), k, s, loss, G,
                                              float(g.reshape(-1)[0]))
+    assert one[7].numel() == 0  # no update asked
     for name, a, b in zip(NAMES, [*out, *grads], one):
         assert b.shape == a.shape and b.dtype == a.dtype, name
         assert not (b.isnan().any() if b.is_floating_point() else False), f"{name}: NaN (an entry left unwritten)"
@@ -129,10 +130,60 @@ def test_one_pass_independent_of_the_thread_count(threads, fresh_seed):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("shape", [CASES[i] for i in (0, 1, 4, 5, 6)], ids=[IDS[i] for i in (0, 1, 4, 5, 6)])
+def test_update_in_the_pass_equals_gmm_update(isa, shape, fresh_seed):  # noqa: F811
+    """With step sizes the op updates mu and sigma in place as gmm_update_cpp does from its gradients (sigma
+    clamped at both bounds here), and returns max |mu| after it; its other outputs stay those of the plain call."""
+    (x, mu, sigma, log_pi), _, kw = _inputs(shape, torch.float32, fresh_seed, requires_grad=False)
+    G = _smoothing(shape[6], shape[9], torch.float32)
+    k, s = list(geometry.pair(kw["kernel"])), list(geometry.pair(kw["stride"]))
+    g = 1.0 / (shape[0] * 7.0)
+    s_mu, s_sigma = torch.tensor(0.37), torch.tensor(-2.3)
+    plain = torch.ops.dcgmm.cgmm_fwd_grads_cpp(x, mu.clone(), sigma.clone(), log_pi, k, s, kw["loss"], G, g)
+    lo, hi = (float(q) for q in (sigma + s_sigma * plain[5]).quantile(torch.tensor([0.25, 0.75])))  # both clamps
+    mu1, sigma1 = mu.clone(), sigma.clone()
+    out = torch.ops.dcgmm.cgmm_fwd_grads_cpp(x, mu1, sigma1, log_pi, k, s, kw["loss"], G, g, s_mu, s_sigma, lo, hi)
+    for name, a, b in zip(NAMES, plain[:7], out[:7]):
+        assert torch.equal(a, b), name
+    mu2, sigma2, pi2 = mu.clone(), sigma.clone(), log_pi.clone()
+    maxima = torch.ops.dcgmm.gmm_update_cpp(mu2, sigma2, pi2, plain[4], plain[5], torch.zeros_like(pi2), s_mu,
+                                            s_sigma, torch.tensor(0.0), lo, hi)
+    assert torch.equal(mu1, mu2) and torch.equal(sigma1, sigma2)
+    assert (sigma1 == torch.tensor(lo)).any() and (sigma1 == torch.tensor(hi)).any()
+    assert out[7].shape == () and torch.equal(out[7], maxima[0])
+
+
+@pytest.mark.parametrize("preset", ["D", "B-class"])
+def test_gmm_step_one_pass_equals_autograd_step(preset, shipped, monkeypatch):
+    """train._gmm_step of each GMM layer (forward, gradients, update rule): resp, mean score, the step guard's
+    maxima and the parameters by the one pass equal those by the op's autograd and gmm_update_cpp."""
+    def run(one_pass):
+        monkeypatch.setattr(train, "_one_pass_grads", original if one_pass else (lambda layer: False))
+        model = DCGMM(preset, seed=5, backend="cpp")
+        h, results = shipped.x_train[:60], []
+        for layer in model.layers:
+            if isinstance(layer, train.ConvGMM):
+                layer.set_annealing(0.05, 0.8)  # a large step: changes every parameter visibly
+                resp, score, maxima = train._gmm_step(layer, h)
+                results += [resp, score, maxima, *(p.detach().clone() for p in layer.parameters())]
+                h = resp
+            elif isinstance(layer, train.MaxPool):
+                h = layer(h)
+        return results
+
+    original = train._one_pass_grads
+    one, ref = run(True), run(False)
+    assert len(one) == len(ref)
+    for i, (a, b) in enumerate(zip(one, ref)):
+        assert a is not None and torch.equal(a, b), i
+
+
 def test_bad_g_score_is_named():
     (x, mu, sigma, log_pi), _, kw = _inputs(CASES[2], torch.float32, 0, requires_grad=False)
     with pytest.raises(RuntimeError, match="g_score: expected a finite number"):
         torch.ops.dcgmm.cgmm_fwd_grads_cpp(x, mu, sigma, log_pi, [4, 4], [1, 1], "mc", None, float("inf"))
+    with pytest.raises(RuntimeError, match="s_mu, s_sigma: expected one step size each"):
+        torch.ops.dcgmm.cgmm_fwd_grads_cpp(x, mu, sigma, log_pi, [4, 4], [1, 1], "mc", None, 0.1, torch.ones(1))
 
 
 @pytest.mark.parametrize("preset", ["D", "B-class"])

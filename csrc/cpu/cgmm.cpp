@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -30,6 +31,7 @@
 #include "../cgmm_math.h"
 #include "isa.h"
 #include "output.h"
+#include "update_range.h"
 
 namespace dcgmm {
 namespace {
@@ -1004,6 +1006,10 @@ struct GradPlan {
   int64_t K, D, rows, chunks, dranges, ldx, tile;
   bool winners;
   std::vector<double> part1, part2, partw;  // with several chunks: every task's totals
+  // the update rule applied where a task's gradients are written (set_update): mu += s_mu d_mu, sigma =
+  // clamp(sigma + s_sigma d_sigma, lo, hi), as gmm_update_cpp; mu_max: max |mu| after it per (GMM, range)
+  T *mu_w = nullptr, *sigma_w = nullptr, s_mu = T(0), s_sigma = T(0), lo = T(0), hi = T(0);
+  std::vector<T> mu_max;
 
   GradPlan(const Geometry& g_, const T* mu_, const T* sigma_, const WeightSource<T>& W, const Smoothing<T>& S_,
            T* d_mu_, T* d_sigma_, T* d_log_pi_)
@@ -1026,6 +1032,11 @@ struct GradPlan {
   }
   int64_t dn_of(int64_t dr) const { return std::min(PG_DRANGE, D - dr * PG_DRANGE); }
 
+  void set_update(T* mu_, T* sigma_, T s_mu_, T s_sigma_, T lo_, T hi_) {
+    mu_w = mu_, sigma_w = sigma_, s_mu = s_mu_, s_sigma = s_sigma_, lo = lo_, hi = hi_;
+    mu_max.assign(g.G * dranges, T(0));
+  }
+
   // ctr (ldx) = GMM gi's mean of means over entries [d0, d0 + dn), in double, zero-padded
   void centre(int64_t gi, int64_t d0, int64_t dn, T* ctr) const {
     double acc[PG_DRANGE] = {};  // k outer, entries inner: the same order of additions per entry, vectorised
@@ -1040,11 +1051,20 @@ struct GradPlan {
   // d_mu, d_sigma (and d_log_pi on the first range) of GMM gi's entries [d0, d0 + dn) from its centred totals;
   // ctr as the tasks rounded it
   void finish(int64_t gi, int64_t d0, int64_t dn, const T* ctr, const double* A1, const double* A2,
-              const double* wt) const {
+              const double* wt) {
     if (d0 == 0)
       for (int64_t k = 0; k < K; ++k) d_log_pi[gi * K + k] = T(wt[k]);
     const int64_t off = gi * K * D + d0;
     pg_finish<T>(isa, K, dn, D, ldx, mu + off, sigma + off, ctr, A1, A2, wt, d_mu + off, d_sigma + off);
+    if (mu_w == nullptr) return;
+    // the entries' last reads (this range of this GMM) are done: update them while their gradients are in cache
+    T m = T(0);
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t o = off + k * D;
+      m = abs_max(m, update_range<T>(isa, mu_w + o, d_mu + o, s_mu, dn, false, lo, hi));
+      update_range<T>(isa, sigma_w + o, d_sigma + o, s_sigma, dn, true, lo, hi);
+    }
+    mu_max[gi * dranges + d0 / PG_DRANGE] = m;
   }
 
   // task (gi, chunk c, range dr) has its totals A1, A2 (K, ldx), wt (K): the gradients now (one chunk) or later
@@ -1092,11 +1112,14 @@ struct GradPlan {
   }
 };
 
+// given: a plan made by the caller for these arguments (with its update rule, cgmm_fwd_grads_cpu)
 template <typename T>
 void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, const WeightSource<T>& W,
-                 const Smoothing<T>& S, T* d_mu, T* d_sigma, T* d_log_pi) {
+                 const Smoothing<T>& S, T* d_mu, T* d_sigma, T* d_log_pi, GradPlan<T>* given = nullptr) {
   constexpr int64_t L = Lanes<T>::value;
-  GradPlan<T> plan(g, mu, sigma, W, S, d_mu, d_sigma, d_log_pi);
+  std::optional<GradPlan<T>> own;
+  if (given == nullptr) own.emplace(g, mu, sigma, W, S, d_mu, d_sigma, d_log_pi);
+  GradPlan<T>& plan = given != nullptr ? *given : *own;
   const Isa isa = plan.isa;
   const bool winners = plan.winners;
   const int64_t K = g.K, rows = plan.rows, ldw = round_up(K, PG_KB), chunks = plan.chunks;
@@ -1344,11 +1367,19 @@ void forward_param_grads(const Geometry& g, const ForwardArgs<T>& a, T gr, GradP
   plan.reduce_chunks();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_fwd_grads_cpu(
-    const at::Tensor& x_, const at::Tensor& mu_, const at::Tensor& sigma_, const at::Tensor& log_pi_,
-    at::IntArrayRef kernel, at::IntArrayRef stride, c10::string_view loss, const std::optional<at::Tensor>& smoothing,
-    double g_score) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+cgmm_fwd_grads_cpu(const at::Tensor& x_, at::Tensor& mu_, at::Tensor& sigma_, const at::Tensor& log_pi_,
+                   at::IntArrayRef kernel, at::IntArrayRef stride, c10::string_view loss,
+                   const std::optional<at::Tensor>& smoothing, double g_score, const std::optional<at::Tensor>& s_mu,
+                   const std::optional<at::Tensor>& s_sigma, double sigma_min, double sigma_max) {
   check_params(x_, mu_, sigma_, log_pi_);
+  const bool update = s_mu.has_value() || s_sigma.has_value();
+  if (update) {
+    TORCH_CHECK(s_mu.has_value() && s_sigma.has_value() && s_mu->numel() == 1 && s_sigma->numel() == 1,
+                "s_mu, s_sigma: expected one step size each (or neither)");
+    TORCH_CHECK(mu_.is_contiguous() && sigma_.is_contiguous(), "mu, sigma: updated in place, expected contiguous");
+    TORCH_CHECK(sigma_min <= sigma_max, "sigma_min: expected at most sigma_max, got ", sigma_min, " > ", sigma_max);
+  }
   const Geometry g = make_geometry(x_, mu_, kernel, stride);
   TORCH_CHECK(loss == "mc" || loss == "loglik", "loss: expected 'mc' or 'loglik', got ", loss);
   const bool is_mc = loss == "mc";
@@ -1366,6 +1397,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto lse = new_output({g.N, g.Ho, g.Wo}, opts), kstar = new_output({g.N, g.Ho, g.Wo}, opts.dtype(at::kInt));
   auto d_mu = new_output(mu.sizes(), mu.options()), d_sigma = new_output(sigma.sizes(), sigma.options());
   auto d_log_pi = new_output(log_pi.sizes(), log_pi.options());
+  at::Tensor mu_max = at::empty({0}, mu.options());
   const bool gemm = !g.independent && g.D >= GEMM_MIN_D && g.K >= GEMM_MIN_K && gemm_form_enabled();
   at::Tensor ls;
   if (gemm) {
@@ -1385,14 +1417,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                          Gf.defined() ? Gf.size(1) : 0};
     T *dm = d_mu.data_ptr<T>(), *ds = d_sigma.data_ptr<T>(), *dl = d_log_pi.data_ptr<T>();
     GradPlan<T> plan(g, mu.data_ptr<T>(), sigma.data_ptr<T>(), W, S, dm, ds, dl);
+    if (update)  // s_mu, s_sigma: CPU scalars in the parameters' dtype, read as gmm_update_cpp reads them
+      plan.set_update(mu.data_ptr<T>(), sigma.data_ptr<T>(), s_mu->item<T>(), s_sigma->item<T>(), T(sigma_min),
+                      T(sigma_max));
     if (plan.winners && !gemm && fused_units(g, plan) >= 4 * at::get_num_threads()) {
       forward_param_grads<T>(g, args, T(g_score), plan);
     } else {  // the two passes
       forward_blocks<T>(g, args);
-      param_grads<T>(g, x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), W, S, dm, ds, dl);
+      param_grads<T>(g, x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), W, S, dm, ds, dl, &plan);
+    }
+    if (update) {
+      T m = T(0);
+      for (T v : plan.mu_max) m = abs_max(m, v);
+      mu_max = at::full({}, m, mu.options());
     }
   });
-  return {resp, score, lse, kstar, d_mu, d_sigma, d_log_pi};
+  return {resp, score, lse, kstar, d_mu, d_sigma, d_log_pi, mu_max};
 }
 
 // ---------------------------------------------------------------------------------------------------- helpers

@@ -44,10 +44,12 @@ def problem() -> Optional[str]:
     return None
 
 
-def _fwd_grads_fake(x, mu, sigma, log_pi, kernel, stride, loss, smoothing, g_score):
-    """``dcgmm::cgmm_fwd_grads_cpp`` (the eager training step's one pass, ``train._gmm_grads_one_pass``): the
-    forward's outputs and d_mu, d_sigma, d_log_pi."""
+def _fwd_grads_fake(x, mu, sigma, log_pi, kernel, stride, loss, smoothing, g_score, s_mu=None, s_sigma=None,
+                    sigma_min=0.0, sigma_max=0.0):
+    """``dcgmm::cgmm_fwd_grads_cpp`` (the eager training step's one pass, ``train._gmm_step_one_pass``): the
+    forward's outputs, d_mu, d_sigma, d_log_pi and max |mu| after the update (empty without one)."""
     from .fused import cgmm_fwd_fake
 
+    mu_max = mu.new_empty(()) if s_mu is not None else mu.new_empty(0)
     return (*cgmm_fwd_fake(x, mu, sigma, log_pi, kernel, stride, loss, smoothing), torch.empty_like(mu),
-            torch.empty_like(sigma), torch.empty_like(log_pi))
+            torch.empty_like(sigma), torch.empty_like(log_pi), mu_max)
