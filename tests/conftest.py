@@ -72,3 +72,24 @@ def shipped():
     from dcgmm_fast import data
 
     return data.load_shipped()
+
+
+ISAS = ["baseline", "avx2", "avx512"]  # the C++ kernels' builds (csrc/cpu/isa.h), lowest first
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    """Runs the test with DCGMM_CPU_ISA set to each build of the C++ kernels this CPU has (the others skip)."""
+    from dcgmm_fast import backends
+
+    if backends.problem("cpp") is not None:
+        pytest.skip("backend 'cpp' is not built")
+    from dcgmm_fast.backends.cpp import cpu_isa
+
+    monkeypatch.delenv("DCGMM_CPU_ISA", raising=False)
+    best = cpu_isa()
+    if ISAS.index(request.param) > ISAS.index(best):
+        pytest.skip(f"this CPU runs {best} at best")
+    monkeypatch.setenv("DCGMM_CPU_ISA", request.param)
+    assert cpu_isa() == request.param
+    return request.param

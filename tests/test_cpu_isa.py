@@ -11,11 +11,9 @@ import torch
 
 from dcgmm_fast import backends, geometry, ops, reference
 
-from conftest import assert_close
+from conftest import ISAS, assert_close
 from test_backends import (MC, SHAPES, TRAINED_UPSTREAM, _check_float32_rule, _check_trained_regime, _grads,
                            _inputs, _upstream)
-
-ISAS = ["baseline", "avx2", "avx512"]
 
 pytestmark = pytest.mark.skipif(backends.problem("cpp") is not None, reason="backend 'cpp' is not built")
 
@@ -23,26 +21,6 @@ pytestmark = pytest.mark.skipif(backends.problem("cpp") is not None, reason="bac
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     monkeypatch.setenv("DCGMM_POISON", "1")
-
-
-def _best():
-    from dcgmm_fast.backends.cpp import cpu_isa
-
-    return cpu_isa()
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    """Runs the test with DCGMM_CPU_ISA set to each build this CPU has (the others skip)."""
-    monkeypatch.delenv("DCGMM_CPU_ISA", raising=False)
-    best = _best()
-    if ISAS.index(request.param) > ISAS.index(best):
-        pytest.skip(f"this CPU runs {best} at best")
-    monkeypatch.setenv("DCGMM_CPU_ISA", request.param)
-    from dcgmm_fast.backends.cpp import cpu_isa
-
-    assert cpu_isa() == request.param
-    return request.param
 
 
 def test_cpu_isa_is_capped_by_the_cpu(monkeypatch):

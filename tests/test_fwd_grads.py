@@ -14,7 +14,6 @@ from dcgmm_fast.model import DCGMM
 from dcgmm_fast.train import History, Trainer, mean_grad
 
 from test_backends import _inputs
-from test_cpu_isa import isa  # noqa: F401  (the per-build fixture)
 
 pytestmark = pytest.mark.skipif(backends.problem("cpp") is not None, reason="backend 'cpp' is not built")
 
@@ -86,7 +85,7 @@ def test_cases_cover_both_paths(threads):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", CASES, ids=IDS)
-def test_one_pass_equals_forward_and_autograd(isa, shape, dtype, fresh_seed):  # noqa: F811
+def test_one_pass_equals_forward_and_autograd(isa, shape, dtype, fresh_seed):
     (x, mu, sigma, log_pi), _, kw = _inputs(shape, dtype, fresh_seed, requires_grad=False)
     G = _smoothing(shape[6], shape[9], dtype, dense=shape is CASES[3])
     _check_same(x, mu, sigma, log_pi, kw["kernel"], kw["stride"], kw["loss"], G)
@@ -131,7 +130,7 @@ def test_one_pass_independent_of_the_thread_count(threads, fresh_seed):
 
 
 @pytest.mark.parametrize("shape", [CASES[i] for i in (0, 1, 4, 5, 6)], ids=[IDS[i] for i in (0, 1, 4, 5, 6)])
-def test_update_in_the_pass_equals_gmm_update(isa, shape, fresh_seed):  # noqa: F811
+def test_update_in_the_pass_equals_gmm_update(isa, shape, fresh_seed):
     """With step sizes the op updates mu and sigma in place as gmm_update_cpp does from its gradients (sigma
     clamped at both bounds here), and returns max |mu| after it; its other outputs stay those of the plain call."""
     (x, mu, sigma, log_pi), _, kw = _inputs(shape, torch.float32, fresh_seed, requires_grad=False)

@@ -541,7 +541,8 @@ inline __attribute__((always_inline)) void forward_block_impl(const Geometry& g,
     if (nblocks == FWD_NR)
       block_scores_impl<T, L, FWD_NR>(xt, D, mu, sig, c, K, lt);
     else
-      for (int64_t r = 0; r < nblocks; ++r) block_scores_impl<T, L, 1>(xt + r * D * L, D, mu, sig, c, K, lt + r * K * L);
+      for (int64_t r = 0; r < nblocks; ++r)
+        block_scores_impl<T, L, 1>(xt + r * D * L, D, mu, sig, c, K, lt + r * K * L);
   } else {
     for (int64_t i = 0; i < nblocks * L; ++i) {
       const T* src = a.ls + row_of(g, gi, j0 + std::min(i, nvalid - 1)) * K;
@@ -553,12 +554,12 @@ inline __attribute__((always_inline)) void forward_block_impl(const Geometry& g,
 }
 DCGMM_ISA_VARIANTS(forward_block, forward_block_impl)
 
-// The whole forward: blocks of L rows (L per instruction set: block_rows) of one GMM, one parallel region.
-// Independent layers walk tiles of PT consecutive positions, each tile block by block with its positions inner:
-// consecutive tasks then write neighbouring rows of resp (positions p, p + 1 of the same images: whole cache lines) and read overlapping patches,
-// where GMM-major order wrote 100-byte rows 67 KB apart (preset D's first layer). A tile's constants c are
-// computed by the thread that meets it first. A tile's parameters stay within 64 KB (preset D's
-// second layer, 80 KB per GMM, keeps GMM-major order, which keeps a GMM's parameters hot for its blocks).
+// The whole forward: tasks of FWD_NR blocks of L rows (L per instruction set: block_rows) of one GMM, one parallel
+// region. Independent layers walk tiles of PT consecutive positions, each tile task by task with its positions
+// inner: consecutive tasks then write neighbouring rows of resp (positions p, p + 1 of the same images: whole cache
+// lines) and read overlapping patches, where GMM-major order wrote 100-byte rows 67 KB apart (preset D's first
+// layer). A tile's constants c are computed by the thread that meets it first. A tile's parameters stay within
+// 64 KB (preset D's second layer, 80 KB per GMM, keeps GMM-major order, which keeps a GMM's parameters hot).
 constexpr int64_t PT = 16;
 constexpr int64_t TILE_PARAM_BYTES = 64 * 1024;
 
@@ -664,37 +665,51 @@ at::Tensor checked_smoothing(const at::Tensor& smoothing, int64_t K, at::ScalarT
 
 at::Tensor dense_smoothing(const at::Tensor& G) { return G.dim() == 3 ? at::kron(G[0], G[1]).contiguous() : G; }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_fwd_cpu(
-    const at::Tensor& x_, const at::Tensor& mu_, const at::Tensor& sigma_, const at::Tensor& log_pi_,
-    at::IntArrayRef kernel, at::IntArrayRef stride, c10::string_view loss, const std::optional<at::Tensor>& smoothing) {
-  check_params(x_, mu_, sigma_, log_pi_);
-  const Geometry g = make_geometry(x_, mu_, kernel, stride);
-  TORCH_CHECK(loss == "mc" || loss == "loglik", "loss: expected 'mc' or 'loglik', got ", loss);
-  const bool is_mc = loss == "mc";
-  TORCH_CHECK(!(smoothing.has_value() && !is_mc), "smoothing: must be None for loss 'loglik'");
-  auto x = x_.contiguous(), mu = mu_.contiguous(), sigma = sigma_.contiguous(), log_pi = log_pi_.contiguous();
-  at::Tensor G;
-  if (smoothing.has_value()) G = checked_smoothing(*smoothing, g.K, x.scalar_type());
-  auto opts = x.options();
-  auto resp = new_output({g.N, g.Ho, g.Wo, g.K}, opts);
-  auto score = new_output({g.N, g.Ho, g.Wo}, opts);
-  auto lse = new_output({g.N, g.Ho, g.Wo}, opts);
-  auto kstar = new_output({g.N, g.Ho, g.Wo}, opts.dtype(at::kInt));
-  const bool gemm = !g.independent && g.D >= GEMM_MIN_D && g.K >= GEMM_MIN_K && gemm_form_enabled();
-  at::Tensor ls;
-  if (gemm) {
-    ls = at::empty({g.M, g.K}, opts);
-    log_scores_gemm(g, x, mu, sigma, log_pi, ls);
+// A forward call's checked inputs (contiguous), its smoothing as the forward takes it (G: factors or dense), its
+// outputs and, in the GEMM form, the log scores ls: what cgmm_fwd_cpu and cgmm_fwd_grads_cpu share.
+struct ForwardCall {
+  Geometry g;
+  bool is_mc, gemm;
+  at::Tensor x, mu, sigma, log_pi, G, resp, score, lse, kstar, ls;
+
+  ForwardCall(const at::Tensor& x_, const at::Tensor& mu_, const at::Tensor& sigma_, const at::Tensor& log_pi_,
+              at::IntArrayRef kernel, at::IntArrayRef stride, c10::string_view loss,
+              const std::optional<at::Tensor>& smoothing) {
+    check_params(x_, mu_, sigma_, log_pi_);
+    g = make_geometry(x_, mu_, kernel, stride);
+    TORCH_CHECK(loss == "mc" || loss == "loglik", "loss: expected 'mc' or 'loglik', got ", loss);
+    is_mc = loss == "mc";
+    TORCH_CHECK(!(smoothing.has_value() && !is_mc), "smoothing: must be None for loss 'loglik'");
+    x = x_.contiguous(), mu = mu_.contiguous(), sigma = sigma_.contiguous(), log_pi = log_pi_.contiguous();
+    if (smoothing.has_value()) G = checked_smoothing(*smoothing, g.K, x.scalar_type());
+    const auto opts = x.options();
+    resp = new_output({g.N, g.Ho, g.Wo, g.K}, opts);
+    score = new_output({g.N, g.Ho, g.Wo}, opts);
+    lse = new_output({g.N, g.Ho, g.Wo}, opts);
+    kstar = new_output({g.N, g.Ho, g.Wo}, opts.dtype(at::kInt));
+    gemm = !g.independent && g.D >= GEMM_MIN_D && g.K >= GEMM_MIN_K && gemm_form_enabled();
+    if (gemm) {
+      ls = at::empty({g.M, g.K}, opts);
+      log_scores_gemm(g, x, mu, sigma, log_pi, ls);
+    }
   }
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cgmm_fwd_cpu", [&] {
-    using T = scalar_t;
-    ForwardArgs<T> args{x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), log_pi.data_ptr<T>(),
-                        gemm ? ls.data_ptr<T>() : nullptr, G.defined() ? G.data_ptr<T>() : nullptr,
-                        G.defined() && G.dim() == 3 ? G.size(1) : 0, is_mc, resp.data_ptr<T>(),
-                        score.data_ptr<T>(), lse.data_ptr<T>(), kstar.data_ptr<int32_t>()};
-    forward_blocks<T>(g, args);
-  });
-  return {resp, score, lse, kstar};
+
+  template <typename T>
+  ForwardArgs<T> args() const {
+    return {x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), log_pi.data_ptr<T>(),
+            gemm ? ls.data_ptr<T>() : nullptr, G.defined() ? G.data_ptr<T>() : nullptr,
+            G.defined() && G.dim() == 3 ? G.size(1) : 0, is_mc, resp.data_ptr<T>(), score.data_ptr<T>(),
+            lse.data_ptr<T>(), kstar.data_ptr<int32_t>()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& log_pi,
+    at::IntArrayRef kernel, at::IntArrayRef stride, c10::string_view loss, const std::optional<at::Tensor>& smoothing) {
+  const ForwardCall f(x, mu, sigma, log_pi, kernel, stride, loss, smoothing);
+  AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), "cgmm_fwd_cpu",
+                             [&] { forward_blocks<scalar_t>(f.g, f.args<scalar_t>()); });
+  return {f.resp, f.score, f.lse, f.kstar};
 }
 
 // ---------------------------------------------------------------------------------------------------- backward
@@ -940,7 +955,8 @@ inline __attribute__((always_inline)) void pw_rows_sum(int64_t nt, const double*
   }
 }
 
-// A (K, len) = G^T B (K, len) in double (rows at stride ld), where only B's rows j with used[j] are defined (the others are zero):
+// A (K, len) = G^T B (K, len) in double (rows at stride ld), where only B's rows j with used[j] are defined (the
+// others are zero):
 // B itself without G; separable with the factors, A[(ky, kx)] = sum_jy Gy[jy, ky] sum_jx Gx[jx, kx] B[(jy, jx)],
 // when that takes fewer operations than the dense product over the used rows. tmp: (K, len) scratch.
 template <typename T, int RB>
@@ -1372,7 +1388,6 @@ cgmm_fwd_grads_cpu(const at::Tensor& x_, at::Tensor& mu_, at::Tensor& sigma_, co
                    at::IntArrayRef kernel, at::IntArrayRef stride, c10::string_view loss,
                    const std::optional<at::Tensor>& smoothing, double g_score, const std::optional<at::Tensor>& s_mu,
                    const std::optional<at::Tensor>& s_sigma, double sigma_min, double sigma_max) {
-  check_params(x_, mu_, sigma_, log_pi_);
   const bool update = s_mu.has_value() || s_sigma.has_value();
   if (update) {
     TORCH_CHECK(s_mu.has_value() && s_sigma.has_value() && s_mu->numel() == 1 && s_sigma->numel() == 1,
@@ -1380,38 +1395,23 @@ cgmm_fwd_grads_cpu(const at::Tensor& x_, at::Tensor& mu_, at::Tensor& sigma_, co
     TORCH_CHECK(mu_.is_contiguous() && sigma_.is_contiguous(), "mu, sigma: updated in place, expected contiguous");
     TORCH_CHECK(sigma_min <= sigma_max, "sigma_min: expected at most sigma_max, got ", sigma_min, " > ", sigma_max);
   }
-  const Geometry g = make_geometry(x_, mu_, kernel, stride);
-  TORCH_CHECK(loss == "mc" || loss == "loglik", "loss: expected 'mc' or 'loglik', got ", loss);
-  const bool is_mc = loss == "mc";
-  TORCH_CHECK(!(smoothing.has_value() && !is_mc), "smoothing: must be None for loss 'loglik'");
   TORCH_CHECK(std::isfinite(g_score), "g_score: expected a finite number, got ", g_score);
-  auto x = x_.contiguous(), mu = mu_.contiguous(), sigma = sigma_.contiguous(), log_pi = log_pi_.contiguous();
-  at::Tensor Gc, Gd, Gf;  // as the forward takes it (factors or dense), dense, factors
-  if (smoothing.has_value()) {
-    Gc = checked_smoothing(*smoothing, g.K, x.scalar_type());
-    Gd = dense_smoothing(Gc);
-    if (Gc.dim() == 3) Gf = Gc;
+  const ForwardCall f(x_, mu_, sigma_, log_pi_, kernel, stride, loss, smoothing);
+  const Geometry& g = f.g;
+  const at::Tensor &mu = f.mu, &sigma = f.sigma, &resp = f.resp, &kstar = f.kstar;
+  at::Tensor Gd, Gf;  // the smoothing dense, and its factors when the layer passed them
+  if (f.G.defined()) {
+    Gd = dense_smoothing(f.G);
+    if (f.G.dim() == 3) Gf = f.G;
   }
-  auto opts = x.options();
-  auto resp = new_output({g.N, g.Ho, g.Wo, g.K}, opts), score = new_output({g.N, g.Ho, g.Wo}, opts);
-  auto lse = new_output({g.N, g.Ho, g.Wo}, opts), kstar = new_output({g.N, g.Ho, g.Wo}, opts.dtype(at::kInt));
   auto d_mu = new_output(mu.sizes(), mu.options()), d_sigma = new_output(sigma.sizes(), sigma.options());
-  auto d_log_pi = new_output(log_pi.sizes(), log_pi.options());
+  auto d_log_pi = new_output(f.log_pi.sizes(), f.log_pi.options());
   at::Tensor mu_max = at::empty({0}, mu.options());
-  const bool gemm = !g.independent && g.D >= GEMM_MIN_D && g.K >= GEMM_MIN_K && gemm_form_enabled();
-  at::Tensor ls;
-  if (gemm) {
-    ls = at::empty({g.M, g.K}, opts);
-    log_scores_gemm(g, x, mu, sigma, log_pi, ls);
-  }
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "cgmm_fwd_grads_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), "cgmm_fwd_grads_cpu", [&] {
     using T = scalar_t;
-    const ForwardArgs<T> args{x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), log_pi.data_ptr<T>(),
-                              gemm ? ls.data_ptr<T>() : nullptr, Gc.defined() ? Gc.data_ptr<T>() : nullptr,
-                              Gf.defined() ? Gf.size(1) : 0, is_mc, resp.data_ptr<T>(), score.data_ptr<T>(),
-                              lse.data_ptr<T>(), kstar.data_ptr<int32_t>()};
+    const ForwardArgs<T> args = f.args<T>();
     const WeightSource<T> W{resp.data_ptr<T>(), nullptr, nullptr, Gd.defined() ? Gd.data_ptr<T>() : nullptr,
-                            T(g_score), kstar.data_ptr<int32_t>(), is_mc, g.K};
+                            T(g_score), kstar.data_ptr<int32_t>(), f.is_mc, g.K};
     const Smoothing<T> S{Gd.defined() ? Gd.data_ptr<T>() : nullptr, Gf.defined() ? Gf.data_ptr<T>() : nullptr,
                          Gf.defined() ? Gf.data_ptr<T>() + Gf.size(1) * Gf.size(2) : nullptr,
                          Gf.defined() ? Gf.size(1) : 0};
@@ -1420,11 +1420,11 @@ cgmm_fwd_grads_cpu(const at::Tensor& x_, at::Tensor& mu_, at::Tensor& sigma_, co
     if (update)  // s_mu, s_sigma: CPU scalars in the parameters' dtype, read as gmm_update_cpp reads them
       plan.set_update(mu.data_ptr<T>(), sigma.data_ptr<T>(), s_mu->item<T>(), s_sigma->item<T>(), T(sigma_min),
                       T(sigma_max));
-    if (plan.winners && !gemm && fused_units(g, plan) >= 4 * at::get_num_threads()) {
+    if (plan.winners && !f.gemm && fused_units(g, plan) >= 4 * at::get_num_threads()) {
       forward_param_grads<T>(g, args, T(g_score), plan);
     } else {  // the two passes
       forward_blocks<T>(g, args);
-      param_grads<T>(g, x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), W, S, dm, ds, dl, &plan);
+      param_grads<T>(g, f.x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), W, S, dm, ds, dl, &plan);
     }
     if (update) {
       T m = T(0);
@@ -1432,7 +1432,7 @@ cgmm_fwd_grads_cpu(const at::Tensor& x_, at::Tensor& mu_, at::Tensor& sigma_, co
       mu_max = at::full({}, m, mu.options());
     }
   });
-  return {resp, score, lse, kstar, d_mu, d_sigma, d_log_pi, mu_max};
+  return {f.resp, f.score, f.lse, f.kstar, d_mu, d_sigma, d_log_pi, mu_max};
 }
 
 // ---------------------------------------------------------------------------------------------------- helpers
