@@ -87,10 +87,15 @@ def fixed_order_mean(t: torch.Tensor) -> torch.Tensor:
     return mean_of_image_sums(image_score_sums(t), t.numel()).to(t.dtype)
 
 
+def _one_over(numel: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """1 / numel, a () tensor of dtype: each entry's weight in a mean of numel entries."""
+    return torch.full((), 1.0, dtype=dtype, device=device).div(numel)
+
+
 def mean_grad(t: torch.Tensor) -> torch.Tensor:
     """The gradient of ``t.mean()`` with respect to t: 1 / numel, one value expanded to t's shape (no memory, no
     op: the C++ backward reads it as a single value, and no mean is computed that nobody reads)."""
-    return torch.full((), 1.0, dtype=t.dtype, device=t.device).div(t.numel()).expand(t.shape)
+    return _one_over(t.numel(), t.dtype, t.device).expand(t.shape)
 
 
 def gmm_step(layer: ConvGMM, x: torch.Tensor):
@@ -122,34 +127,34 @@ def _one_pass_grads(layer: ConvGMM) -> bool:
     return backends.resolve(layer.backend, p.device) == "cpp" and hasattr(torch.ops.dcgmm, "cgmm_fwd_grads_cpp")
 
 
-def _gmm_grads_one_pass(layer: ConvGMM, x: torch.Tensor):
-    """``_gmm_grads`` by ``dcgmm::cgmm_fwd_grads_cpp``; the gradient of log_pi goes back to pi_logits by autograd
-    (the ops the op's autograd runs)."""
+def _one_pass(layer: ConvGMM, x: torch.Tensor, steps: Tuple = (None, None)):
+    """``dcgmm::cgmm_fwd_grads_cpp`` on the layer for its mean score: (log_pi with its graph back to pi_logits, the
+    op's outputs: resp, score, lse, kstar, d_mu, d_sigma, d_log_pi, max |mu|). steps: (s_mu, s_sigma) to apply the
+    update rule to mu and sigma in the pass (max |mu| is then after it)."""
     log_pi = layer.log_pi()
     numel = x.shape[0] * math.prod(out_hw(x.shape[1:3], layer.kernel, layer.stride))
-    g_score = torch.full((), 1.0, dtype=x.dtype).div(numel).item()  # mean_grad's value, exactly
     with torch.no_grad():
-        *out, d_mu, d_sigma, d_log_pi, _ = torch.ops.dcgmm.cgmm_fwd_grads_cpp(
+        outs = torch.ops.dcgmm.cgmm_fwd_grads_cpp(
             x, layer.mu, layer.sigma, log_pi.detach(), list(layer.kernel), list(layer.stride), layer.loss,
-            layer.op_smoothing(), g_score)
+            layer.op_smoothing(), _one_over(numel, x.dtype).item(), *steps, layer.sigma_min, layer.sigma_max)
+    return log_pi, outs
+
+
+def _gmm_grads_one_pass(layer: ConvGMM, x: torch.Tensor):
+    """``_gmm_grads`` by the one pass; the gradient of log_pi goes back to pi_logits by autograd (the ops the op's
+    autograd runs)."""
+    log_pi, (*out, d_mu, d_sigma, d_log_pi, _) = _one_pass(layer, x)
     g_pi, = torch.autograd.grad(log_pi, layer.pi_logits, d_log_pi)
     return CGMMOut(*out), (d_mu, d_sigma, g_pi)
 
 
 def _gmm_step_one_pass(layer: ConvGMM, x: torch.Tensor):
     """``_gmm_step`` of a cpp layer in eager mode: the one pass also applies the update rule to mu and sigma where
-    it writes their gradients (gmm_update_cpp's arithmetic, in cache), pi_logits by ``gmm_update_cpp`` after its
-    gradient comes back through log_softmax. The same bits as ``_gmm_grads`` then ``update_``. Returns (resp, mean
-    score (), (max |mu|, max |pi_logits|) (2,) after the update)."""
-    log_pi = layer.log_pi()
-    numel = x.shape[0] * math.prod(out_hw(x.shape[1:3], layer.kernel, layer.stride))
-    g_score = torch.full((), 1.0, dtype=x.dtype).div(numel).item()  # mean_grad's value, exactly
-    scale = layer.eps.to(layer.mu.dtype) * layer.loss_mult  # the step sizes exactly as update_ makes them
-    s_mu, s_sigma, s_pi = scale * layer.lambda_mu, scale * layer.lambda_sigma, scale * layer.lambda_pi
-    with torch.no_grad():
-        resp, score, _, _, _, _, d_log_pi, mu_max = torch.ops.dcgmm.cgmm_fwd_grads_cpp(
-            x, layer.mu, layer.sigma, log_pi.detach(), list(layer.kernel), list(layer.stride), layer.loss,
-            layer.op_smoothing(), g_score, s_mu, s_sigma, layer.sigma_min, layer.sigma_max)
+    it writes their gradients (gmm_update_cpp's arithmetic, in cache), pi_logits by ``gmm_update_cpp`` (with empty
+    mu and sigma) after its gradient comes back through log_softmax. The same bits as ``_gmm_grads`` then
+    ``update_``. Returns (resp, mean score (), (max |mu|, max |pi_logits|) (2,) after the update)."""
+    s_mu, s_sigma, s_pi = _step_sizes(layer)
+    log_pi, (resp, score, _, _, _, _, d_log_pi, mu_max) = _one_pass(layer, x, (s_mu, s_sigma))
     g_pi, = torch.autograd.grad(log_pi, layer.pi_logits, d_log_pi)
     with torch.no_grad():
         none = layer.mu.new_empty(0)
@@ -247,12 +252,18 @@ def _fused_update(layer: ConvGMM) -> bool:
             and layer.sigma.is_contiguous() and layer.pi_logits.is_contiguous())
 
 
+def _step_sizes(layer: ConvGMM) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s_mu, s_sigma, s_pi) () tensors of the update rule: eps * loss_mult * lambda_theta, in the parameters' dtype
+    (eps is a float32 buffer)."""
+    scale = layer.eps.to(layer.mu.dtype) * layer.loss_mult
+    return scale * layer.lambda_mu, scale * layer.lambda_sigma, scale * layer.lambda_pi
+
+
 def update_(layer: ConvGMM, g_mu: torch.Tensor, g_sigma: torch.Tensor, g_pi: torch.Tensor) -> Optional[torch.Tensor]:
     """The original update rule in place: theta += lambda_theta * eps * loss_mult * g_theta, sigma clipped. Returns
     (max |mu|, max |pi_logits|) (2,) after it from the fused C++ pass (``csrc/cpu/update.cpp``: one parallel
     region instead of six), or None from the ATen ops (addcmul with () step tensors: no temporary, no host read)."""
-    scale = layer.eps.to(layer.mu.dtype) * layer.loss_mult  # eps is a float32 buffer; step in the params dtype
-    s_mu, s_sigma, s_pi = scale * layer.lambda_mu, scale * layer.lambda_sigma, scale * layer.lambda_pi
+    s_mu, s_sigma, s_pi = _step_sizes(layer)
     with torch.no_grad():
         if _fused_update(layer):
             return torch.ops.dcgmm.gmm_update_cpp(layer.mu, layer.sigma, layer.pi_logits, g_mu, g_sigma, g_pi,

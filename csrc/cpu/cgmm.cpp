@@ -1128,14 +1128,10 @@ struct GradPlan {
   }
 };
 
-// given: a plan made by the caller for these arguments (with its update rule, cgmm_fwd_grads_cpu)
+// The parameter gradients the plan names (its outputs, and its update rule when set) of the rows of x weighted by W.
 template <typename T>
-void param_grads(const Geometry& g, const T* x, const T* mu, const T* sigma, const WeightSource<T>& W,
-                 const Smoothing<T>& S, T* d_mu, T* d_sigma, T* d_log_pi, GradPlan<T>* given = nullptr) {
+void param_grads(const Geometry& g, const T* x, const WeightSource<T>& W, GradPlan<T>& plan) {
   constexpr int64_t L = Lanes<T>::value;
-  std::optional<GradPlan<T>> own;
-  if (given == nullptr) own.emplace(g, mu, sigma, W, S, d_mu, d_sigma, d_log_pi);
-  GradPlan<T>& plan = given != nullptr ? *given : *own;
   const Isa isa = plan.isa;
   const bool winners = plan.winners;
   const int64_t K = g.K, rows = plan.rows, ldw = round_up(K, PG_KB), chunks = plan.chunks;
@@ -1272,9 +1268,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_bwd_cpu(
     const Smoothing<T> S{G.defined() ? G.data_ptr<T>() : nullptr, Gf.defined() ? Gf.data_ptr<T>() : nullptr,
                          Gf.defined() ? Gf.data_ptr<T>() + Gf.size(1) * Gf.size(2) : nullptr,
                          Gf.defined() ? Gf.size(1) : 0};
-    if (need_param_grads)
-      param_grads<T>(g, x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), W, S, d_mu.data_ptr<T>(),
-                     d_sigma.data_ptr<T>(), d_log_pi.data_ptr<T>());
+    if (need_param_grads) {
+      GradPlan<T> plan(g, mu.data_ptr<T>(), sigma.data_ptr<T>(), W, S, d_mu.data_ptr<T>(), d_sigma.data_ptr<T>(),
+                       d_log_pi.data_ptr<T>());
+      param_grads<T>(g, x.data_ptr<T>(), W, plan);
+    }
     if (need_x_grad) {
       const T* m = mu.data_ptr<T>();
       const T* s = sigma.data_ptr<T>();
@@ -1339,8 +1337,8 @@ void forward_param_grads(const Geometry& g, const ForwardArgs<T>& a, T gr, GradP
   const int64_t L = block_rows(register_bytes(isa)), TR = FWD_NR * L;  // TR divides PG_ROWS: blocks end with tasks
   const int64_t K = g.K, D = g.D, rows = plan.rows, chunks = plan.chunks, dranges = plan.dranges, ldx = plan.ldx;
   const int64_t tile = plan.tile, per_gmm = dranges * tile;  // one GMM's sums, all ranges
-  const int64_t pt = tile_gmms(g, sizeof(T)), tiles = (g.G + pt - 1) / pt;
-  at::parallel_for(0, tiles * chunks, 1, [&](int64_t u0, int64_t u1) {
+  const int64_t pt = tile_gmms(g, sizeof(T));
+  at::parallel_for(0, fused_units(g, plan), 1, [&](int64_t u0, int64_t u1) {
     std::vector<T> xt(FWD_NR * D * L), lt(FWD_NR * K * L), tmp(K * L), sm(K * L), c(pt * K);
     std::vector<T> ctr(pt * dranges * ldx), xr(dranges * ldx, T(0)), f1(pt * per_gmm), f2(f1.size());
     std::vector<double> B1(f1.size()), B2(f1.size()), b0(pt * dranges * K), bs(pt * K), tmpd(tile), A1(tile),
@@ -1424,7 +1422,7 @@ cgmm_fwd_grads_cpu(const at::Tensor& x_, at::Tensor& mu_, at::Tensor& sigma_, co
       forward_param_grads<T>(g, args, T(g_score), plan);
     } else {  // the two passes
       forward_blocks<T>(g, args);
-      param_grads<T>(g, f.x.data_ptr<T>(), mu.data_ptr<T>(), sigma.data_ptr<T>(), W, S, dm, ds, dl, &plan);
+      param_grads<T>(g, f.x.data_ptr<T>(), W, plan);
     }
     if (update) {
       T m = T(0);
