@@ -831,26 +831,37 @@ DCGMM_ISA_VARIANTS(pg_gather, pg_gather_impl)
 // in double: separable with the factors (2 n K per entry), else over the task's winners only (a dense G). The
 // tasks, blocks and orders are the general path's: float sums per block of PG_ROWS rows, added to double totals.
 
+// One row's entries src[0 .. len), centred on ctr and scaled by gr, into its winner's float sums: a1 += gr xc,
+// a2 += gr xc^2. Every winner sum's row takes this code (pw_row_add, pw_rows): the same bits on every path.
+template <typename T>
+inline __attribute__((always_inline)) void pw_add(const T* __restrict__ src, const T* __restrict__ ctr, T gr,
+                                                  int64_t len, T* __restrict__ a1, T* __restrict__ a2) {
+  for (int64_t d = 0; d < len; ++d) {
+    const T xc = src[d] - ctr[d], gx = gr * xc;
+    a1[d] += gx;
+    a2[d] += gx * xc;
+  }
+}
+
+// Short segments (3x3 one-channel patches) are gathered into a padded row buffer and added in one pass over it
+// (pw_add over ldx entries); the fused forward fills that buffer from its transposed block instead (pw_rows).
+inline bool pw_short_segments(const Geometry& g) { return g.kw * g.C < 16; }
+
 // Row (n, p)'s entries [d0, d0 + dn) added, scaled by gr and centred on ctr, to its winner's float sums a1, a2
 // (ldx entries: a gathered short row is added zero-padded, xr[dn .. ldx) zero). Inlined into pw_block and the fused
-// forward (pw_rows): the same code, hence the same bits, in both.
+// forward (pw_rows).
 template <typename T>
 inline __attribute__((always_inline)) void pw_row_add(const Geometry& g, const T* __restrict__ x, int64_t n, int64_t p,
                                                       int64_t d0, int64_t dn, int64_t ldx, const T* __restrict__ ctr,
                                                       T gr, T* __restrict__ xr, T* __restrict__ a1,
                                                       T* __restrict__ a2) {
-  auto add = [&](const T* __restrict__ src, int64_t o, int64_t len) {
-    for (int64_t d = 0; d < len; ++d) {
-      const T xc = src[d] - ctr[o + d], gx = gr * xc;
-      a1[o + d] += gx;
-      a2[o + d] += gx * xc;
-    }
-  };
-  if (g.kw * g.C >= 16) {  // long segments: straight from the input, segment by segment
-    for_each_segment(x, g, n, p, d0, dn, add);
-  } else {  // short segments (3x3 one-channel patches): gathered, then one pass over the padded row
+  if (!pw_short_segments(g)) {  // long segments: straight from the input, segment by segment
+    for_each_segment(x, g, n, p, d0, dn, [&](const T* __restrict__ src, int64_t o, int64_t len) {
+      pw_add(src, ctr + o, gr, len, a1 + o, a2 + o);
+    });
+  } else {
     gather_range(x, g, n, p, d0, dn, xr);
-    add(xr, 0, ldx);
+    pw_add(xr, ctr, gr, ldx, a1, a2);
   }
 }
 
@@ -1294,31 +1305,65 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_bwd_cpu(
 // cgmm_fwd_cpp then cgmm_bwd_cpp, which tests/test_fwd_grads.py checks.
 
 // A forward task's rows j0 .. j0 + nvalid - 1 of GMM gi into their winners' float sums f1, f2 (dranges, K, ldx);
-// hit, bs as in pw_block; ctr, xr (dranges, ldx), xr's padding zero.
-template <typename T, int RB>  // RB: unused (auto-vectorised loops)
-inline __attribute__((always_inline)) void pw_rows_impl(const Geometry& g, const T* __restrict__ x, T gr, int64_t gi,
-                                                        int64_t j0, int64_t nvalid, const int32_t* __restrict__ kstar,
+// hit, bs as in pw_block; ctr, xr (dranges, ldx), xr's padding zero. Short-segment rows (pw_short_segments) come
+// from xt, the task's rows as the forward gathered them (blocks of (D, L): forward_block_impl): L entries of the L
+// rows of a block at a time through an in-register transpose into rows (L, ldx), then each row as pw_row_add adds a
+// gathered one. The same values in the same order (each winner's rows in row order, range by range): the same bits.
+// Preset D's first layer (9 entries in 3 segments per row): its per-row gather, with two divisions, and the scalar
+// stores it read back as vectors (a store-to-load forwarding stall) were most of this function.
+template <typename T, int RB>
+inline __attribute__((always_inline)) void pw_rows_impl(const Geometry& g, const T* __restrict__ x,
+                                                        const T* __restrict__ xt, T gr, int64_t gi, int64_t j0,
+                                                        int64_t nvalid, const int32_t* __restrict__ kstar,
                                                         int64_t dranges, int64_t ldx, const T* __restrict__ ctr,
-                                                        T* __restrict__ xr, T* __restrict__ f1, T* __restrict__ f2,
-                                                        uint8_t* __restrict__ hit, double* __restrict__ bs) {
+                                                        T* __restrict__ xr, T* __restrict__ rows, T* __restrict__ f1,
+                                                        T* __restrict__ f2, uint8_t* __restrict__ hit,
+                                                        double* __restrict__ bs) {
+  constexpr int L = int(block_rows(RB));
+  using V = typename RowVec<T, L>::type;
   const int64_t K = g.K, D = g.D;
   if (gr == T(0)) return;
-  for (int64_t i = 0; i < nvalid; ++i) {
-    const int64_t r = row_of(g, gi, j0 + i), j = kstar[r];
-    if (!hit[j]) {
-      hit[j] = 1, bs[j] = 0.0;
-      for (int64_t dr = 0; dr < dranges; ++dr) {
-        T* a1 = f1 + (dr * K + j) * ldx;
-        T* a2 = f2 + (dr * K + j) * ldx;
-        std::fill(a1, a1 + ldx, T(0)), std::fill(a2, a2 + ldx, T(0));
-      }
-    }
+  auto first_hit = [&](int64_t j) {  // winner j's first row in this block of PG_ROWS rows: its sums start at zero
+    hit[j] = 1, bs[j] = 0.0;
     for (int64_t dr = 0; dr < dranges; ++dr) {
-      const int64_t d0 = dr * PG_DRANGE;
-      pw_row_add(g, x, r / g.P, r % g.P, d0, std::min(PG_DRANGE, D - d0), ldx, ctr + dr * ldx, gr, xr + dr * ldx,
-                 f1 + (dr * K + j) * ldx, f2 + (dr * K + j) * ldx);
+      T* a1 = f1 + (dr * K + j) * ldx;
+      T* a2 = f2 + (dr * K + j) * ldx;
+      std::fill(a1, a1 + ldx, T(0)), std::fill(a2, a2 + ldx, T(0));
     }
-    bs[j] += double(gr);
+  };
+  if (!pw_short_segments(g)) {
+    for (int64_t i = 0; i < nvalid; ++i) {
+      const int64_t r = row_of(g, gi, j0 + i), j = kstar[r];
+      if (!hit[j]) first_hit(j);
+      for (int64_t dr = 0; dr < dranges; ++dr) {
+        const int64_t d0 = dr * PG_DRANGE;
+        pw_row_add(g, x, r / g.P, r % g.P, d0, std::min(PG_DRANGE, D - d0), ldx, ctr + dr * ldx, gr,
+                   xr + dr * ldx, f1 + (dr * K + j) * ldx, f2 + (dr * K + j) * ldx);
+      }
+      bs[j] += double(gr);
+    }
+    return;
+  }
+  for (int64_t b = 0; b * L < nvalid; ++b) {
+    const int64_t nb = std::min<int64_t>(L, nvalid - b * L);
+    int64_t win[L];
+    for (int64_t i = 0; i < nb; ++i) {
+      const int64_t j = win[i] = kstar[row_of(g, gi, j0 + b * L + i)];
+      if (!hit[j]) first_hit(j);
+      bs[j] += double(gr);
+    }
+    const T* xb = xt + b * D * L;
+    for (int64_t dr = 0; dr < dranges; ++dr) {
+      const int64_t d0 = dr * PG_DRANGE, dn = std::min(PG_DRANGE, D - d0);
+      for (int64_t c = 0; c < ldx; c += L) {  // entries d0 + c .. d0 + c + L - 1 of the block's rows, zero past dn
+        V v[L];
+        for (int t = 0; t < L; ++t) v[t] = c + t < dn ? load_rv<T, L>(xb + (d0 + c + t) * L) : V{} * T(0);
+        transpose_rv<T, L>(v);
+        for (int i = 0; i < L; ++i) store_rv<T, L>(rows + i * ldx + c, v[i]);
+      }
+      for (int64_t i = 0; i < nb; ++i)
+        pw_add(rows + i * ldx, ctr + dr * ldx, gr, ldx, f1 + (dr * K + win[i]) * ldx, f2 + (dr * K + win[i]) * ldx);
+    }
   }
 }
 DCGMM_ISA_VARIANTS(pw_rows, pw_rows_impl)
@@ -1340,7 +1385,7 @@ void forward_param_grads(const Geometry& g, const ForwardArgs<T>& a, T gr, GradP
   const int64_t pt = tile_gmms(g, sizeof(T));
   at::parallel_for(0, fused_units(g, plan), 1, [&](int64_t u0, int64_t u1) {
     std::vector<T> xt(FWD_NR * D * L), lt(FWD_NR * K * L), tmp(K * L), sm(K * L), c(pt * K);
-    std::vector<T> ctr(pt * dranges * ldx), xr(dranges * ldx, T(0)), f1(pt * per_gmm), f2(f1.size());
+    std::vector<T> ctr(pt * dranges * ldx), xr(dranges * ldx, T(0)), xrows(L * ldx), f1(pt * per_gmm), f2(f1.size());
     std::vector<double> B1(f1.size()), B2(f1.size()), b0(pt * dranges * K), bs(pt * K), tmpd(tile), A1(tile),
         A2(tile), wt(K);
     std::vector<uint8_t> hit(pt * K), used(pt * dranges * K);
@@ -1359,8 +1404,9 @@ void forward_param_grads(const Geometry& g, const ForwardArgs<T>& a, T gr, GradP
         for (int64_t q = 0; q < tn; ++q) {
           const int64_t gi = g0 + q;
           forward_block<T>(isa, g, a, gi, j0, nvalid, c.data() + q * K, xt.data(), lt.data(), tmp.data(), sm.data());
-          pw_rows<T>(isa, g, a.x, gr, gi, j0, nvalid, a.kstar, dranges, ldx, ctr.data() + q * dranges * ldx, xr.data(),
-                     f1.data() + q * per_gmm, f2.data() + q * per_gmm, hit.data() + q * K, bs.data() + q * K);
+          pw_rows<T>(isa, g, a.x, xt.data(), gr, gi, j0, nvalid, a.kstar, dranges, ldx, ctr.data() + q * dranges * ldx,
+                     xr.data(), xrows.data(), f1.data() + q * per_gmm, f2.data() + q * per_gmm, hit.data() + q * K,
+                     bs.data() + q * K);
           if (!block_end) continue;
           for (int64_t dr = 0; dr < dranges; ++dr) {
             const int64_t o = q * per_gmm + dr * tile, ou = (q * dranges + dr) * K;
