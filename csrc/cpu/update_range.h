@@ -27,6 +27,7 @@ inline __attribute__((always_inline)) T update_range_impl(T* __restrict__ p, con
   constexpr int VL = RB / int(sizeof(T));
   using V = typename RowVec<T, VL>::type;
   V mv = V{} * T(0);
+  auto nanv = mv != mv;  // lanes that met a NaN (all bits set), or-ed as integer masks: no lane extraction per step
   bool nan = false;
   int64_t i = 0;
   for (; i + VL <= n; i += VL) {
@@ -40,8 +41,9 @@ inline __attribute__((always_inline)) T update_range_impl(T* __restrict__ p, con
     store_rv<T, VL>(p + i, v);
     const V av = v < T(0) ? -v : v;
     mv = av > mv ? av : mv;
-    for (int l = 0; l < VL; ++l) nan |= v[l] != v[l];
+    nanv |= v != v;
   }
+  for (int l = 0; l < VL; ++l) nan |= nanv[l] != 0;
   T m = T(0);
   for (int l = 0; l < VL; ++l) m = mv[l] > m ? mv[l] : m;
   for (; i < n; ++i) {
