@@ -244,6 +244,14 @@ class ConvGMM(nn.Module):
             return torch.log_softmax(self.pi_logits.reshape(-1), 0).reshape(self.pi_logits.shape)
         return torch.log_softmax(self.pi_logits, -1)
 
+    def log_pi_backward(self, log_pi: torch.Tensor, d_log_pi: torch.Tensor) -> torch.Tensor:
+        """The gradient on pi_logits (its shape) of sum(d_log_pi * log_pi), log_pi = ``log_pi()`` (detached): the
+        log_softmax backward kernel autograd runs (the same bits), without the autograd engine."""
+        if self.mode == "independent" and self.pi_norm == "global":
+            g = torch._log_softmax_backward_data(d_log_pi.reshape(-1), log_pi.reshape(-1), 0, log_pi.dtype)
+            return g.reshape(self.pi_logits.shape)
+        return torch._log_softmax_backward_data(d_log_pi, log_pi, -1, log_pi.dtype)
+
     def op_smoothing(self, loss: Optional[Loss] = None) -> Optional[torch.Tensor]:
         """The smoothing argument of this layer's op for ``loss`` (default its own): the factors (2, n, n), or None
         for loglik and for an identity smoothing (the kernels' plain-max path)."""

@@ -128,23 +128,21 @@ def _one_pass_grads(layer: ConvGMM) -> bool:
 
 
 def _one_pass(layer: ConvGMM, x: torch.Tensor, steps: Tuple = (None, None)):
-    """``dcgmm::cgmm_fwd_grads_cpp`` on the layer for its mean score: (log_pi with its graph back to pi_logits, the
-    op's outputs: resp, score, lse, kstar, d_mu, d_sigma, d_log_pi, max |mu|). steps: (s_mu, s_sigma) to apply the
-    update rule to mu and sigma in the pass (max |mu| is then after it)."""
-    log_pi = layer.log_pi()
+    """``dcgmm::cgmm_fwd_grads_cpp`` on the layer for its mean score: (the op's outputs: resp, score, lse, kstar,
+    d_mu, d_sigma, the gradient on pi_logits (through log_softmax: ``ConvGMM.log_pi_backward``), max |mu|).
+    steps: (s_mu, s_sigma) to apply the update rule to mu and sigma in the pass (max |mu| is then after it)."""
     numel = x.shape[0] * math.prod(out_hw(x.shape[1:3], layer.kernel, layer.stride))
     with torch.no_grad():
-        outs = torch.ops.dcgmm.cgmm_fwd_grads_cpp(
-            x, layer.mu, layer.sigma, log_pi.detach(), list(layer.kernel), list(layer.stride), layer.loss,
+        log_pi = layer.log_pi()
+        *outs, d_log_pi, mu_max = torch.ops.dcgmm.cgmm_fwd_grads_cpp(
+            x, layer.mu, layer.sigma, log_pi, list(layer.kernel), list(layer.stride), layer.loss,
             layer.op_smoothing(), _one_over(numel, x.dtype).item(), *steps, layer.sigma_min, layer.sigma_max)
-    return log_pi, outs
+        return (*outs, layer.log_pi_backward(log_pi, d_log_pi), mu_max)
 
 
 def _gmm_grads_one_pass(layer: ConvGMM, x: torch.Tensor):
-    """``_gmm_grads`` by the one pass; the gradient of log_pi goes back to pi_logits by autograd (the ops the op's
-    autograd runs)."""
-    log_pi, (*out, d_mu, d_sigma, d_log_pi, _) = _one_pass(layer, x)
-    g_pi, = torch.autograd.grad(log_pi, layer.pi_logits, d_log_pi)
+    """``_gmm_grads`` by the one pass (the same bits as the op and its autograd backward)."""
+    *out, d_mu, d_sigma, g_pi, _ = _one_pass(layer, x)
     return CGMMOut(*out), (d_mu, d_sigma, g_pi)
 
 
@@ -154,8 +152,7 @@ def _gmm_step_one_pass(layer: ConvGMM, x: torch.Tensor):
     mu and sigma) after its gradient comes back through log_softmax. The same bits as ``_gmm_grads`` then
     ``update_``. Returns (resp, mean score (), (max |mu|, max |pi_logits|) (2,) after the update)."""
     s_mu, s_sigma, s_pi = _step_sizes(layer)
-    log_pi, (resp, score, _, _, _, _, d_log_pi, mu_max) = _one_pass(layer, x, (s_mu, s_sigma))
-    g_pi, = torch.autograd.grad(log_pi, layer.pi_logits, d_log_pi)
+    resp, score, _, _, _, _, g_pi, mu_max = _one_pass(layer, x, (s_mu, s_sigma))
     with torch.no_grad():
         none = layer.mu.new_empty(0)
         pi_max = torch.ops.dcgmm.gmm_update_cpp(none, none.clone(), layer.pi_logits, none.clone(), none.clone(), g_pi,
@@ -513,19 +510,21 @@ class Trainer:
             return None
         return fused_step(layer, x.device, self.fused_step)
 
-    def _anneal_host(self, i: int, score: torch.Tensor) -> None:
+    def _anneal_host(self, i: int, score: float) -> None:
         layer, ctrl = self.layers[i], self.controllers[i]
-        ctrl.step(float(score))
+        ctrl.step(score)
         layer.anneal_state.copy_(torch.tensor(ctrl.counters(), dtype=torch.float64))
         layer.set_annealing(ctrl.eps, ctrl.som_sigma)
 
     def _guard_and_anneal(self, i: int, score: torch.Tensor, maxima: Optional[torch.Tensor]) -> None:
         """After layer i's update: the step guard's record and the annealing controller fed with its mean score."""
         layer = self.layers[i]
-        self.guard.record_gmm(i, score, layer.mu, layer.pi_logits, maxima)
-        if self._host_control:  # CPU eager: the same decisions, without ~25 tiny tensor ops
-            self._anneal_host(i, score)
+        if self._host_control:  # CPU eager: the same record and decisions from host values, no tiny tensor ops
+            s = float(score)
+            self.guard.record_gmm_host(i, s, layer.mu, layer.pi_logits, maxima)
+            self._anneal_host(i, s)
         else:
+            self.guard.record_gmm(i, score, layer.mu, layer.pi_logits, maxima)
             anneal_(layer, score)
 
     def _set_learning_rates(self) -> None:
@@ -572,7 +571,10 @@ class Trainer:
                     h = layer(h)
             elif y is not None:  # classifier
                 loss, acc = classifier_step(layer, outputs[self.classifier_input].detach(), y)
-                self.guard.record_classifier(i, loss)
+                if self._host_control:
+                    self.guard.record_classifier_host(i, float(loss))
+                else:
+                    self.guard.record_classifier(i, loss)
                 values += [loss.double(), acc.double()]
             outputs.append(h)
         self.guard.advance()

@@ -89,3 +89,35 @@ def test_hyper_parameters_that_can_only_be_mistakes_are_refused(field, value):
 def test_classifier_learning_rate_range():
     with pytest.raises(ValueError, match="lr"):
         _model(clf_lr=1e30)
+
+
+@pytest.mark.parametrize("with_maxima", [False, True])
+def test_host_record_equals_the_tensor_record(with_maxima):
+    """The CPU eager Trainer's host checks (``record_*_host``) write the record the tensor ops write: the first bad
+    step per layer, which check fired first and its value (float32 inputs; NaN, inf and both limits)."""
+    names = ["gmm1", "gmm2", "classifier"]
+    guards = [StepGuard(names, torch.device("cpu"), classifier=True) for _ in range(2)]
+    steps = [  # per step: (score, max |mu|, max |pi|) of gmm1 and gmm2, the classifier's loss
+        ((-1.0, 1.0, 2.0), (-3.0, 9e3, 1.0), 1.0),
+        ((-2.0, 2e4, 3.0), (float("nan"), 1.0, 2e4), 5.0),
+        ((float("inf"), 3e4, 1e5), (-1.0, 1.0, 1.0), 2e3),
+        ((float("nan"), 1.0, 1.0), (-1.0, 5e4, 1.0), float("nan")),
+    ]
+    for step, (a, b, loss) in enumerate(steps):
+        for host, guard in enumerate(guards):
+            guard.set_step(step)
+            for i, (score, mu_max, pi_max) in enumerate((a, b)):
+                mu = torch.tensor([[0.5, -mu_max]])
+                pi = torch.tensor([pi_max, 0.0])
+                maxima = torch.tensor([mu_max, pi_max]) if with_maxima else None
+                score_t = torch.tensor(score, dtype=torch.float32)
+                if host:
+                    guard.record_gmm_host(i, float(score_t), mu, pi, maxima)
+                else:
+                    guard.record_gmm(i, score_t, mu, pi, maxima)
+            loss_t = torch.tensor(loss, dtype=torch.float32)
+            guard.record_classifier_host(2, float(loss_t)) if host else guard.record_classifier(2, loss_t)
+    assert guards[0].first_step.tolist() == [1, 1, 2]
+    for name in ("first_step", "quantity", "value"):
+        torch.testing.assert_close(getattr(guards[1], name), getattr(guards[0], name), rtol=0, atol=0,
+                                   equal_nan=True, msg=name)
