@@ -7,7 +7,8 @@ Per layer, a device-side record of the first step at which a quantity went bad:
 Recording is a handful of tensor ops with no host sync (``torch.where`` into small device tensors), so a step
 stays free of round trips; the host reads the flags (``check``) at log intervals, before each checkpoint and at
 the end of ``fit``, and raises ``DivergenceError`` naming the layer, the step and the quantity. A run stopped
-by the guard writes no checkpoint after the flagged step.
+by the guard writes no checkpoint after the flagged step. The CPU eager Trainer, where reading a tensor costs no
+sync, checks host values instead (``record_gmm_host``, ``record_classifier_host``: the same record).
 """
 from __future__ import annotations
 
