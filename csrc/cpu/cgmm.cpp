@@ -429,7 +429,8 @@ struct ForwardArgs {
 // product stays inside [1e-300, 1e300] unless a sigma is extreme; such a chunk folds its entries one by one), then
 // log M + E ln 2. Closer to the exact sum than float logs (each fold rounds once, relative 1e-16), and KB components
 // at a time so that their product chains overlap (one chain of D dependent multiplies per component and a log per
-// 32 entries took ~1 ms of a 2-core preset D step; a sigma of 0, inf or NaN still gives -inf, inf or NaN).
+// 32 entries were ~0.9 ms of CPU per preset D step, perf on one thread; what remains is mostly the step's first
+// reads of the sigmas). A sigma of 0, inf or NaN still gives -inf, inf or NaN.
 constexpr int64_t LOG_CHUNK = 32;
 
 struct LogProduct {
@@ -1340,20 +1341,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cgmm_bwd_cpu(
 // cgmm_fwd_cpp then cgmm_bwd_cpp, which tests/test_fwd_grads.py checks.
 
 // A forward task's rows j0 .. j0 + nvalid - 1 of GMM gi into their winners' float sums f1, f2 (dranges, K, ldx);
-// hit, bs as in pw_block; ctr, xr (dranges, ldx), xr's padding zero. Short-segment rows (pw_short_segments) come
-// from xt, the task's rows as the forward gathered them (blocks of (D, L): forward_block_impl): L entries of the L
-// rows of a block at a time through an in-register transpose into rows (L, ldx), then each row as pw_row_add adds a
-// gathered one. The same values in the same order (each winner's rows in row order, range by range): the same bits.
-// Preset D's first layer (9 entries in 3 segments per row): its per-row gather, with two divisions, and the scalar
-// stores it read back as vectors (a store-to-load forwarding stall) were most of this function.
+// hit, bs as in pw_block; ctr (dranges, ldx). Long segments are read from the input x. Short-segment rows
+// (pw_short_segments) come from xt, the task's rows as the forward gathered them (blocks of (D, L):
+// forward_block_impl): L entries of the L rows of a block at a time through an in-register transpose into rows
+// (L, ldx), then each row as pw_row_add adds a gathered one. The same values in the same order (each winner's rows
+// in row order, range by range): the same bits. Preset D's first layer (9 entries in 3 segments per row): its
+// per-row gather, with two divisions, and the scalar stores it read back as vectors (a store-to-load forwarding
+// stall) were most of this function.
 template <typename T, int RB>
 inline __attribute__((always_inline)) void pw_rows_impl(const Geometry& g, const T* __restrict__ x,
                                                         const T* __restrict__ xt, T gr, int64_t gi, int64_t j0,
                                                         int64_t nvalid, const int32_t* __restrict__ kstar,
                                                         int64_t dranges, int64_t ldx, const T* __restrict__ ctr,
-                                                        T* __restrict__ xr, T* __restrict__ rows, T* __restrict__ f1,
-                                                        T* __restrict__ f2, uint8_t* __restrict__ hit,
-                                                        double* __restrict__ bs) {
+                                                        T* __restrict__ rows, T* __restrict__ f1, T* __restrict__ f2,
+                                                        uint8_t* __restrict__ hit, double* __restrict__ bs) {
   constexpr int L = int(block_rows(RB));
   using V = typename RowVec<T, L>::type;
   const int64_t K = g.K, D = g.D;
@@ -1373,7 +1374,7 @@ inline __attribute__((always_inline)) void pw_rows_impl(const Geometry& g, const
       for (int64_t dr = 0; dr < dranges; ++dr) {
         const int64_t d0 = dr * PG_DRANGE;
         pw_row_add(g, x, r / g.P, r % g.P, d0, std::min(PG_DRANGE, D - d0), ldx, ctr + dr * ldx, gr,
-                   xr + dr * ldx, f1 + (dr * K + j) * ldx, f2 + (dr * K + j) * ldx);
+                   static_cast<T*>(nullptr), f1 + (dr * K + j) * ldx, f2 + (dr * K + j) * ldx);  // no row buffer
       }
       bs[j] += double(gr);
     }
@@ -1420,7 +1421,7 @@ void forward_param_grads(const Geometry& g, const ForwardArgs<T>& a, T gr, GradP
   const int64_t pt = tile_gmms(g, sizeof(T));
   at::parallel_for(0, fused_units(g, plan), 1, [&](int64_t u0, int64_t u1) {
     std::vector<T> xt(FWD_NR * D * L), lt(FWD_NR * K * L), tmp(K * L), sm(K * L), c(pt * K);
-    std::vector<T> ctr(pt * dranges * ldx), xr(dranges * ldx, T(0)), xrows(L * ldx), f1(pt * per_gmm), f2(f1.size());
+    std::vector<T> ctr(pt * dranges * ldx), xrows(L * ldx), f1(pt * per_gmm), f2(f1.size());
     std::vector<double> B1(f1.size()), B2(f1.size()), b0(pt * dranges * K), bs(pt * K), tmpd(tile), A1(tile),
         A2(tile), wt(K);
     std::vector<uint8_t> hit(pt * K), used(pt * dranges * K);
@@ -1440,7 +1441,7 @@ void forward_param_grads(const Geometry& g, const ForwardArgs<T>& a, T gr, GradP
           const int64_t gi = g0 + q;
           forward_block<T>(isa, g, a, gi, j0, nvalid, c.data() + q * K, xt.data(), lt.data(), tmp.data(), sm.data());
           pw_rows<T>(isa, g, a.x, xt.data(), gr, gi, j0, nvalid, a.kstar, dranges, ldx, ctr.data() + q * dranges * ldx,
-                     xr.data(), xrows.data(), f1.data() + q * per_gmm, f2.data() + q * per_gmm, hit.data() + q * K,
+                     xrows.data(), f1.data() + q * per_gmm, f2.data() + q * per_gmm, hit.data() + q * K,
                      bs.data() + q * K);
           if (!block_end) continue;
           for (int64_t dr = 0; dr < dranges; ++dr) {
