@@ -50,6 +50,8 @@ TORCH_LIBRARY(dcgmm, m) {
   m.def(
       "sample_components_cpp(Tensor topdown, Tensor mu, Tensor sigma, int top_s, float divisor, Tensor u, "
       "Tensor eps, float sigma_ceiling) -> Tensor");
+  // (R, M) float32/64 -> (R,) float64 row sums in fixed blocks of 256, level by level (csrc/cpu/row_sums.cpp)
+  m.def("fixed_order_sums_cpp(Tensor rows) -> Tensor");
   // the instruction set the CPU kernels run with now: "avx512", "avx2" or "baseline" (csrc/cpu/isa.h)
   m.def("cpu_isa_cpp() -> str", []() -> std::string { return dcgmm::isa_name(dcgmm::cpu_isa()); });
 }

@@ -15,6 +15,7 @@ Update rules:
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -53,7 +54,16 @@ def _row_sums(rows: torch.Tensor) -> torch.Tensor:
 def fixed_order_row_sums(rows: torch.Tensor) -> torch.Tensor:
     """(R, L) -> (R,) float64 sums, each row in fixed blocks of 256 (a last partial block alone), level by level:
     the same bits for any thread count, and a row's sum does not depend on the other rows (nor on where they lie).
-    """
+    On CPU one C++ op (``dcgmm::fixed_order_sums_cpp``, csrc/cpu/row_sums.cpp) where the extension is built, else
+    (and on GPUs) ``aten_fixed_order_row_sums``: each is deterministic; they agree to float64 rounding."""
+    rows = rows.detach()
+    op = backends.cpu_op("fixed_order_sums_cpp") if rows.device.type == "cpu" else None
+    return op(rows) if op is not None else aten_fixed_order_row_sums(rows)
+
+
+def aten_fixed_order_row_sums(rows: torch.Tensor) -> torch.Tensor:
+    """``fixed_order_row_sums`` by ATen reductions (each block by ATen's float64 sum kernel, one op under the
+    parallel grain per group of blocks)."""
     rows = rows.detach()
     R = rows.shape[0]
     while rows.shape[1] > _SUM_BLOCK:
@@ -90,6 +100,12 @@ def fixed_order_mean(t: torch.Tensor) -> torch.Tensor:
 def _one_over(numel: int, dtype: torch.dtype, device=None) -> torch.Tensor:
     """1 / numel, a () tensor of dtype: each entry's weight in a mean of numel entries."""
     return torch.full((), 1.0, dtype=dtype, device=device).div(numel)
+
+
+@functools.lru_cache(maxsize=64)
+def _one_over_host(numel: int, dtype: torch.dtype) -> float:
+    """``_one_over`` as a host float (the one pass's g_score), computed once per (numel, dtype): no tensor ops."""
+    return _one_over(numel, dtype).item()
 
 
 def mean_grad(t: torch.Tensor) -> torch.Tensor:
@@ -136,7 +152,7 @@ def _one_pass(layer: ConvGMM, x: torch.Tensor, steps: Tuple = (None, None)):
         log_pi = layer.log_pi()
         *outs, d_log_pi, mu_max = torch.ops.dcgmm.cgmm_fwd_grads_cpp(
             x, layer.mu, layer.sigma, log_pi, list(layer.kernel), list(layer.stride), layer.loss,
-            layer.op_smoothing(), _one_over(numel, x.dtype).item(), *steps, layer.sigma_min, layer.sigma_max)
+            layer.op_smoothing(), _one_over_host(numel, x.dtype), *steps, layer.sigma_min, layer.sigma_max)
         return (*outs, layer.log_pi_backward(log_pi, d_log_pi), mu_max)
 
 

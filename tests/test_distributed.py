@@ -7,20 +7,26 @@ import sys
 import pytest
 import torch
 
-from dcgmm_fast import ops
+from dcgmm_fast import backends, ops
 from dcgmm_fast.distributed import World, threads_per_process
-from dcgmm_fast.train import fixed_order_mean, fixed_order_row_sums, image_score_sums, mean_of_image_sums
+from dcgmm_fast.train import (aten_fixed_order_row_sums, fixed_order_mean, fixed_order_row_sums, image_score_sums,
+                              mean_of_image_sums)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = dict(os.environ, OMP_NUM_THREADS="2", GLOO_SOCKET_IFNAME="lo")
 
 
 # ------------------------------------------------------------------------------------------------ score sums
+@pytest.mark.parametrize("impl", ["cpu-op", "aten"])
 @pytest.mark.parametrize("shape", [(100, 26, 26), (37, 1), (3, 70000), (67600,), (8, 256), (5, 257)])
-def test_image_sums_do_not_depend_on_the_split_or_the_threads(shape):
+def test_image_sums_do_not_depend_on_the_split_or_the_threads(shape, impl, monkeypatch):
     """Each image's sum is the same bits whether the batch is whole, split in two (as two ranks hold it) or summed
     with 1 or 2 threads; the mean of the gathered sums is the whole batch's, within float64 rounding of the exact
-    mean."""
+    mean. Both forms: the C++ op (CPU) and the ATen reductions (GPUs, or no extension)."""
+    if impl == "aten":
+        monkeypatch.setattr(backends, "cpu_op", lambda name: None)
+    elif backends.cpu_op("fixed_order_sums_cpp") is None:
+        pytest.skip("the C++ extension is not built")
     g = torch.Generator().manual_seed(len(shape) * 1000 + shape[0])
     t = torch.randn(*shape, generator=g) * 50 - 3
     whole = image_score_sums(t)
@@ -42,7 +48,51 @@ def test_image_sums_do_not_depend_on_the_split_or_the_threads(shape):
 
 def test_fixed_order_row_sums_are_ordinary_sums():
     rows = torch.arange(3 * 1000, dtype=torch.float32).view(3, 1000)
-    assert fixed_order_row_sums(rows).tolist() == [float(sum(range(i * 1000, (i + 1) * 1000))) for i in range(3)]
+    expected = [float(sum(range(i * 1000, (i + 1) * 1000))) for i in range(3)]
+    assert fixed_order_row_sums(rows).tolist() == expected
+    assert aten_fixed_order_row_sums(rows).tolist() == expected
+
+
+@pytest.mark.parametrize("shape", [(100, 676), (3, 70000), (7, 256), (5, 257), (2, 65537), (4, 1), (1, 300000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_fixed_order_sums(shape, dtype, monkeypatch):
+    """The C++ row sums (csrc/cpu/row_sums.cpp, the CPU training step's) against float64 (within its rounding) and
+    the ATen form (GPUs'); the same bits for 1 and 2 threads, for a row alone or among others, for a strided input
+    and for a float64 copy of float32 rows (each entry is widened exactly); every output written (poisoned)."""
+    op = backends.cpu_op("fixed_order_sums_cpp")
+    if op is None:
+        pytest.skip("the C++ extension is not built")
+    monkeypatch.setenv("DCGMM_POISON", "1")
+    g = torch.Generator().manual_seed(shape[0] * 7 + shape[1])
+    rows = (torch.randn(*shape, generator=g, dtype=torch.float64) * 40 + 3).to(dtype)
+    sums = fixed_order_row_sums(rows)
+    assert sums.dtype == torch.float64 and sums.shape == shape[:1]
+    exact = rows.double().sum(1)
+    bound = 1e-15 * rows.double().abs().sum(1) * (2 + shape[1] ** 0.5)  # float64 rounding over blocks of 256
+    assert bool(((sums - exact).abs() <= bound).all())
+    assert bool(((aten_fixed_order_row_sums(rows) - sums).abs() <= 2 * bound).all())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = fixed_order_row_sums(rows)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one_thread, sums)
+    assert torch.equal(fixed_order_row_sums(rows[-1:].clone()), sums[-1:])
+    wide = torch.cat([rows, rows], 1)[:, shape[1]:]  # strided view of the same values
+    assert torch.equal(fixed_order_row_sums(wide), sums)
+    if dtype == torch.float32:
+        assert torch.equal(fixed_order_row_sums(rows.double()), sums)
+
+
+def test_cpp_fixed_order_sums_rejects_bad_rows():
+    op = backends.cpu_op("fixed_order_sums_cpp")
+    if op is None:
+        pytest.skip("the C++ extension is not built")
+    with pytest.raises(RuntimeError, match="rows: expected \\(R, M\\)"):
+        op(torch.zeros(3))
+    with pytest.raises(RuntimeError, match="rows: expected float32 or float64"):
+        op(torch.zeros(2, 3, dtype=torch.int64))
 
 
 # ------------------------------------------------------------------------------------------------ shares

@@ -41,7 +41,15 @@ def problem() -> Optional[str]:
     register_fused_ops("cpp", step=True)
     if hasattr(torch.ops.dcgmm, "cgmm_fwd_grads_cpp"):
         torch.library.register_fake("dcgmm::cgmm_fwd_grads_cpp")(_fwd_grads_fake)
+    if hasattr(torch.ops.dcgmm, "fixed_order_sums_cpp"):
+        torch.library.register_fake("dcgmm::fixed_order_sums_cpp")(_fixed_order_sums_fake)
     return None
+
+
+def _fixed_order_sums_fake(rows):
+    """``dcgmm::fixed_order_sums_cpp``: (R, M) -> (R,) float64 (``train.fixed_order_row_sums``)."""
+    return rows.new_empty(rows.shape[:1], dtype=torch.float64)
+
 
 
 def _fwd_grads_fake(x, mu, sigma, log_pi, kernel, stride, loss, smoothing, g_score, s_mu=None, s_sigma=None,
