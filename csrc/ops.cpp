@@ -52,6 +52,11 @@ TORCH_LIBRARY(dcgmm, m) {
       "Tensor eps, float sigma_ceiling) -> Tensor");
   // (R, M) float32/64 -> (R,) float64 row sums in fixed blocks of 256, level by level (csrc/cpu/row_sums.cpp)
   m.def("fixed_order_sums_cpp(Tensor rows) -> Tensor");
+  // one SGD step of the linear classifier on softmax cross-entropy, weight and bias in place; returns (mean loss,
+  // accuracy float32) (csrc/cpu/classifier.cpp)
+  m.def(
+      "classifier_step_cpp(Tensor(a!) weight, Tensor(b!) bias, Tensor features, Tensor y, float lr) -> "
+      "(Tensor, Tensor)");
   // the instruction set the CPU kernels run with now: "avx512", "avx2" or "baseline" (csrc/cpu/isa.h)
   m.def("cpu_isa_cpp() -> str", []() -> std::string { return dcgmm::isa_name(dcgmm::cpu_isa()); });
 }

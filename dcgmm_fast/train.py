@@ -323,7 +323,15 @@ def classifier_apply_(clf: LinearClassifier, g_weight_t: torch.Tensor, g_bias: t
 
 
 def classifier_step(clf: LinearClassifier, features: torch.Tensor, y: torch.Tensor):
-    """One SGD step on softmax cross-entropy; returns (loss (), accuracy ())."""
+    """One SGD step on softmax cross-entropy; returns (loss (), accuracy () float32). On CPU one C++ op
+    (``dcgmm::classifier_step_cpp``, csrc/cpu/classifier.cpp) where the extension is built, else the ATen ops of
+    ``classifier_grads`` and ``classifier_apply_`` (the data-parallel step's, which all-reduces between them)."""
+    w, b = clf.weight, clf.bias
+    op = backends.cpu_op("classifier_step_cpp") if w.device.type == "cpu" else None
+    if op is not None and w.is_contiguous() and b.is_contiguous() and features.dtype == w.dtype:
+        with torch.no_grad():
+            loss, acc = op(w, b, features.reshape(features.shape[0], -1), y, clf.lr)
+        return loss, acc
     g_weight, g_bias, loss, acc = classifier_grads(clf, features, y)
     classifier_apply_(clf, g_weight, g_bias)
     return loss, acc

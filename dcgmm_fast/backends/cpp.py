@@ -43,7 +43,15 @@ def problem() -> Optional[str]:
         torch.library.register_fake("dcgmm::cgmm_fwd_grads_cpp")(_fwd_grads_fake)
     if hasattr(torch.ops.dcgmm, "fixed_order_sums_cpp"):
         torch.library.register_fake("dcgmm::fixed_order_sums_cpp")(_fixed_order_sums_fake)
+    if hasattr(torch.ops.dcgmm, "classifier_step_cpp"):
+        torch.library.register_fake("dcgmm::classifier_step_cpp")(_classifier_step_fake)
     return None
+
+
+def _classifier_step_fake(weight, bias, features, y, lr):
+    """``dcgmm::classifier_step_cpp`` (``train.classifier_step``): weight, bias in place; (loss (), accuracy ()
+    float32)."""
+    return weight.new_empty(()), weight.new_empty((), dtype=torch.float32)
 
 
 def _fixed_order_sums_fake(rows):
