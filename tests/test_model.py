@@ -66,6 +66,26 @@ def test_evaluate_is_log_prob_and_classify_in_one_pass(shipped):
     assert DCGMM([presets.GMM(3, 1, 4)], input_shape=(6, 6, 1)).evaluate(torch.rand(2, 6, 6, 1))[1] is None
 
 
+def test_query_batches_keep_cpu_outputs_small_and_do_not_change_results(shipped):
+    """The batched queries' default CPU batch keeps the largest layer output within CPU_BATCH_BYTES (preset D:
+    26 x 26 x 25 float32 responsibilities, 67.6 KB an image -> 248 images; float64 -> 124); any batch gives the same
+    bits (each image's forward is its own); a batch_size that is not a positive integer is refused by name."""
+    from dcgmm_fast.model import CPU_BATCH_BYTES
+
+    model = DCGMM("D", seed=0)
+    x = shipped.x_test[:30]
+    assert model._batch_size(x, None) == CPU_BATCH_BYTES // (26 * 26 * 25 * 4) == 248
+    assert model._batch_size(x.double(), None) == 124 and model._batch_size(x, 7) == 7
+    scores, preds = model.evaluate(x)
+    scores7, preds7 = model.evaluate(x, batch_size=7)
+    assert torch.equal(preds, preds7)
+    for name in scores:
+        assert torch.equal(scores[name], scores7[name]), name
+    for bad in (0, -3, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="batch_size: expected a positive integer"):
+            model.classify(x, batch_size=bad)
+
+
 def test_images_in_any_common_form(shipped):
     model = DCGMM("demo", seed=0)
     u8 = (shipped.x_test[:4, ..., 0] * 255).round().to(torch.uint8)
