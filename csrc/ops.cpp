@@ -29,11 +29,12 @@ TORCH_LIBRARY(dcgmm, m) {
   // a training step's forward and the parameter gradients of g_score * sum(score) in one pass: the outputs of
   // cgmm_fwd_cpp and the parameter gradients of cgmm_bwd_cpp, bit for bit (csrc/cpu/cgmm.cpp forward_param_grads);
   // with the step sizes s_mu, s_sigma also gmm_update_cpp's update of mu and sigma in place and max |mu| after it
-  // (last output; empty without)
+  // (last output; empty without); grads_out=False (with step sizes): d_mu, d_sigma come back empty, never written
   m.def(
       "cgmm_fwd_grads_cpp(Tensor x, Tensor(a!) mu, Tensor(b!) sigma, Tensor log_pi, int[2] kernel, int[2] stride, "
       "str loss, Tensor? smoothing, float g_score, Tensor? s_mu=None, Tensor? s_sigma=None, float sigma_min=0., "
-      "float sigma_max=0.) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float sigma_max=0., bool grads_out=True) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("patch_average_cpp(Tensor v, int[2] image_hw, int[2] kernel, int[2] stride) -> Tensor");
   // the update rule in place, one pass; returns (max |mu|, max |log_pi|) after it (csrc/cpu/update.cpp)
   m.def(

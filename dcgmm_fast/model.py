@@ -178,7 +178,8 @@ class DCGMM(nn.Module):
         return self._scores_and_predictions(images, loss, batch_size, False, None if bool(m.all()) else m)[0]
 
     @torch.no_grad()
-    def predict_components(self, x, *, batch_size: Optional[int] = None, layout: str = "auto") -> Dict[str, torch.Tensor]:
+    def predict_components(self, x, *, batch_size: Optional[int] = None,
+                           layout: str = "auto") -> Dict[str, torch.Tensor]:
         """Per GMM layer the most responsible component of every position, (N, H', W') int64 (argmax of the
         responsibilities, ties -> lowest index): the layer's cluster assignment, as ``GaussianMixture.predict``."""
         x = self._images(x, layout=layout)

@@ -146,13 +146,15 @@ def _one_pass_grads(layer: ConvGMM) -> bool:
 def _one_pass(layer: ConvGMM, x: torch.Tensor, steps: Tuple = (None, None)):
     """``dcgmm::cgmm_fwd_grads_cpp`` on the layer for its mean score: (the op's outputs: resp, score, lse, kstar,
     d_mu, d_sigma, the gradient on pi_logits (through log_softmax: ``ConvGMM.log_pi_backward``), max |mu|).
-    steps: (s_mu, s_sigma) to apply the update rule to mu and sigma in the pass (max |mu| is then after it)."""
+    steps: (s_mu, s_sigma) to apply the update rule to mu and sigma in the pass (max |mu| is then after it; d_mu
+    and d_sigma, which only the update reads, then stay in the pass and come back empty)."""
     numel = x.shape[0] * math.prod(out_hw(x.shape[1:3], layer.kernel, layer.stride))
     with torch.no_grad():
         log_pi = layer.log_pi()
         *outs, d_log_pi, mu_max = torch.ops.dcgmm.cgmm_fwd_grads_cpp(
             x, layer.mu, layer.sigma, log_pi, list(layer.kernel), list(layer.stride), layer.loss,
-            layer.op_smoothing(), _one_over_host(numel, x.dtype), *steps, layer.sigma_min, layer.sigma_max)
+            layer.op_smoothing(), _one_over_host(numel, x.dtype), *steps, layer.sigma_min, layer.sigma_max,
+            steps[0] is None)
         return (*outs, layer.log_pi_backward(log_pi, d_log_pi), mu_max)
 
 

@@ -150,6 +150,17 @@ def test_update_in_the_pass_equals_gmm_update(isa, shape, fresh_seed):
     assert torch.equal(mu1, mu2) and torch.equal(sigma1, sigma2)
     assert (sigma1 == torch.tensor(lo)).any() and (sigma1 == torch.tensor(hi)).any()
     assert out[7].shape == () and torch.equal(out[7], maxima[0])
+    # grads_out=False (the training step's call): the same update from gradients that never leave the pass
+    mu3, sigma3 = mu.clone(), sigma.clone()
+    lean = torch.ops.dcgmm.cgmm_fwd_grads_cpp(x, mu3, sigma3, log_pi, k, s, kw["loss"], G, g, s_mu, s_sigma, lo, hi,
+                                              False)
+    assert torch.equal(mu3, mu1) and torch.equal(sigma3, sigma1) and torch.equal(lean[7], out[7])
+    assert lean[4].numel() == 0 and lean[5].numel() == 0
+    for name, a, b in zip(NAMES[:4] + NAMES[6:], (*out[:4], out[6]), (*lean[:4], lean[6])):
+        assert torch.equal(a, b), name
+    with pytest.raises(RuntimeError, match="grads_out: False needs the step sizes"):
+        torch.ops.dcgmm.cgmm_fwd_grads_cpp(x, mu.clone(), sigma.clone(), log_pi, k, s, kw["loss"], G, g, None, None,
+                                           0.0, 0.0, False)
 
 
 @pytest.mark.parametrize("preset", ["D", "B-class"])

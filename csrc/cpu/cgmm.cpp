@@ -826,14 +826,14 @@ inline __attribute__((always_inline)) void pg_finish_impl(int64_t K, int64_t dn,
                                                           const T* __restrict__ mu, const T* __restrict__ sigma,
                                                           const T* __restrict__ ctr, const double* __restrict__ A1,
                                                           const double* __restrict__ A2, const double* __restrict__ wt,
-                                                          T* __restrict__ d_mu, T* __restrict__ d_sigma) {
+                                                          T* __restrict__ d_mu, T* __restrict__ d_sigma, int64_t ldg) {
   for (int64_t k = 0; k < K; ++k) {
     const double w = wt[k];
     for (int64_t d = 0; d < dn; ++d) {
       const double s = sigma[k * D + d], mc = double(mu[k * D + d]) - double(ctr[d]);
       const double a1 = A1[k * ldx + d], a2 = A2[k * ldx + d];
-      d_mu[k * D + d] = T(s * s * (a1 - w * mc));
-      d_sigma[k * D + d] = T(w / s - s * (a2 - 2.0 * mc * a1 + w * mc * mc));
+      d_mu[k * ldg + d] = T(s * s * (a1 - w * mc));
+      d_sigma[k * ldg + d] = T(w / s - s * (a2 - 2.0 * mc * a1 + w * mc * mc));
     }
   }
 }
@@ -1118,14 +1118,21 @@ struct GradPlan {
     if (d0 == 0)
       for (int64_t k = 0; k < K; ++k) d_log_pi[gi * K + k] = T(wt[k]);
     const int64_t off = gi * K * D + d0;
-    pg_finish<T>(isa, K, dn, D, ldx, mu + off, sigma + off, ctr, A1, A2, wt, d_mu + off, d_sigma + off);
+    // without gradient outputs (an update that discards them) the range's gradients go to a per-thread scratch
+    // (K, dn): the same values, never written to memory (8 MB a step for preset D's second layer)
+    thread_local std::vector<T> scratch;
+    if (d_mu == nullptr) scratch.resize(2 * K * dn);
+    T* gm = d_mu != nullptr ? d_mu + off : scratch.data();
+    T* gs = d_mu != nullptr ? d_sigma + off : scratch.data() + K * dn;
+    const int64_t ldg = d_mu != nullptr ? D : dn;
+    pg_finish<T>(isa, K, dn, D, ldx, mu + off, sigma + off, ctr, A1, A2, wt, gm, gs, ldg);
     if (mu_w == nullptr) return;
     // the entries' last reads (this range of this GMM) are done: update them while their gradients are in cache
     T m = T(0);
     for (int64_t k = 0; k < K; ++k) {
       const int64_t o = off + k * D;
-      m = abs_max(m, update_range<T>(isa, mu_w + o, d_mu + o, s_mu, dn, false, lo, hi));
-      update_range<T>(isa, sigma_w + o, d_sigma + o, s_sigma, dn, true, lo, hi);
+      m = abs_max(m, update_range<T>(isa, mu_w + o, gm + k * ldg, s_mu, dn, false, lo, hi));
+      update_range<T>(isa, sigma_w + o, gs + k * ldg, s_sigma, dn, true, lo, hi);
     }
     mu_max[gi * dranges + d0 / PG_DRANGE] = m;
   }
@@ -1467,8 +1474,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 cgmm_fwd_grads_cpu(const at::Tensor& x_, at::Tensor& mu_, at::Tensor& sigma_, const at::Tensor& log_pi_,
                    at::IntArrayRef kernel, at::IntArrayRef stride, c10::string_view loss,
                    const std::optional<at::Tensor>& smoothing, double g_score, const std::optional<at::Tensor>& s_mu,
-                   const std::optional<at::Tensor>& s_sigma, double sigma_min, double sigma_max) {
+                   const std::optional<at::Tensor>& s_sigma, double sigma_min, double sigma_max, bool grads_out) {
   const bool update = s_mu.has_value() || s_sigma.has_value();
+  TORCH_CHECK(grads_out || update, "grads_out: False needs the step sizes s_mu, s_sigma (the gradients' one use)");
   if (update) {
     TORCH_CHECK(s_mu.has_value() && s_sigma.has_value() && s_mu->numel() == 1 && s_sigma->numel() == 1,
                 "s_mu, s_sigma: expected one step size each (or neither)");
@@ -1484,7 +1492,8 @@ cgmm_fwd_grads_cpu(const at::Tensor& x_, at::Tensor& mu_, at::Tensor& sigma_, co
     Gd = dense_smoothing(f.G);
     if (f.G.dim() == 3) Gf = f.G;
   }
-  auto d_mu = new_output(mu.sizes(), mu.options()), d_sigma = new_output(sigma.sizes(), sigma.options());
+  auto d_mu = grads_out ? new_output(mu.sizes(), mu.options()) : at::empty({0}, mu.options());
+  auto d_sigma = grads_out ? new_output(sigma.sizes(), sigma.options()) : at::empty({0}, sigma.options());
   auto d_log_pi = new_output(f.log_pi.sizes(), f.log_pi.options());
   at::Tensor mu_max = at::empty({0}, mu.options());
   AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), "cgmm_fwd_grads_cpu", [&] {
@@ -1495,7 +1504,8 @@ cgmm_fwd_grads_cpu(const at::Tensor& x_, at::Tensor& mu_, at::Tensor& sigma_, co
     const Smoothing<T> S{Gd.defined() ? Gd.data_ptr<T>() : nullptr, Gf.defined() ? Gf.data_ptr<T>() : nullptr,
                          Gf.defined() ? Gf.data_ptr<T>() + Gf.size(1) * Gf.size(2) : nullptr,
                          Gf.defined() ? Gf.size(1) : 0};
-    T *dm = d_mu.data_ptr<T>(), *ds = d_sigma.data_ptr<T>(), *dl = d_log_pi.data_ptr<T>();
+    T *dm = grads_out ? d_mu.data_ptr<T>() : nullptr, *ds = grads_out ? d_sigma.data_ptr<T>() : nullptr;
+    T* dl = d_log_pi.data_ptr<T>();
     GradPlan<T> plan(g, mu.data_ptr<T>(), sigma.data_ptr<T>(), W, S, dm, ds, dl);
     if (update)  // s_mu, s_sigma: CPU scalars in the parameters' dtype, read as gmm_update_cpp reads them
       plan.set_update(mu.data_ptr<T>(), sigma.data_ptr<T>(), s_mu->item<T>(), s_sigma->item<T>(), T(sigma_min),

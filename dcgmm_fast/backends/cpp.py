@@ -61,11 +61,13 @@ def _fixed_order_sums_fake(rows):
 
 
 def _fwd_grads_fake(x, mu, sigma, log_pi, kernel, stride, loss, smoothing, g_score, s_mu=None, s_sigma=None,
-                    sigma_min=0.0, sigma_max=0.0):
+                    sigma_min=0.0, sigma_max=0.0, grads_out=True):
     """``dcgmm::cgmm_fwd_grads_cpp`` (the eager training step's one pass, ``train._gmm_step_one_pass``): the
-    forward's outputs, d_mu, d_sigma, d_log_pi and max |mu| after the update (empty without one)."""
+    forward's outputs, d_mu, d_sigma (empty with grads_out=False), d_log_pi and max |mu| after the update (empty
+    without one)."""
     from .fused import cgmm_fwd_fake
 
     mu_max = mu.new_empty(()) if s_mu is not None else mu.new_empty(0)
-    return (*cgmm_fwd_fake(x, mu, sigma, log_pi, kernel, stride, loss, smoothing), torch.empty_like(mu),
-            torch.empty_like(sigma), torch.empty_like(log_pi), mu_max)
+    d_mu, d_sigma = (torch.empty_like(mu), torch.empty_like(sigma)) if grads_out else (mu.new_empty(0),) * 2
+    return (*cgmm_fwd_fake(x, mu, sigma, log_pi, kernel, stride, loss, smoothing), d_mu, d_sigma,
+            torch.empty_like(log_pi), mu_max)
