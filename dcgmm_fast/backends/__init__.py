@@ -108,9 +108,8 @@ def resolve(backend: str, device: torch.device) -> str:
 
 def cpu_op(name: str):
     """``torch.ops.dcgmm.<name>`` when the C++ extension is built and registers it (a CPU helper such as
-    ``fixed_order_sums_cpp``), else None: the caller takes its ATen form. The same answer
-    for the whole process (the extension is loaded on the first call), so a result never depends on what ran first.
-    """
+    ``fixed_order_sums_cpp``), else None: the caller takes its ATen form. The same answer for the whole process
+    (the extension is loaded on the first call), so a result never depends on what ran first."""
     if problem("cpp") is not None:
         return None
     return getattr(torch.ops.dcgmm, name, None)

@@ -59,7 +59,6 @@ def _fixed_order_sums_fake(rows):
     return rows.new_empty(rows.shape[:1], dtype=torch.float64)
 
 
-
 def _fwd_grads_fake(x, mu, sigma, log_pi, kernel, stride, loss, smoothing, g_score, s_mu=None, s_sigma=None,
                     sigma_min=0.0, sigma_max=0.0, grads_out=True):
     """``dcgmm::cgmm_fwd_grads_cpp`` (the eager training step's one pass, ``train._gmm_step_one_pass``): the
