@@ -81,6 +81,12 @@ def test_query_batches_keep_cpu_outputs_small_and_do_not_change_results(shipped)
     assert torch.equal(preds, preds7)
     for name in scores:
         assert torch.equal(scores[name], scores7[name]), name
+    comps, comps7 = model.predict_components(x), model.predict_components(x, batch_size=7)
+    assert all(torch.equal(comps[k], comps7[k]) for k in comps)
+    # the classifier's logits are a BLAS product, whose rounding depends on the rows per call: equal to float32
+    # rounding, not bit for bit
+    torch.testing.assert_close(model.predict_proba(x), model.predict_proba(x, batch_size=7), rtol=2e-6, atol=1e-7)
+    assert torch.equal(model.classify(x), model.classify(x, batch_size=7))
     for bad in (0, -3, 2.5, True, "8"):
         with pytest.raises(ValueError, match="batch_size: expected a positive integer"):
             model.classify(x, batch_size=bad)
